@@ -1,0 +1,171 @@
+//! Wiring: bind listeners, build the store, spawn the servers and background tasks, and
+//! drain on shutdown.
+//!
+//! [`start`] takes already-bound listeners so tests bind `127.0.0.1:0`; [`run`] is what
+//! `rollgate run` does: bind from the config, serve until SIGTERM/SIGINT, drain, return.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::control::admin::{self, Admin};
+use crate::proxy::server::{self, CertStore};
+use crate::proxy::service::{self, ConnInfo, Shared, DEFAULT_MAX_IN_FLIGHT};
+use crate::routing::store::Store;
+use crate::routing::table::RuntimeState;
+use crate::telemetry::prom::Metrics;
+use crate::telemetry::Telemetry;
+
+/// Listeners bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub data: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses the config names.
+    pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let data = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("listen {}: {e}", config.listen)))?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("admin.listen {}: {e}", config.admin.listen),
+            )
+        })?;
+        Ok(Listeners { data, admin })
+    }
+}
+
+/// A started rollgate.
+#[derive(Debug)]
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<Store>,
+    admin: Arc<Admin>,
+    stop: watch::Sender<bool>,
+    data_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// Starts serving on `listeners` with `config`.
+pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> {
+    let data_addr = listeners.data.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let tls = match &config.tls {
+        Some(files) => Some(CertStore::load(&files.cert, &files.key)?.acceptor()),
+        None => None,
+    };
+    let drain = config.drain_timeout;
+    let interval = config.evaluator.interval;
+    let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
+    let metrics = Arc::new(Metrics::new(telemetry.clone()));
+    let store = Arc::new(Store::new(
+        config,
+        RuntimeState::default(),
+        telemetry.clone(),
+        metrics,
+    )?);
+    let (stop, stop_rx) = watch::channel(false);
+
+    let shared = Arc::new(Shared::new(store.clone(), DEFAULT_MAX_IN_FLIGHT));
+    let data_task = tokio::spawn(server::serve(
+        listeners.data,
+        tls,
+        move |peer, tls, req| {
+            let shared = shared.clone();
+            async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
+        },
+        stop_rx.clone(),
+        drain,
+    ));
+
+    let admin = Arc::new(Admin::new(store.clone()));
+    let admin_for_server = admin.clone();
+    let admin_task = tokio::spawn(server::serve(
+        listeners.admin,
+        None,
+        move |_peer, _tls, req| {
+            let admin = admin_for_server.clone();
+            async move { admin::handle(&admin, req).await }
+        },
+        stop_rx.clone(),
+        drain,
+    ));
+
+    // Rotates the telemetry windows so status and the evaluator see recent traffic only.
+    let flush = {
+        let telemetry = telemetry.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop_rx.wait_for(|s| *s) => break,
+                    now = tick.tick() => telemetry.flush(now),
+                }
+            }
+        })
+    };
+
+    tracing::info!(%data_addr, %admin_addr, generation = store.load().generation, "rollgate serving");
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        store,
+        admin,
+        stop,
+        data_task,
+        admin_task,
+        background: vec![flush],
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to `drain_timeout`), and returns.
+    pub async fn shutdown(self) {
+        self.admin.accepting.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let _ = self.data_task.await;
+        let _ = self.admin_task.await;
+        for t in self.background {
+            let _ = t.await;
+        }
+    }
+}
+
+/// `rollgate run`: binds from the config, serves until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config) -> io::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    let running = start(config, listeners).await?;
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received; draining");
+    running.shutdown().await;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

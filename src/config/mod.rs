@@ -1,0 +1,318 @@
+//! Configuration: the file format, its validation, and the validated [`Config`].
+//!
+//! Two stages, as in sozu and pingora: [`file`] holds raw serde structs that deny unknown
+//! keys; [`validate`] turns them into a [`Config`] whose every value has been checked, or
+//! into a [`ConfigError`] naming file, line, column and key of every problem found.
+//! `rollgate check`, startup and reload all call [`Config::load`], so what `check` accepts
+//! is exactly what the proxy will serve.
+
+pub mod file;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue};
+
+pub use file::{PinQuarantined, PinUnknown, Severity};
+
+/// A version's name as written in the config (`v2.5`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VersionName(pub Arc<str>);
+
+impl VersionName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VersionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for VersionName {
+    fn from(s: &str) -> Self {
+        VersionName(Arc::from(s))
+    }
+}
+
+/// A split weight: a non-negative integer, relative to the route's other weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Weight(pub u32);
+
+/// A validated config, ready to compile into a routing table.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from (for messages and reload).
+    pub source: PathBuf,
+    /// `sha256:<hex>` of the file's bytes.
+    pub hash: String,
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub admin: AdminConfig,
+    pub health_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub drain_timeout: Duration,
+    /// Sorted by name.
+    pub versions: Vec<VersionConfig>,
+    /// In file order: the first matching route wins.
+    pub routes: Vec<RouteConfig>,
+    pub pin: PinConfig,
+    pub evaluator: EvaluatorConfig,
+    pub alerts: AlertsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointScheme {
+    Http,
+    Https,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC).
+    H2c,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub scheme: EndpointScheme,
+    pub authority: Authority,
+    /// As written, for status output.
+    pub url: String,
+}
+
+impl Endpoint {
+    /// The scheme used on the wire in the request URI (`h2c` travels as `http`).
+    pub fn uri_scheme(&self) -> Scheme {
+        match self.scheme {
+            EndpointScheme::Https => Scheme::HTTPS,
+            EndpointScheme::Http | EndpointScheme::H2c => Scheme::HTTP,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct VersionConfig {
+    pub name: VersionName,
+    pub endpoints: Vec<Endpoint>,
+    pub bundle: BTreeMap<String, String>,
+    pub last_verified: Option<String>,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub ca_file: Option<PathBuf>,
+    /// Hash of endpoints + bundle + injected headers: a change lifts a quarantine.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MatchConfig {
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StickyKey {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ShadowConfig {
+    pub version: VersionName,
+    pub percent: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RolloutConfig {
+    pub steps: Vec<u32>,
+    pub hold: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryConfig {
+    pub budget_percent: u32,
+    pub min_per_second: u32,
+    pub non_idempotent: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: Arc<str>,
+    pub owner: Option<String>,
+    pub matcher: MatchConfig,
+    pub baseline: VersionName,
+    /// Every version the route knows, with its configured weight (the baseline included,
+    /// at weight 0 when the file's split leaves it out).
+    pub split: Vec<(VersionName, Weight)>,
+    pub sticky: Option<StickyKey>,
+    pub shadow: Option<ShadowConfig>,
+    pub rollout: Option<RolloutConfig>,
+    pub fallback: Option<VersionName>,
+    pub timeouts: Timeouts,
+    pub retry: RetryConfig,
+    pub max_request_body: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PinConfig {
+    pub header: HeaderName,
+    pub quarantined: PinQuarantined,
+    pub unknown: PinUnknown,
+}
+
+#[derive(Debug, Clone)]
+pub struct DriftRule {
+    pub signal: String,
+    pub p_value: f64,
+    pub consecutive: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SafetyRule {
+    pub header: HeaderName,
+    pub max: u64,
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub error_rate_ratio: Option<f64>,
+    pub error_rate_max: Option<f64>,
+    pub latency_p99_max: Option<Duration>,
+    pub latency_p99_ratio: Option<f64>,
+    pub health_failures: Option<u32>,
+    pub accuracy_drop: Option<f64>,
+    pub drift: Option<DriftRule>,
+    pub safety_violations: Option<SafetyRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvaluatorConfig {
+    pub interval: Duration,
+    pub window: Duration,
+    pub min_requests: u64,
+    pub confidence: f64,
+    pub rules: Rules,
+}
+
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub min_severity: Severity,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AlertsConfig {
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// 1-based; 0 when the position is unknown.
+    pub line: u64,
+    pub column: u64,
+    /// Dotted key path (`routes[0].split`).
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one file; nothing of it was applied.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}:{}:{}: ", self.file.display(), p.line, p.column)?;
+            if !p.key.is_empty() {
+                write!(f, "{}: ", p.key)?;
+            }
+            f.write_str(&p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    pub(crate) fn single(file: &Path, line: u64, column: u64, key: &str, message: String) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem {
+                line,
+                column,
+                key: key.to_string(),
+                message,
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. YAML unless the extension is `.toml`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single(path, 0, 0, "", format!("cannot read config file: {e}"))
+        })?;
+        Config::from_str(&text, path)
+    }
+
+    /// Parses and validates a config text. `origin` names the file in messages, anchors
+    /// relative paths, and its extension picks the format.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        validate::parse_and_validate(text, origin)
+    }
+
+    pub fn version(&self, name: &str) -> Option<&VersionConfig> {
+        self.versions.iter().find(|v| v.name.as_str() == name)
+    }
+}
+
+/// JSON Schema of the config file (draft 2020-12), for editors and CI.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(file::FileConfig);
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
+}

@@ -1,0 +1,830 @@
+//! `FileConfig` -> `Config`: every check, every problem located.
+//!
+//! Validation collects all problems rather than stopping at the first, so one `check`
+//! run shows everything that is wrong with a file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+
+use super::file::{FileConfig, FileRoute, FileVersion, Located};
+use super::*;
+
+struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    fn at<T>(&mut self, loc: &Located<T>, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem {
+            line: loc.line,
+            column: loc.column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn nowhere(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem {
+            line: 0,
+            column: 0,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, v: &Option<Located<String>>, key: &str, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(l) => match parse_duration(&l.value) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.at(l, key, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn header_name<T>(&mut self, loc: &Located<T>, name: &str, key: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.at(loc, key, format!("invalid header name {name:?}"));
+                None
+            }
+        }
+    }
+}
+
+/// `250ms`, `5s`, `2m`, `1h`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. 250ms, 5s, 2m"))
+}
+
+/// `1024`, `64KiB`, `10MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}; write e.g. 64KiB, 10MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("invalid size unit in {s:?}; use B, KiB, MiB, GiB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn is_toml(origin: &Path) -> bool {
+    origin
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+}
+
+pub(super) fn parse_and_validate(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+    // serde_path_to_error names the key (`routes[0].bogus`) next to the parser's location.
+    let mut key = String::new();
+    let file: FileConfig = if is_toml(origin) {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, "", &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            toml_error(text, origin, &key, &e.into_inner())
+        })?
+    } else {
+        serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                // `Located<T>` deserializes through `Spanned { value, .. }`: drop that hop.
+                key = e
+                    .path()
+                    .to_string()
+                    .split('.')
+                    .filter(|seg| *seg != "value")
+                    .collect::<Vec<_>>()
+                    .join(".");
+                e.into_inner()
+            })
+        })
+        .map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            // The error's Display carries a snippet and repeats the location; keep the
+            // message only, the location is printed in front.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid YAML");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first = match first.strip_prefix("line ") {
+                Some(rest) => rest.split_once(": ").map_or(first, |(_, m)| m),
+                None => first,
+            };
+            let key = if key == "." { "" } else { key.as_str() };
+            ConfigError::single(origin, line, column, key, first.to_string())
+        })?
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    let hash = format!("sha256:{}", hex(&hasher.finalize()));
+    validate(file, origin, hash)
+}
+
+fn toml_error(text: &str, origin: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+    let key = if key == "." { "" } else { key };
+    ConfigError::single(origin, line, column, key, e.message().to_string())
+}
+
+fn line_col(text: &str, offset: usize) -> (u64, u64) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() as u64 + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
+    (line, col)
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn socket_addr(p: &mut Problems, l: &Located<String>, key: &str) -> Option<SocketAddr> {
+    match l.value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.at(
+                l,
+                key,
+                format!(
+                    "invalid address {:?}; write IP:PORT, e.g. 127.0.0.1:8080",
+                    l.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn relative(base: &Path, p: &str) -> PathBuf {
+    let path = PathBuf::from(p);
+    if path.is_absolute() {
+        path
+    } else {
+        base.parent().map_or(path.clone(), |d| d.join(&path))
+    }
+}
+
+fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, ConfigError> {
+    let mut p = Problems { list: Vec::new() };
+
+    let listen = socket_addr(&mut p, &f.listen, "listen");
+    let admin_listen = match &f.admin.listen {
+        Some(l) => socket_addr(&mut p, l, "admin.listen"),
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+    };
+    let health_listen = f
+        .health_listen
+        .as_ref()
+        .and_then(|l| socket_addr(&mut p, l, "health_listen"));
+    let drain_timeout = p.duration(&f.drain_timeout, "drain_timeout", Duration::from_secs(25));
+    let tls = f.tls.as_ref().map(|t| TlsFiles {
+        cert: relative(origin, &t.value.cert),
+        key: relative(origin, &t.value.key),
+    });
+
+    let mut versions = Vec::new();
+    if f.versions.is_empty() {
+        p.nowhere("versions", "at least one version is required");
+    }
+    for (name, v) in &f.versions {
+        if let Some(vc) = version(&mut p, origin, name, v) {
+            versions.push(vc);
+        }
+    }
+    let known: BTreeSet<&str> = f.versions.keys().map(String::as_str).collect();
+
+    let mut routes = Vec::new();
+    if f.routes.is_empty() {
+        p.nowhere("routes", "at least one route is required");
+    }
+    let mut route_names = BTreeSet::new();
+    for (i, r) in f.routes.iter().enumerate() {
+        if !route_names.insert(r.value.name.value.clone()) {
+            p.at(
+                &r.value.name,
+                format!("routes[{i}].name"),
+                format!("duplicate route name {:?}", r.value.name.value),
+            );
+        }
+        if let Some(rc) = route(&mut p, i, &r.value, &known) {
+            routes.push(rc);
+        }
+    }
+
+    let pin_header = match &f.pin.header {
+        None => Some(HeaderName::from_static("x-rollgate-version")),
+        Some(l) => {
+            let v = l.value.clone();
+            p.header_name(l, &v, "pin.header")
+        }
+    };
+
+    let ev = &f.evaluator;
+    let interval = p.duration(
+        &ev.interval,
+        "evaluator.interval",
+        Duration::from_millis(100),
+    );
+    let window = p.duration(&ev.window, "evaluator.window", Duration::from_secs(30));
+    if let (Some(i), Some(w)) = (&ev.interval, &ev.window) {
+        if parse_duration(&i.value).ok() >= parse_duration(&w.value).ok() {
+            p.at(w, "evaluator.window", "window must be longer than interval");
+        }
+    }
+    if interval.is_zero() {
+        if let Some(i) = &ev.interval {
+            p.at(i, "evaluator.interval", "interval must be above 0");
+        }
+    }
+    let confidence = match &ev.confidence {
+        None => 0.99,
+        Some(c) if c.value > 0.5 && c.value < 1.0 => c.value,
+        Some(c) => {
+            p.at(
+                c,
+                "evaluator.confidence",
+                "confidence must be in (0.5, 1), e.g. 0.99",
+            );
+            0.99
+        }
+    };
+    let r = &ev.rules;
+    let ratio = |p: &mut Problems, v: &Option<Located<f64>>, key: &str, min: f64| -> Option<f64> {
+        let l = v.as_ref()?;
+        if !(l.value.is_finite() && l.value > min) {
+            p.at(l, key, format!("must be a number above {min}"));
+        }
+        Some(l.value)
+    };
+    let rate = |p: &mut Problems, v: &Option<Located<f64>>, key: &str| -> Option<f64> {
+        let l = v.as_ref()?;
+        if !(l.value > 0.0 && l.value <= 1.0) {
+            p.at(l, key, "must be a fraction in (0, 1]");
+        }
+        Some(l.value)
+    };
+    let rules = Rules {
+        error_rate_ratio: ratio(
+            &mut p,
+            &r.error_rate_ratio,
+            "evaluator.rules.error_rate_ratio",
+            1.0,
+        ),
+        error_rate_max: rate(&mut p, &r.error_rate_max, "evaluator.rules.error_rate_max"),
+        latency_p99_max: r.latency_p99_max.as_ref().map(|l| {
+            p.duration(
+                &Some(l.clone()),
+                "evaluator.rules.latency_p99_max",
+                Duration::from_millis(500),
+            )
+        }),
+        latency_p99_ratio: ratio(
+            &mut p,
+            &r.latency_p99_ratio,
+            "evaluator.rules.latency_p99_ratio",
+            1.0,
+        ),
+        health_failures: r.health_failures,
+        accuracy_drop: rate(&mut p, &r.accuracy_drop, "evaluator.rules.accuracy_drop"),
+        drift: r.drift.as_ref().map(|d| {
+            let s = &d.value.signal;
+            if !(s.starts_with("header:") || s.starts_with("json:")) {
+                p.at(
+                    d,
+                    "evaluator.rules.drift.signal",
+                    "signal must be header:NAME or json:FIELD",
+                );
+            }
+            DriftRule {
+                signal: s.clone(),
+                p_value: d.value.p_value.unwrap_or(0.05),
+                consecutive: d.value.consecutive.unwrap_or(3).max(1),
+            }
+        }),
+        safety_violations: r.safety_violations.as_ref().and_then(|s| {
+            let per = p.duration(
+                &Some(s.value.per.clone()),
+                "evaluator.rules.safety_violations.per",
+                Duration::from_secs(3600),
+            );
+            let header = p.header_name(
+                s,
+                &s.value.header,
+                "evaluator.rules.safety_violations.header",
+            )?;
+            Some(SafetyRule {
+                header,
+                max: s.value.max,
+                per,
+            })
+        }),
+    };
+
+    let webhooks = f
+        .alerts
+        .webhooks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            if !(w.value.url.starts_with("http://") || w.value.url.starts_with("https://")) {
+                p.at(
+                    w,
+                    format!("alerts.webhooks[{i}].url"),
+                    "webhook url must be http:// or https://",
+                );
+                return None;
+            }
+            Some(Webhook {
+                url: w.value.url.clone(),
+                min_severity: w.value.min_severity.unwrap_or_default(),
+            })
+        })
+        .collect();
+
+    if !p.list.is_empty() {
+        return Err(ConfigError {
+            file: origin.to_path_buf(),
+            problems: p.list,
+        });
+    }
+    let (Some(listen), Some(admin_listen), Some(pin_header)) = (listen, admin_listen, pin_header)
+    else {
+        unreachable!("a missing value always records a problem");
+    };
+    Ok(Config {
+        source: origin.to_path_buf(),
+        hash,
+        listen,
+        tls,
+        admin: AdminConfig {
+            listen: admin_listen,
+            token_file: f.admin.token_file.as_ref().map(|t| relative(origin, t)),
+        },
+        health_listen,
+        state_dir: relative(origin, &f.state_dir),
+        drain_timeout,
+        versions,
+        routes,
+        pin: PinConfig {
+            header: pin_header,
+            quarantined: f.pin.quarantined.unwrap_or_default(),
+            unknown: f.pin.unknown.unwrap_or_default(),
+        },
+        evaluator: EvaluatorConfig {
+            interval,
+            window,
+            min_requests: ev.min_requests.unwrap_or(50),
+            confidence,
+            rules,
+        },
+        alerts: AlertsConfig { webhooks },
+    })
+}
+
+fn version(
+    p: &mut Problems,
+    origin: &Path,
+    name: &str,
+    v: &Located<FileVersion>,
+) -> Option<VersionConfig> {
+    let key = format!("versions.{name}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        p.at(
+            v,
+            &key,
+            "version names use letters, digits, '.', '_' and '-'",
+        );
+    }
+    let fv = &v.value;
+    if fv.endpoints.is_empty() {
+        p.at(
+            v,
+            format!("{key}.endpoints"),
+            "at least one endpoint is required",
+        );
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in fv.endpoints.iter().enumerate() {
+        match endpoint(&e.value) {
+            Ok(ep) => endpoints.push(ep),
+            Err(msg) => p.at(e, format!("{key}.endpoints[{i}]"), msg),
+        }
+    }
+    let mut set_headers = Vec::new();
+    for (h, val) in &fv.set_headers {
+        let k = format!("{key}.set_headers.{h}");
+        let Some(hn) = p.header_name(val, h, &k) else {
+            continue;
+        };
+        if crate::proxy::headers::is_hop_by_hop(&hn)
+            || hn == http::header::HOST
+            || hn == http::header::CONTENT_LENGTH
+        {
+            p.at(val, &k, format!("{h} cannot be set per version"));
+            continue;
+        }
+        match HeaderValue::from_str(&val.value) {
+            Ok(hv) => set_headers.push((hn, hv)),
+            Err(_) => p.at(val, &k, "invalid header value"),
+        }
+    }
+    let health_check = fv.health_check.as_ref().map(|h| {
+        let hk = format!("{key}.health_check");
+        if !h.value.path.starts_with('/') {
+            p.at(h, format!("{hk}.path"), "path must start with /");
+        }
+        HealthCheckConfig {
+            path: h.value.path.clone(),
+            interval: p.duration(
+                &h.value.interval,
+                &format!("{hk}.interval"),
+                Duration::from_secs(5),
+            ),
+            timeout: p.duration(
+                &h.value.timeout,
+                &format!("{hk}.timeout"),
+                Duration::from_secs(1),
+            ),
+            unhealthy_after: h.value.unhealthy_after.unwrap_or(3).max(1),
+            healthy_after: h.value.healthy_after.unwrap_or(2).max(1),
+        }
+    });
+    let ca_file = fv.ca_file.as_ref().map(|c| relative(origin, &c.value));
+    if let (Some(path), Some(l)) = (&ca_file, &fv.ca_file) {
+        if !path.exists() {
+            p.at(
+                l,
+                format!("{key}.ca_file"),
+                format!("{} does not exist", path.display()),
+            );
+        }
+    }
+
+    // Fingerprint: endpoints + bundle + injected headers, in a canonical order.
+    let mut h = Sha256::new();
+    for e in &fv.endpoints {
+        h.update(e.value.as_bytes());
+        h.update(b"\n");
+    }
+    h.update(b"--bundle\n");
+    for (k, val) in &fv.bundle {
+        h.update(format!("{k}={val}\n").as_bytes());
+    }
+    h.update(b"--headers\n");
+    for (k, val) in &fv.set_headers {
+        h.update(format!("{}={}\n", k.to_ascii_lowercase(), val.value).as_bytes());
+    }
+    let fingerprint = hex(&h.finalize()[..8]);
+
+    Some(VersionConfig {
+        name: VersionName::from(name),
+        endpoints,
+        bundle: fv.bundle.clone(),
+        last_verified: fv.last_verified.clone(),
+        set_headers,
+        health_check,
+        ca_file,
+        fingerprint,
+    })
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, String> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (EndpointScheme::Http, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (EndpointScheme::Https, r)
+    } else if let Some(r) = url.strip_prefix("h2c://") {
+        (EndpointScheme::H2c, r)
+    } else {
+        return Err(format!(
+            "endpoint {url:?} must start with http://, https:// or h2c://"
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(format!(
+            "endpoint {url:?} must be scheme://host:port with no path or credentials"
+        ));
+    }
+    let authority: Authority = rest
+        .parse()
+        .map_err(|_| format!("endpoint {url:?} has an invalid host:port"))?;
+    if authority.host().is_empty() {
+        return Err(format!("endpoint {url:?} has no host"));
+    }
+    Ok(Endpoint {
+        scheme,
+        authority,
+        url: url.to_string(),
+    })
+}
+
+fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> Option<RouteConfig> {
+    let key = format!("routes[{i}]");
+    let name = r.name.value.trim().to_string();
+    if name.is_empty() {
+        p.at(
+            &r.name,
+            format!("{key}.name"),
+            "route name must not be empty",
+        );
+    }
+    let check_known = |p: &mut Problems, l: &Located<String>, k: &str| {
+        if !known.contains(l.value.as_str()) {
+            p.at(
+                l,
+                k,
+                format!("unknown version {:?} (not under versions:)", l.value),
+            );
+        }
+    };
+    check_known(p, &r.baseline, &format!("{key}.baseline"));
+    let mut split: BTreeMap<String, u32> = BTreeMap::new();
+    let mut total: u64 = 0;
+    for (v, w) in &r.split.value {
+        if !known.contains(v.as_str()) {
+            p.at(
+                &r.split,
+                format!("{key}.split.{v}"),
+                format!("unknown version {v:?} (not under versions:)"),
+            );
+        }
+        if *w > 1_000_000 {
+            p.at(
+                &r.split,
+                format!("{key}.split.{v}"),
+                "weight must be at most 1000000",
+            );
+        }
+        total += u64::from(*w);
+        split.insert(v.clone(), *w);
+    }
+    if r.split.value.is_empty() || total == 0 {
+        p.at(
+            &r.split,
+            format!("{key}.split"),
+            "weights must sum to more than 0",
+        );
+    }
+    split.entry(r.baseline.value.clone()).or_insert(0);
+    if let Some(fb) = &r.fallback {
+        check_known(p, fb, &format!("{key}.fallback"));
+        if fb.value == r.baseline.value {
+            p.at(
+                fb,
+                format!("{key}.fallback"),
+                "fallback must differ from the baseline",
+            );
+        }
+    }
+
+    let m = &r.matcher;
+    let mut headers = Vec::new();
+    for (h, v) in &m.headers {
+        let k = format!("{key}.match.headers.{h}");
+        let Some(hn) = p.header_name(v, h, &k) else {
+            continue;
+        };
+        match HeaderValue::from_str(&v.value) {
+            Ok(hv) => headers.push((hn, hv)),
+            Err(_) => p.at(v, &k, "invalid header value"),
+        }
+    }
+    if let Some(pp) = &m.path_prefix {
+        if !pp.starts_with('/') {
+            p.at(
+                &r.name,
+                format!("{key}.match.path_prefix"),
+                "path_prefix must start with /",
+            );
+        }
+    }
+
+    let sticky = r
+        .sticky
+        .as_ref()
+        .and_then(|s| match (&s.value.header, &s.value.cookie) {
+            (Some(h), None) => p
+                .header_name(s, h, &format!("{key}.sticky.header"))
+                .map(StickyKey::Header),
+            (None, Some(c)) if !c.is_empty() => Some(StickyKey::Cookie(c.clone())),
+            _ => {
+                p.at(
+                    s,
+                    format!("{key}.sticky"),
+                    "set exactly one of header or cookie",
+                );
+                None
+            }
+        });
+    let shadow = r.shadow.as_ref().map(|s| {
+        if !known.contains(s.value.version.as_str()) {
+            p.at(
+                s,
+                format!("{key}.shadow.version"),
+                format!("unknown version {:?}", s.value.version),
+            );
+        }
+        if s.value.percent > 100 {
+            p.at(s, format!("{key}.shadow.percent"), "percent must be 0..100");
+        }
+        ShadowConfig {
+            version: VersionName::from(s.value.version.as_str()),
+            percent: s.value.percent,
+        }
+    });
+    let rollout = r.rollout.as_ref().map(|ro| {
+        let steps = &ro.value.steps;
+        let increasing = steps.windows(2).all(|w| w[0] < w[1]);
+        if steps.is_empty() || !increasing || steps.iter().any(|s| *s == 0 || *s > 100) {
+            p.at(
+                ro,
+                format!("{key}.rollout.steps"),
+                "steps must be increasing percentages in 1..=100",
+            );
+        }
+        RolloutConfig {
+            steps: steps.clone(),
+            hold: p.duration(
+                &Some(ro.value.hold.clone()),
+                &format!("{key}.rollout.hold"),
+                Duration::from_secs(300),
+            ),
+        }
+    });
+    let t = &r.timeouts;
+    let timeouts = Timeouts {
+        connect: p.duration(
+            &t.connect,
+            &format!("{key}.timeouts.connect"),
+            Duration::from_secs(2),
+        ),
+        first_byte: p.duration(
+            &t.first_byte,
+            &format!("{key}.timeouts.first_byte"),
+            Duration::from_secs(60),
+        ),
+        idle: p.duration(
+            &t.idle,
+            &format!("{key}.timeouts.idle"),
+            Duration::from_secs(60),
+        ),
+    };
+    for (d, l, n) in [
+        (timeouts.connect, &t.connect, "connect"),
+        (timeouts.first_byte, &t.first_byte, "first_byte"),
+        (timeouts.idle, &t.idle, "idle"),
+    ] {
+        if d.is_zero() {
+            if let Some(l) = l {
+                p.at(l, format!("{key}.timeouts.{n}"), "timeout must be above 0");
+            }
+        }
+    }
+    let retry = RetryConfig {
+        budget_percent: r.retry.budget_percent.unwrap_or(20).min(100),
+        min_per_second: r.retry.min_per_second.unwrap_or(10),
+        non_idempotent: r.retry.non_idempotent.unwrap_or(true),
+    };
+    let max_request_body = match &r.max_request_body {
+        None => 10 << 20,
+        Some(l) => match parse_size(&l.value) {
+            Ok(n) => n,
+            Err(e) => {
+                p.at(l, format!("{key}.max_request_body"), e);
+                10 << 20
+            }
+        },
+    };
+
+    Some(RouteConfig {
+        name: Arc::from(name.as_str()),
+        owner: r.owner.clone(),
+        matcher: MatchConfig {
+            path_prefix: m.path_prefix.clone(),
+            host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            headers,
+            models: m.model.clone(),
+        },
+        baseline: VersionName::from(r.baseline.value.as_str()),
+        split: split
+            .into_iter()
+            .map(|(v, w)| (VersionName::from(v.as_str()), Weight(w)))
+            .collect(),
+        sticky,
+        shadow,
+        rollout,
+        fallback: r
+            .fallback
+            .as_ref()
+            .map(|f| VersionName::from(f.value.as_str())),
+        timeouts,
+        retry,
+        max_request_body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "versions:\n  a: {endpoints: [http://127.0.0.1:1]}\n  b: {endpoints: [http://127.0.0.1:2]}\nroutes:\n  - name: r\n    baseline: a\n    split: {a: 90, b: 10}\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_str(MINIMAL, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.evaluator.interval, Duration::from_millis(100));
+        assert_eq!(c.evaluator.rules.error_rate_ratio, Some(2.0));
+        assert_eq!(c.routes[0].max_request_body, 10 << 20);
+        assert_eq!(c.routes[0].split.len(), 2);
+        assert!(c.hash.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = MINIMAL.replace("    split:", "    splt: {a: 1}\n    split:");
+        let e = Config::from_str(&text, Path::new("t.yaml")).unwrap_err();
+        let p = &e.problems[0];
+        assert_eq!(p.line, 7, "{e}");
+        assert!(p.message.contains("splt"), "{e}");
+    }
+
+    #[test]
+    fn unknown_version_in_split_names_line_and_key() {
+        let text = MINIMAL.replace("{a: 90, b: 10}", "{a: 90, c: 10}");
+        let e = Config::from_str(&text, Path::new("t.yaml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("t.yaml:7:"), "{s}");
+        assert!(s.contains("routes[0].split.c"), "{s}");
+    }
+
+    #[test]
+    fn rule_set_to_null_is_off() {
+        let text = format!("{MINIMAL}evaluator:\n  rules: {{error_rate_ratio: null}}\n");
+        let c = Config::from_str(&text, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.evaluator.rules.error_rate_ratio, None);
+        assert_eq!(c.evaluator.rules.error_rate_max, Some(0.05));
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let text = MINIMAL.replace("http://127.0.0.1:2", "ftp://x").replace(
+            "split: {a: 90, b: 10}",
+            "split: {a: 0, b: 0}\n    timeouts: {connect: 5 parsecs}",
+        );
+        let e = Config::from_str(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+    }
+
+    #[test]
+    fn toml_is_accepted_by_extension() {
+        let text = "[versions.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\nbaseline = \"a\"\nsplit = {a = 1}\n";
+        let c = Config::from_str(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.routes[0].baseline.as_str(), "a");
+        let e = Config::from_str("[versions.a]\nendpoints = 3\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.problems[0].line, 2, "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert!(parse_size("10 parsecs").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    }
+}

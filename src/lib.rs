@@ -1,0 +1,27 @@
+//! rollgate: a streaming reverse proxy that splits traffic across model versions,
+//! measures every version in-line, and rolls a bad one back by swapping its routing table.
+//!
+//! # Layout
+//!
+//! Modules follow the flow of a request and the flow of a decision:
+//!
+//! - [`config`]: `file.rs` holds the raw serde structs (unknown keys are errors),
+//!   `validate.rs` turns them into a validated [`config::Config`]; `check`, startup and
+//!   reload all run the same pipeline.
+//! - [`routing`]: `table.rs` is the immutable compiled routing table, `select.rs` the
+//!   pin / sticky (weighted rendezvous) / weighted-random choice, `store.rs` the
+//!   `ArcSwap` that publishes a new table with a new generation in one swap.
+//! - [`proxy`]: `server.rs` accepts connections (HTTP/1.1 + h2c, optional TLS),
+//!   `service.rs` routes, forwards, retries and records one request, `client.rs` holds the
+//!   upstream connection pools, `body.rs` the streaming bodies, `headers.rs` header hygiene.
+//! - [`telemetry`]: `recorder.rs` keeps per (route, version) counters and windowed
+//!   histograms on the request path, `prom.rs` renders them as Prometheus metrics.
+//! - [`control`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, `/api/v1/*`).
+//! - [`app`]: binds listeners, spawns tasks, drains on shutdown.
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod proxy;
+pub mod routing;
+pub mod telemetry;

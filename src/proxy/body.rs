@@ -1,0 +1,359 @@
+//! Body types of the proxy, both directions.
+//!
+//! [`ReqBody`] goes upstream: empty, a buffered (replayable) body, or a stream with a size
+//! limit. [`RespBody`] goes to the client: a small body the proxy wrote itself, or the
+//! upstream's body wrapped in [`Metered`], which passes frames through one by one (SSE,
+//! gRPC trailers), enforces the idle timeout between frames, and records the request's
+//! outcome exactly once: when the body ends, fails, or is dropped by a departing client.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use crate::telemetry::{Class, PairStats, UpstreamErrorKind, VersionCounters};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's body broke the route's size limit or failed while streaming upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("request body exceeds the route's max_request_body")]
+    TooLarge,
+    #[error("reading the request body failed: {0}")]
+    Read(#[source] hyper::Error),
+}
+
+/// Set when a streamed request body failed on the client's side, so the proxy can tell a
+/// client-caused upstream error from an upstream fault.
+#[derive(Debug, Default)]
+pub struct ClientBodyFlag {
+    pub too_large: AtomicBool,
+    pub failed: AtomicBool,
+}
+
+pin_project! {
+    /// The body sent upstream.
+    #[project = ReqBodyProj]
+    pub enum ReqBody {
+        Empty,
+        /// Fully buffered: cloning it replays it.
+        Full { data: Option<Bytes> },
+        /// Already-read prefix, then the rest of the client's body, size-limited.
+        Stream {
+            prefix: Option<Bytes>,
+            #[pin]
+            inner: Incoming,
+            remaining: u64,
+            flag: Arc<ClientBodyFlag>,
+        },
+    }
+}
+
+impl ReqBody {
+    pub fn full(b: Bytes) -> Self {
+        if b.is_empty() {
+            ReqBody::Empty
+        } else {
+            ReqBody::Full { data: Some(b) }
+        }
+    }
+
+    /// A copy for a retry, if this body can be replayed.
+    pub fn replay(&self) -> Option<ReqBody> {
+        match self {
+            ReqBody::Empty => Some(ReqBody::Empty),
+            ReqBody::Full { data } => Some(ReqBody::Full { data: data.clone() }),
+            ReqBody::Stream { .. } => None,
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ReqBodyProj::Empty => Poll::Ready(None),
+            ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBodyProj::Stream {
+                prefix,
+                inner,
+                remaining,
+                flag,
+            } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                match inner.poll_frame(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(Some(Err(e))) => {
+                        flag.failed.store(true, Ordering::Relaxed);
+                        Poll::Ready(Some(Err(Box::new(ClientBodyError::Read(e)))))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            let n = d.len() as u64;
+                            if n > *remaining {
+                                flag.too_large.store(true, Ordering::Relaxed);
+                                flag.failed.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge))));
+                            }
+                            *remaining -= n;
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Full { data } => data.is_none(),
+            ReqBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ReqBody::Stream { prefix, inner, .. } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let h = inner.size_hint();
+                let mut s = SizeHint::new();
+                s.set_lower(h.lower() + p);
+                if let Some(u) = h.upper() {
+                    s.set_upper(u + p);
+                }
+                s
+            }
+        }
+    }
+}
+
+/// gRPC statuses that are the server's fault (SPEC §4): UNKNOWN, DEADLINE_EXCEEDED,
+/// INTERNAL, UNAVAILABLE, DATA_LOSS.
+pub fn grpc_status_is_fault(v: &HeaderValue) -> bool {
+    matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14" | b"15")
+}
+
+/// What a finished exchange is recorded as.
+pub struct Recording {
+    pub stats: Arc<PairStats>,
+    pub counters: Arc<VersionCounters>,
+    pub start: Instant,
+    pub status: u16,
+    pub grpc: bool,
+    /// `grpc-status` of a trailers-only response, if any.
+    pub grpc_fault_in_headers: bool,
+}
+
+impl Recording {
+    fn finish(self, ttfb: Option<Duration>, outcome: End) {
+        let total = self.start.elapsed();
+        let class = match outcome {
+            End::Complete { grpc_fault } => {
+                if self.status >= 500 {
+                    self.counters.upstream_error(UpstreamErrorKind::Status5xx);
+                    Class::Error
+                } else if self.grpc && (grpc_fault || self.grpc_fault_in_headers) {
+                    self.counters.upstream_error(UpstreamErrorKind::Grpc);
+                    Class::Error
+                } else if self.status >= 400 {
+                    Class::ClientError
+                } else {
+                    Class::Success
+                }
+            }
+            End::UpstreamFailed(kind) => {
+                self.counters.upstream_error(kind);
+                Class::Error
+            }
+            End::ClientGone => Class::ClientAbort,
+        };
+        self.stats.record(class, self.status, ttfb, total);
+    }
+}
+
+enum End {
+    Complete { grpc_fault: bool },
+    UpstreamFailed(UpstreamErrorKind),
+    ClientGone,
+}
+
+/// The upstream stopped sending for longer than the route's idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream idle for longer than {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+pin_project! {
+    /// An upstream response body on its way to the client.
+    pub struct Metered {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_for: Duration,
+        ttfb: Option<Duration>,
+        rec: Option<Recording>,
+    }
+
+    impl PinnedDrop for Metered {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(rec) = this.rec.take() {
+                rec.finish(*this.ttfb, End::ClientGone);
+            }
+        }
+    }
+}
+
+impl Metered {
+    pub fn new(inner: Incoming, idle_for: Duration, rec: Recording) -> Self {
+        Metered {
+            inner,
+            idle: tokio::time::sleep(idle_for),
+            idle_for,
+            ttfb: None,
+            rec: Some(rec),
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.ttfb.is_none() {
+                    if let Some(rec) = this.rec.as_ref() {
+                        *this.ttfb = Some(rec.start.elapsed());
+                    }
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    let fault = trailers_fault(trailers);
+                    if let Some(rec) = this.rec.take() {
+                        rec.finish(*this.ttfb, End::Complete { grpc_fault: fault });
+                    }
+                } else {
+                    let deadline = tokio::time::Instant::now() + *this.idle_for;
+                    this.idle.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                if let Some(rec) = this.rec.take() {
+                    let ttfb = this.ttfb.or_else(|| Some(rec.start.elapsed()));
+                    rec.finish(ttfb, End::Complete { grpc_fault: false });
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(rec) = this.rec.take() {
+                    rec.finish(*this.ttfb, End::UpstreamFailed(UpstreamErrorKind::Reset));
+                }
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    if let Some(rec) = this.rec.take() {
+                        rec.finish(*this.ttfb, End::UpstreamFailed(UpstreamErrorKind::Timeout));
+                    }
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle_for)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future;
+
+fn trailers_fault(t: &HeaderMap) -> bool {
+    t.get("grpc-status").is_some_and(grpc_status_is_fault)
+}
+
+pin_project! {
+    /// The body sent to the client.
+    #[project = RespBodyProj]
+    pub enum RespBody {
+        /// Written by the proxy itself (errors, admin).
+        Full { data: Option<Bytes> },
+        /// Proxied from an upstream.
+        Proxied { #[pin] inner: Metered },
+    }
+}
+
+impl RespBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        RespBody::Full {
+            data: Some(b.into()),
+        }
+    }
+    pub fn empty() -> Self {
+        RespBody::Full { data: None }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            RespBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RespBodyProj::Proxied { inner } => inner.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full { data } => data.is_none(),
+            RespBody::Proxied { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RespBody::Proxied { inner } => inner.size_hint(),
+        }
+    }
+}

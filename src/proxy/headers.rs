@@ -1,0 +1,210 @@
+//! Header hygiene for both directions: hop-by-hop removal (RFC 9110 §7.6.1, including the
+//! headers a `Connection` header nominates), forwarding headers, request ids.
+//!
+//! Nominated headers are removed *before* the proxy adds its own, and nominating a header
+//! the proxy itself sets (or `host`, `content-length`) cannot remove the proxy's value.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_ROLLGATE_VERSION: HeaderName = HeaderName::from_static("x-rollgate-version");
+pub static X_ROLLGATE_RETRIED_FROM: HeaderName = HeaderName::from_static("x-rollgate-retried-from");
+pub static X_ROLLGATE_DEGRADED: HeaderName = HeaderName::from_static("x-rollgate-degraded");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_GATEWAY_MODEL_NAME: HeaderName = HeaderName::from_static("x-gateway-model-name");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Headers that describe one hop, never the message (RFC 9110 §7.6.1, plus the legacy
+/// `proxy-connection` and h2c's `http2-settings`).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == HTTP2_SETTINGS
+}
+
+/// Headers a `Connection` list may not remove: framing and the proxy's own.
+fn is_protected(name: &str) -> bool {
+    name.eq_ignore_ascii_case("host")
+        || name.eq_ignore_ascii_case("content-length")
+        || name.eq_ignore_ascii_case("x-forwarded-for")
+        || name.eq_ignore_ascii_case("x-forwarded-proto")
+        || name.eq_ignore_ascii_case("x-forwarded-host")
+        || name.eq_ignore_ascii_case("x-request-id")
+        || name.eq_ignore_ascii_case("x-rollgate-version")
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: most requests carry none of them.
+    if headers.contains_key(header::CONNECTION) {
+        // Collect nominated names first: the map cannot be mutated while borrowed.
+        let mut nominated: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(s) = v.to_str() else { continue };
+            for tok in s.split(',') {
+                let tok = tok.trim();
+                if tok.is_empty() || is_protected(tok) {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(tok.as_bytes()) {
+                    nominated.push(n);
+                }
+            }
+        }
+        for n in nominated {
+            headers.remove(&n);
+        }
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &HTTP2_SETTINGS,
+    ] {
+        if headers.contains_key(n) {
+            headers.remove(n);
+        }
+    }
+}
+
+/// Appends the socket peer to `x-forwarded-for` (existing values are kept as the client
+/// sent them, never trusted for decisions) and overwrites `x-forwarded-proto`.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
+    let mut ip = String::with_capacity(48);
+    let _ = write!(ip, "{peer}");
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            let mut s = String::with_capacity(prev.len() + 2 + ip.len());
+            s.push_str(prev);
+            s.push_str(", ");
+            s.push_str(&ip);
+            s
+        }
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(h) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST.clone(), h);
+        }
+    }
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+static PROCESS_TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// A new request id: 8 hex chars of per-process randomness, then a sequence number.
+/// Unique within a process and very likely across replicas; cheap (no syscall).
+pub fn new_request_id() -> HeaderValue {
+    let tag = *PROCESS_TAG.get_or_init(|| fastrand::u32(..));
+    let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut s = String::with_capacity(26);
+    let _ = write!(s, "{tag:08x}-{seq:016x}");
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Returns the request id to use: the client's if it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
+        _ => new_request_id(),
+    }
+}
+
+/// Finds cookie `name` in the `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(s) = v.to_str() else { continue };
+        for pair in s.split(';') {
+            if let Some((k, v)) = pair.trim().split_once('=') {
+                if k == name {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_nominated_and_standard_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret, Host, content-length"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::TE).is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::HOST).is_some());
+        assert!(h.get(header::CONTENT_LENGTH).is_some());
+        assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn forwarded_for_appends_peer() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn cookie_lookup() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; uid=abc; b=2"),
+        );
+        assert_eq!(cookie(&h, "uid"), Some("abc"));
+        assert_eq!(cookie(&h, "zz"), None);
+    }
+}

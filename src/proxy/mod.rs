@@ -1,0 +1,7 @@
+//! The data plane: accept, route, forward, stream, record.
+
+pub mod body;
+pub mod client;
+pub mod headers;
+pub mod server;
+pub mod service;

@@ -1,0 +1,401 @@
+//! The compiled routing table: an immutable snapshot of config plus runtime state.
+//!
+//! Everything a request needs is resolved here, once per swap: version indices, weight
+//! prefix sums, rendezvous seeds, header values, statistics handles. A request reads one
+//! `Arc<Table>` and touches nothing else shared but its statistics shard.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue};
+
+use super::select::{self, Candidate};
+use crate::config::{
+    Config, MatchConfig, PinQuarantined, PinUnknown, RouteConfig, StickyKey, VersionConfig,
+    VersionName,
+};
+use crate::proxy::client::Upstream;
+use crate::telemetry::{PairStats, RetryCounter, VersionCounters};
+
+/// One version as requests see it.
+pub struct Version {
+    pub name: VersionName,
+    /// `x-rollgate-version` value, built once.
+    pub name_value: HeaderValue,
+    pub set_headers: Box<[(HeaderName, HeaderValue)]>,
+    pub upstream: Arc<Upstream>,
+    pub counters: Arc<VersionCounters>,
+    pub quarantined: bool,
+    pub config: VersionConfig,
+}
+
+/// A version's place in one route.
+pub struct Member {
+    /// Index into [`Table::versions`].
+    pub version: usize,
+    /// Effective weight (quarantined versions are 0, their share went to the baseline).
+    pub weight: u32,
+    /// Weight as configured (or overridden at runtime), before quarantine.
+    pub configured_weight: u32,
+    pub seed: u64,
+    pub stats: Arc<PairStats>,
+    /// Retries from this member to the route's baseline.
+    pub retries_to_baseline: Arc<RetryCounter>,
+}
+
+impl Candidate for Member {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+}
+
+/// Route state as `/api/v1/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteState {
+    Steady,
+    RollingOut,
+    RolledBack,
+    Paused,
+    Degraded,
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub config: RouteConfig,
+    pub members: Box<[Member]>,
+    /// Prefix sums of effective weights, aligned with `members`.
+    pub cumulative: Box<[u32]>,
+    pub total_weight: u32,
+    /// Index into `members`.
+    pub baseline: usize,
+    pub state: RouteState,
+    pub degraded: bool,
+    pub retry_budget: Arc<RetryBudget>,
+}
+
+impl Route {
+    pub fn baseline_member(&self) -> &Member {
+        &self.members[self.baseline]
+    }
+
+    /// The member serving version `name`, by a linear scan over a handful of members.
+    #[inline]
+    pub fn member_by_name(&self, name: &[u8], table: &Table) -> Option<usize> {
+        self.members
+            .iter()
+            .position(|m| table.versions[m.version].name.as_str().as_bytes() == name)
+    }
+
+    /// Does the request's head match (everything but the model)?
+    #[inline]
+    pub fn matches_head(&self, path: &str, host: Option<&str>, headers: &http::HeaderMap) -> bool {
+        let m: &MatchConfig = &self.config.matcher;
+        if let Some(p) = &m.path_prefix {
+            if !path.starts_with(p.as_str()) {
+                return false;
+            }
+        }
+        if let Some(h) = &m.host {
+            let Some(req) = host else { return false };
+            let req = req.rsplit_once(':').map_or(req, |(h, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    h
+                } else {
+                    req
+                }
+            });
+            if !req.eq_ignore_ascii_case(h) {
+                return false;
+            }
+        }
+        m.headers.iter().all(|(n, v)| headers.get(n) == Some(v))
+    }
+
+    #[inline]
+    pub fn matches_model(&self, model: Option<&str>) -> bool {
+        let models = &self.config.matcher.models;
+        models.is_empty() || model.is_some_and(|m| models.iter().any(|x| x == m))
+    }
+
+    /// Effective weights as `{version: weight}`.
+    pub fn weights(&self, table: &Table) -> BTreeMap<String, u32> {
+        self.members
+            .iter()
+            .map(|m| (table.versions[m.version].name.to_string(), m.weight))
+            .collect()
+    }
+
+    pub fn sticky(&self) -> Option<&StickyKey> {
+        self.config.sticky.as_ref()
+    }
+
+    /// Weighted-random member choice.
+    #[inline]
+    pub fn pick_weighted(&self) -> usize {
+        select::weighted(&self.cumulative, fastrand::u32(0..self.total_weight.max(1)))
+    }
+}
+
+pub struct Table {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub routes: Box<[Route]>,
+    pub versions: Box<[Version]>,
+    pub pin_header: HeaderName,
+    pub pin_quarantined: PinQuarantined,
+    pub pin_unknown: PinUnknown,
+    /// Some route matches on the model: the body's `model` field may be needed.
+    pub any_model_match: bool,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("generation", &self.generation)
+            .field("routes", &self.routes.len())
+            .finish()
+    }
+}
+
+/// Retry budget per route, as Linkerd's: retries may add `percent` of recent requests plus
+/// `min_per_second`. Balances are kept in milli-tokens; one retry costs 1000. Lock-free.
+pub struct RetryBudget {
+    percent: i64,
+    min_per_second: i64,
+    balance: AtomicI64,
+    last_refill_ms: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl RetryBudget {
+    const COST: i64 = 1000;
+
+    pub fn new(percent: u32, min_per_second: u32) -> Self {
+        RetryBudget {
+            percent: i64::from(percent),
+            min_per_second: i64::from(min_per_second),
+            balance: AtomicI64::new(i64::from(min_per_second) * Self::COST),
+            last_refill_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// Cap: ten seconds' worth of the floor plus what 100 requests would deposit.
+    fn cap(&self) -> i64 {
+        self.min_per_second * 10 * Self::COST + self.percent * 10 * 100
+    }
+
+    /// Every original request deposits `percent` of a retry.
+    #[inline]
+    pub fn deposit(&self) {
+        if self.percent == 0 {
+            return;
+        }
+        if self.balance.load(Ordering::Relaxed) < self.cap() {
+            self.balance.fetch_add(self.percent * 10, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry from the budget if there is one.
+    pub fn try_withdraw(&self) -> bool {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_refill_ms.swap(now_ms, Ordering::Relaxed);
+        let refill = (now_ms.saturating_sub(last) as i64).saturating_mul(self.min_per_second);
+        if refill > 0 {
+            let cap = self.cap();
+            let _ = self
+                .balance
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some((b + refill).min(cap.max(b)))
+                });
+        }
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= Self::COST).then_some(b - Self::COST)
+            })
+            .is_ok()
+    }
+}
+
+/// Runtime state that outlives one table: what rollbacks, overrides and pauses changed.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeState {
+    /// Quarantined versions with the fingerprint they were quarantined at.
+    pub quarantined: BTreeMap<VersionName, String>,
+    /// Per-route weight overrides (`POST /api/v1/weights`, rollout steps).
+    pub weight_overrides: BTreeMap<String, BTreeMap<VersionName, u32>>,
+    /// Routes whose automatic decisions are frozen.
+    pub paused: std::collections::BTreeSet<String>,
+    /// Routes whose baseline was replaced at runtime (`promote`).
+    pub baselines: BTreeMap<String, VersionName>,
+}
+
+/// What `compile` needs from outside: upstreams and statistics handles.
+pub trait Resources {
+    fn upstream(
+        &self,
+        v: &VersionConfig,
+        connect_timeout: std::time::Duration,
+    ) -> std::io::Result<Arc<Upstream>>;
+    fn pair(&self, route: &Arc<str>, version: &VersionName) -> Arc<PairStats>;
+    fn version_counters(&self, version: &VersionName) -> Arc<VersionCounters>;
+    fn retry_counter(
+        &self,
+        route: &Arc<str>,
+        from: &VersionName,
+        to: &VersionName,
+    ) -> Arc<RetryCounter>;
+}
+
+/// Builds a table from a config and runtime state.
+pub fn compile(
+    config: Arc<Config>,
+    state: &RuntimeState,
+    generation: u64,
+    res: &dyn Resources,
+) -> std::io::Result<Table> {
+    let connect_for = |name: &VersionName| {
+        config
+            .routes
+            .iter()
+            .filter(|r| r.split.iter().any(|(v, _)| v == name))
+            .map(|r| r.timeouts.connect)
+            .max()
+            .unwrap_or(std::time::Duration::from_secs(2))
+    };
+    let mut versions = Vec::with_capacity(config.versions.len());
+    for v in &config.versions {
+        let quarantined = state
+            .quarantined
+            .get(&v.name)
+            .is_some_and(|fp| fp == &v.fingerprint);
+        versions.push(Version {
+            name: v.name.clone(),
+            name_value: HeaderValue::from_str(v.name.as_str()).map_err(std::io::Error::other)?,
+            set_headers: v.set_headers.clone().into_boxed_slice(),
+            upstream: res.upstream(v, connect_for(&v.name))?,
+            counters: res.version_counters(&v.name),
+            quarantined,
+            config: v.clone(),
+        });
+    }
+    let index_of = |name: &VersionName| versions.iter().position(|v| &v.name == name);
+
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for rc in &config.routes {
+        let baseline_name = state
+            .baselines
+            .get(rc.name.as_ref())
+            .unwrap_or(&rc.baseline);
+        let overrides = state.weight_overrides.get(rc.name.as_ref());
+        let mut split: Vec<(VersionName, u32)> = rc
+            .split
+            .iter()
+            .map(|(n, w)| {
+                (
+                    n.clone(),
+                    overrides.and_then(|o| o.get(n)).copied().unwrap_or(w.0),
+                )
+            })
+            .collect();
+        if !split.iter().any(|(n, _)| n == baseline_name) {
+            split.push((baseline_name.clone(), 0));
+        }
+        let baseline_pos = split
+            .iter()
+            .position(|(n, _)| n == baseline_name)
+            .unwrap_or(0);
+        let mut members = Vec::with_capacity(split.len());
+        let mut moved = 0u32;
+        for (name, w) in &split {
+            let vi = index_of(name)
+                .ok_or_else(|| std::io::Error::other(format!("unknown version {name}")))?;
+            let q = versions[vi].quarantined && name != baseline_name;
+            if q {
+                moved += *w;
+            }
+            members.push(Member {
+                version: vi,
+                weight: if q { 0 } else { *w },
+                configured_weight: *w,
+                seed: select::name_seed(name.as_str()),
+                stats: res.pair(&rc.name, name),
+                retries_to_baseline: res.retry_counter(&rc.name, name, baseline_name),
+            });
+        }
+        members[baseline_pos].weight += moved;
+        if members.iter().all(|m| m.weight == 0) {
+            // Every effective weight is 0 (say, a runtime override zeroed the baseline
+            // while the others are quarantined): the baseline takes everything.
+            members[baseline_pos].weight = 1;
+        }
+        let mut total = 0u32;
+        let cumulative: Vec<u32> = members
+            .iter()
+            .map(|m| {
+                total += m.weight;
+                total
+            })
+            .collect();
+        let any_quarantined = members
+            .iter()
+            .any(|m| versions[m.version].quarantined && m.version != members[baseline_pos].version);
+        let baseline_healthy = versions[members[baseline_pos].version]
+            .upstream
+            .any_healthy();
+        let degraded = !baseline_healthy;
+        let state_now = if degraded {
+            RouteState::Degraded
+        } else if state.paused.contains(rc.name.as_ref()) {
+            RouteState::Paused
+        } else if any_quarantined {
+            RouteState::RolledBack
+        } else if rc.rollout.is_some()
+            && members
+                .iter()
+                .enumerate()
+                .any(|(i, m)| i != baseline_pos && m.weight > 0)
+        {
+            RouteState::RollingOut
+        } else {
+            RouteState::Steady
+        };
+        routes.push(Route {
+            name: rc.name.clone(),
+            config: rc.clone(),
+            members: members.into_boxed_slice(),
+            cumulative: cumulative.into_boxed_slice(),
+            total_weight: total,
+            baseline: baseline_pos,
+            state: state_now,
+            degraded,
+            retry_budget: Arc::new(RetryBudget::new(
+                rc.retry.budget_percent,
+                rc.retry.min_per_second,
+            )),
+        });
+    }
+    Ok(Table {
+        generation,
+        any_model_match: config.routes.iter().any(|r| !r.matcher.models.is_empty()),
+        pin_header: config.pin.header.clone(),
+        pin_quarantined: config.pin.quarantined,
+        pin_unknown: config.pin.unknown,
+        routes: routes.into_boxed_slice(),
+        versions: versions.into_boxed_slice(),
+        config,
+    })
+}
+
+impl Table {
+    /// The version named `name`, if the table has it.
+    #[inline]
+    pub fn version(&self, name: &VersionName) -> Option<&Version> {
+        self.versions.iter().find(|v| &v.name == name)
+    }
+}

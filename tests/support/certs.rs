@@ -1,0 +1,81 @@
+//! A throwaway certificate authority (rcgen) for https upstreams: CA PEM written to a temp
+//! file the proxy can be pointed at (`ca_file`), and leaf certificates for `localhost`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub struct TestCa {
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    pem_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new(common_name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pem_path = dir.path().join("ca.pem");
+        std::fs::write(&pem_path, cert.pem()).unwrap();
+        TestCa {
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            pem_path,
+            _dir: dir,
+        }
+    }
+
+    /// Path of the CA certificate in PEM form (what a version's `ca_file` points at).
+    pub fn pem_path(&self) -> &Path {
+        &self.pem_path
+    }
+
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert_der.clone()
+    }
+
+    /// A server certificate chain and key for `names` (DNS names or IP literals), signed by this CA.
+    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone(), self.cert_der.clone()], key_der)
+    }
+
+    /// A rustls server config for `localhost` (and 127.0.0.1), ALPN h2 + http/1.1.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let (chain, key) = self.leaf(&["localhost", "127.0.0.1"]);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}

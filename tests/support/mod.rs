@@ -1,0 +1,45 @@
+//! Test harness for rollgate's integration tests: real sockets on port 0, real upstreams that can
+//! be told to misbehave, a proxy builder, a small client, and `assert_eventually!`.
+//!
+//! Each test file that uses it says `#[macro_use] mod support;`. Nothing here sleeps to wait for
+//! something: waits are polls with a deadline.
+#![allow(dead_code, unused_macros, unused_imports)]
+
+pub mod body;
+pub mod certs;
+pub mod client;
+pub mod metrics;
+pub mod proxy;
+pub mod upstream;
+
+pub use body::ChannelBody;
+pub use certs::TestCa;
+pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
+pub use metrics::metric_sum;
+pub use proxy::{Route, TestProxy, TestProxyBuilder};
+pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};
+
+/// Upper bound for any single request made by the harness; a proxy that hangs fails the test
+/// instead of hanging it.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Polls `cond` (which may contain `.await`) every 20 ms until it holds, panicking after
+/// `timeout`. Optional trailing arguments are a `format!` message printed on timeout.
+macro_rules! assert_eventually {
+    ($cond:expr, $timeout:expr $(,)?) => {
+        assert_eventually!($cond, $timeout, "{}", stringify!($cond))
+    };
+    ($cond:expr, $timeout:expr, $($msg:tt)+) => {{
+        let timeout: ::std::time::Duration = $timeout;
+        let deadline = ::tokio::time::Instant::now() + timeout;
+        loop {
+            if $cond {
+                break;
+            }
+            if ::tokio::time::Instant::now() >= deadline {
+                panic!("assert_eventually: not true within {:?}: {}", timeout, format!($($msg)+));
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}

@@ -1,0 +1,243 @@
+//! `TestProxy`: the real rollgate library started in-process on 127.0.0.1:0 from a YAML config
+//! the builder writes (and prints when the config is rejected).
+//!
+//! ```ignore
+//! let proxy = TestProxy::new()
+//!     .version("stable", &stable)
+//!     .version("canary", &canary)
+//!     .route(Route::new("chat", "stable").split(&[("stable", 90), ("canary", 10)]))
+//!     .start()
+//!     .await;
+//! ```
+//!
+//! Defaults the builder adds: `state_dir` in a fresh temp dir, `drain_timeout: 2s`, and
+//! `evaluator: {min_requests: 1000000}` so the evaluator never rolls a version back in the middle
+//! of a data-plane test (override with `.top("evaluator: ...")`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::client::TestClient;
+use super::metrics::metric_sum;
+use super::upstream::TestUpstream;
+
+/// One entry of `routes:`. Everything is written in YAML flow style.
+#[derive(Clone, Debug)]
+pub struct Route {
+    name: String,
+    baseline: String,
+    split: Vec<(String, u32)>,
+    matching: String,
+    extra: Vec<String>,
+}
+
+impl Route {
+    /// A route matching every path (`match: {path_prefix: /}`), all traffic on `baseline`.
+    pub fn new(name: &str, baseline: &str) -> Route {
+        Route {
+            name: name.to_string(),
+            baseline: baseline.to_string(),
+            split: vec![(baseline.to_string(), 100)],
+            matching: "{path_prefix: /}".to_string(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn split(mut self, weights: &[(&str, u32)]) -> Route {
+        self.split = weights.iter().map(|(v, w)| (v.to_string(), *w)).collect();
+        self
+    }
+
+    /// The `match:` value in flow style, e.g. `{model: [gpt-a]}`.
+    pub fn matching(mut self, flow: &str) -> Route {
+        self.matching = flow.to_string();
+        self
+    }
+
+    /// An extra `key: value` pair in flow style, e.g. `sticky: {header: x-user-id}`.
+    pub fn with(mut self, flow_pair: &str) -> Route {
+        self.extra.push(flow_pair.to_string());
+        self
+    }
+
+    fn to_yaml(&self) -> String {
+        let split: Vec<String> = self.split.iter().map(|(v, w)| format!("{v}: {w}")).collect();
+        let mut pairs = vec![
+            format!("name: {}", self.name),
+            "owner: rollgate-tests".to_string(),
+            format!("match: {}", self.matching),
+            format!("baseline: {}", self.baseline),
+            format!("split: {{{}}}", split.join(", ")),
+        ];
+        pairs.extend(self.extra.iter().cloned());
+        format!("  - {{{}}}\n", pairs.join(", "))
+    }
+}
+
+#[derive(Default)]
+pub struct TestProxyBuilder {
+    versions: Vec<(String, String)>,
+    routes: Vec<Route>,
+    top: Vec<String>,
+}
+
+impl TestProxyBuilder {
+    /// A version whose single endpoint is `upstream`'s `http://` URL.
+    pub fn version(self, name: &str, upstream: &TestUpstream) -> Self {
+        let endpoint = upstream.http_url();
+        self.version_with(name, &endpoint, "")
+    }
+
+    /// A version with the given endpoint URL and extra flow-style pairs
+    /// (e.g. `set_headers: {x-prompt-version: v2}`), which may be empty.
+    pub fn version_with(mut self, name: &str, endpoint: &str, extra_flow: &str) -> Self {
+        let mut body = format!("endpoints: [\"{endpoint}\"]");
+        if !extra_flow.trim().is_empty() {
+            body.push_str(", ");
+            body.push_str(extra_flow);
+        }
+        self.versions.push((name.to_string(), body));
+        self
+    }
+
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Extra top-level YAML (block style, starting at column 0), e.g. `pin: {unknown: reject}`.
+    pub fn top(mut self, yaml: &str) -> Self {
+        self.top.push(yaml.trim_end().to_string());
+        self
+    }
+
+    fn render(&self, state_dir: &std::path::Path) -> String {
+        let mut y = String::new();
+        y.push_str("listen: \"127.0.0.1:0\"\n");
+        y.push_str("admin: {listen: \"127.0.0.1:0\"}\n");
+        y.push_str(&format!("state_dir: \"{}\"\n", state_dir.display()));
+        y.push_str("drain_timeout: 2s\n");
+        if !self.top.iter().any(|t| t.starts_with("evaluator:")) {
+            y.push_str("evaluator: {min_requests: 1000000}\n");
+        }
+        for t in &self.top {
+            y.push_str(t);
+            y.push('\n');
+        }
+        y.push_str("versions:\n");
+        for (name, body) in &self.versions {
+            y.push_str(&format!("  {name}: {{{body}}}\n"));
+        }
+        y.push_str("routes:\n");
+        for r in &self.routes {
+            y.push_str(&r.to_yaml());
+        }
+        y
+    }
+
+    pub async fn start(self) -> TestProxy {
+        assert!(!self.routes.is_empty(), "TestProxy needs at least one route");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let yaml = self.render(&state_dir);
+        TestProxy::start_text(yaml, dir).await
+    }
+}
+
+pub struct TestProxy {
+    running: Option<rollgate::app::Running>,
+    data_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    yaml: String,
+    admin: TestClient,
+    _dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    pub fn new() -> TestProxyBuilder {
+        TestProxyBuilder::default()
+    }
+
+    /// Starts from a complete YAML text; `{state_dir}` in it is replaced by a fresh temp dir.
+    pub async fn from_yaml(yaml: &str) -> TestProxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let yaml = yaml.replace("{state_dir}", &state_dir.display().to_string());
+        TestProxy::start_text(yaml, dir).await
+    }
+
+    async fn start_text(yaml: String, dir: tempfile::TempDir) -> TestProxy {
+        let path = dir.path().join("rollgate.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let config = rollgate::config::Config::from_str(&yaml, &path)
+            .unwrap_or_else(|e| panic!("config rejected:\n{e}\n--- config ---\n{yaml}"));
+        let data = TcpListener::bind("127.0.0.1:0").await.expect("bind data listener");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin listener");
+        let running = rollgate::app::start(config, rollgate::app::Listeners { data, admin })
+            .await
+            .unwrap_or_else(|e| panic!("rollgate::app::start failed: {e}\n--- config ---\n{yaml}"));
+        TestProxy {
+            data_addr: running.data_addr,
+            admin_addr: running.admin_addr,
+            running: Some(running),
+            yaml,
+            admin: TestClient::http1(),
+            _dir: dir,
+        }
+    }
+
+    /// `http://DATA_ADDR{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.data_addr, path)
+    }
+
+    /// `http://ADMIN_ADDR{path}`
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The config text the proxy was started with.
+    pub fn yaml(&self) -> &str {
+        &self.yaml
+    }
+
+    /// GET /metrics on the admin listener (must answer 200).
+    pub async fn metrics_text(&self) -> String {
+        let r = self.admin.get(&self.admin_url("/metrics")).await;
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        r.text()
+    }
+
+    /// Sum of the samples of `name` whose labels include `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics_text().await, name, labels)
+    }
+
+    /// GET /api/v1/status (must answer 200 with JSON).
+    pub async fn status_json(&self) -> serde_json::Value {
+        let r = self.admin.get(&self.admin_url("/api/v1/status")).await;
+        assert_eq!(r.status, 200, "GET /api/v1/status: {}", r.text());
+        r.json()
+    }
+
+    /// Graceful stop; panics if it takes longer than 10 s.
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(10), r.shutdown())
+                .await
+                .expect("rollgate shutdown did not finish within 10s");
+        }
+    }
+}
