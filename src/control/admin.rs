@@ -83,6 +83,9 @@ pub struct VersionStatus {
 /// The status document for `table`, with window statistics as of now.
 pub fn status(store: &Store, table: &Table) -> Status {
     let now = tokio::time::Instant::now();
+    // Fold the request path's per-thread shards in, so the window includes the last
+    // requests and not only those of the last evaluator tick.
+    store.telemetry.flush(now);
     Status {
         generation: table.generation,
         config_hash: table.config.hash.clone(),

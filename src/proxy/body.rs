@@ -220,7 +220,14 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(rec) = this.rec.take() {
-                rec.finish(*this.ttfb, End::ClientGone);
+                // hyper drops a body that says it is already complete (trailers-only gRPC,
+                // HEAD, 204) without polling it: that is a completed exchange, not an abort.
+                if this.inner.is_end_stream() {
+                    let ttfb = this.ttfb.or_else(|| Some(rec.start.elapsed()));
+                    rec.finish(ttfb, End::Complete { grpc_fault: false });
+                } else {
+                    rec.finish(*this.ttfb, End::ClientGone);
+                }
             }
         }
     }

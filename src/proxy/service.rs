@@ -32,6 +32,9 @@ use crate::telemetry::{Class, PairStats, UpstreamErrorKind};
 /// Default cap on requests in flight through the data plane; beyond it, 503 + Retry-After.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
+/// Longest request target accepted (414 beyond), as SPEC §4.
+pub const MAX_URI: usize = 8 * 1024;
+
 /// State shared by every connection of the data plane.
 pub struct Shared {
     pub store: Arc<Store>,
@@ -82,6 +85,8 @@ pub struct ConnInfo {
 pub enum Refusal {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("request target longer than 8 KiB")]
+    UriTooLong,
     #[error("no route matches this request")]
     NoRoute,
     #[error("the pinned version is not part of this route")]
@@ -102,6 +107,7 @@ impl Refusal {
     fn status(&self) -> StatusCode {
         match self {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::UnknownPin => StatusCode::BAD_REQUEST,
             Refusal::QuarantinedPin => StatusCode::CONFLICT,
@@ -115,6 +121,7 @@ impl Refusal {
     fn code(&self) -> &'static str {
         match self {
             Refusal::BadRequest(_) => "bad_request",
+            Refusal::UriTooLong => "uri_too_long",
             Refusal::NoRoute => "no_route",
             Refusal::UnknownPin => "unknown_version",
             Refusal::QuarantinedPin => "version_quarantined",
@@ -285,6 +292,11 @@ fn is_idempotent(m: &Method) -> bool {
 async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
     let (mut parts, body) = req.into_parts();
     let request_id = hdr::request_id(&parts.headers);
+    let target_len = parts.uri.authority().map_or(0, |a| a.as_str().len())
+        + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > MAX_URI {
+        return Refusal::UriTooLong.into_response(None, Some(&request_id));
+    }
     let host = match target_host(&parts) {
         Ok(h) => h,
         Err(r) => return r.into_response(None, Some(&request_id)),
@@ -414,15 +426,21 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
     };
 
     // Headers shared by every attempt.
-    let wants_trailers = parts.headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    // gRPC requires `te: trailers` end to end (Envoy keeps it too); every other TE is
+    // hop-by-hop and goes.
+    let is_grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
+    let wants_trailers = is_grpc
+        && parts.headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     hdr::strip_hop_by_hop(&mut parts.headers);
     if wants_trailers {
-        // gRPC requires `te: trailers`; it is the one TE value allowed end to end.
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
@@ -557,9 +575,12 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                 } else {
                     UpstreamErrorKind::Reset
                 };
+                // Nothing reached the upstream on a connect error, so retrying it costs the
+                // baseline no more than if the request had gone there first: it is exempt
+                // from the budget (a dead canary must not cost clients errors). A reset after
+                // the request was sent is budgeted like a 5xx.
                 if can_retry
-                    && (connect || retry_allowed_for_method)
-                    && route.retry_budget.try_withdraw()
+                    && (connect || (retry_allowed_for_method && route.retry_budget.try_withdraw()))
                 {
                     m.stats
                         .record(Class::Error, 0, None, attempt_start.elapsed());

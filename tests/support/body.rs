@@ -46,7 +46,10 @@ impl ChannelBody {
         counter: Arc<AtomicUsize>,
     ) -> (mpsc::Sender<Frame<Bytes>>, ChannelBody) {
         let (tx, mut body) = Self::channel();
-        body.guard = Some(DropGuard { counter, finished: false });
+        body.guard = Some(DropGuard {
+            counter,
+            finished: false,
+        });
         (tx, body)
     }
 
@@ -59,7 +62,8 @@ impl ChannelBody {
         let chunks: Vec<Bytes> = chunks.into_iter().map(Into::into).collect();
         let (tx, rx) = mpsc::channel(chunks.len().max(1));
         for c in chunks {
-            tx.try_send(Frame::data(c)).expect("channel sized for all chunks");
+            tx.try_send(Frame::data(c))
+                .expect("channel sized for all chunks");
         }
         ChannelBody { rx, guard: None }
     }

@@ -78,12 +78,18 @@ pub struct TestClient {
 impl TestClient {
     /// HTTP/1.1 with keep-alive.
     pub fn http1() -> TestClient {
-        TestClient { inner: Client::builder(TokioExecutor::new()).build_http() }
+        TestClient {
+            inner: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     /// HTTP/2 over cleartext with prior knowledge (how gRPC clients talk).
     pub fn h2c() -> TestClient {
-        TestClient { inner: Client::builder(TokioExecutor::new()).http2_only(true).build_http() }
+        TestClient {
+            inner: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        }
     }
 
     /// Sends and returns the response with its body unread. Panics on error or timeout.
@@ -100,8 +106,11 @@ impl TestClient {
     pub async fn try_send(&self, req: Request<ReqBody>) -> Result<TestResponse, String> {
         let what = format!("{} {}", req.method(), req.uri());
         let fut = async {
-            let resp: Response<Incoming> =
-                self.inner.request(req).await.map_err(|e| format!("{e:?}"))?;
+            let resp: Response<Incoming> = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
             let (parts, body) = resp.into_parts();
             let collected = body.collect().await.map_err(|e| format!("body: {e:?}"))?;
             let trailers = collected.trailers().cloned();
@@ -114,7 +123,9 @@ impl TestClient {
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(r) => r.map_err(|e| format!("{what}: {e}")),
-            Err(_) => Err(format!("{what}: no complete response within {REQUEST_TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "{what}: no complete response within {REQUEST_TIMEOUT:?}"
+            )),
         }
     }
 
@@ -154,7 +165,9 @@ impl TestClient {
 /// `Connection: close`). Returns everything read, lossily decoded.
 pub async fn raw_http1(addr: SocketAddr, raw: &[u8]) -> String {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to proxy");
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to proxy");
         s.write_all(raw).await.expect("write request");
         let mut out = Vec::new();
         // A reset after the full response is fine for our purposes.

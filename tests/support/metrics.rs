@@ -4,7 +4,11 @@
 /// Samples of other metrics (e.g. `name_bucket`) never match. Returns 0.0 when none match.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples(text, name)
-        .filter(|(ls, _)| labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .filter(|(ls, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
         .map(|(_, v)| v)
         .sum()
 }
@@ -60,7 +64,9 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
         let Some(eq) = rest.find('=') else { break };
         let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
         let after = rest[eq + 1..].trim_start();
-        let Some(after) = after.strip_prefix('"') else { break };
+        let Some(after) = after.strip_prefix('"') else {
+            break;
+        };
         let mut value = String::new();
         let mut chars = after.char_indices();
         let mut end = after.len();
@@ -79,7 +85,10 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
             }
         }
         out.push((key, value));
-        rest = after[end..].trim_start().trim_start_matches(',').trim_start();
+        rest = after[end..]
+            .trim_start()
+            .trim_start_matches(',')
+            .trim_start();
     }
     out
 }

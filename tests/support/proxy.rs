@@ -63,7 +63,11 @@ impl Route {
     }
 
     fn to_yaml(&self) -> String {
-        let split: Vec<String> = self.split.iter().map(|(v, w)| format!("{v}: {w}")).collect();
+        let split: Vec<String> = self
+            .split
+            .iter()
+            .map(|(v, w)| format!("{v}: {w}"))
+            .collect();
         let mut pairs = vec![
             format!("name: {}", self.name),
             "owner: rollgate-tests".to_string(),
@@ -138,7 +142,10 @@ impl TestProxyBuilder {
     }
 
     pub async fn start(self) -> TestProxy {
-        assert!(!self.routes.is_empty(), "TestProxy needs at least one route");
+        assert!(
+            !self.routes.is_empty(),
+            "TestProxy needs at least one route"
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         let state_dir = dir.path().join("state");
         std::fs::create_dir_all(&state_dir).unwrap();
@@ -157,6 +164,7 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    #[allow(clippy::new_ret_no_self)] // the builder is the entry point, as `TestProxy::new().version(..)` reads
     pub fn new() -> TestProxyBuilder {
         TestProxyBuilder::default()
     }
@@ -175,8 +183,12 @@ impl TestProxy {
         std::fs::write(&path, &yaml).unwrap();
         let config = rollgate::config::Config::from_str(&yaml, &path)
             .unwrap_or_else(|e| panic!("config rejected:\n{e}\n--- config ---\n{yaml}"));
-        let data = TcpListener::bind("127.0.0.1:0").await.expect("bind data listener");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin listener");
+        let data = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind data listener");
+        let admin = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin listener");
         let running = rollgate::app::start(config, rollgate::app::Listeners { data, admin })
             .await
             .unwrap_or_else(|e| panic!("rollgate::app::start failed: {e}\n--- config ---\n{yaml}"));

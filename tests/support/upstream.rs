@@ -67,7 +67,9 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     /// The first value of a header, if any (lossy UTF-8).
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     }
 
     /// All values of a header.
@@ -115,11 +117,17 @@ impl TestUpstream {
 
     /// An upstream behind TLS for `localhost`, with its own test CA ([`TestUpstream::ca_pem_path`]).
     pub async fn start_tls(name: &str) -> TestUpstream {
-        Self::start_inner(name, Some(TestCa::new(&format!("rollgate test CA for {name}")))).await
+        Self::start_inner(
+            name,
+            Some(TestCa::new(&format!("rollgate test CA for {name}"))),
+        )
+        .await
     }
 
     async fn start_inner(name: &str, ca: Option<TestCa>) -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -135,7 +143,9 @@ impl TestUpstream {
         let accept_shared = shared.clone();
         let accept_task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let shared = accept_shared.clone();
                 let acceptor = acceptor.clone();
@@ -161,7 +171,12 @@ impl TestUpstream {
                 });
             }
         });
-        TestUpstream { addr, shared, ca, accept_task }
+        TestUpstream {
+            addr,
+            shared,
+            ca,
+            accept_task,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -326,7 +341,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
         Reply::Status(code) => json_response(name, StatusCode::from_u16(code).unwrap()),
         Reply::FailFraction(f) => {
             let fail = ((n + 1) as f64 * f).floor() > (n as f64 * f).floor();
-            let status = if fail { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
+            let status = if fail {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
             json_response(name, status)
         }
         Reply::Sse { chunks, interval } => {
@@ -347,7 +366,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
                     }
                 }
                 if chunks == 0 {
-                    let _ = tx.send(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                    let _ = tx
+                        .send(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))
+                        .await;
                 }
             });
             Response::builder()
