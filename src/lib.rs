@@ -22,6 +22,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod evaluator;
 pub mod proxy;
 pub mod routing;
 pub mod telemetry;

@@ -1,0 +1,4 @@
+//! The evaluator.
+
+pub mod rules;
+pub mod stats;
