@@ -15,10 +15,13 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::control::admin::{self, Admin};
+use crate::control::alerts::Alerts;
+use crate::control::audit::Audit;
+use crate::control::state;
+use crate::evaluator::{self, Controller};
 use crate::proxy::server::{self, CertStore};
 use crate::proxy::service::{self, ConnInfo, Shared, DEFAULT_MAX_IN_FLIGHT};
 use crate::routing::store::Store;
-use crate::routing::table::RuntimeState;
 use crate::telemetry::prom::Metrics;
 use crate::telemetry::Telemetry;
 
@@ -51,6 +54,7 @@ pub struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub store: Arc<Store>,
+    pub controller: Arc<Controller>,
     admin: Arc<Admin>,
     stop: watch::Sender<bool>,
     data_task: JoinHandle<()>,
@@ -70,12 +74,18 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
     let interval = config.evaluator.interval;
     let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
     let metrics = Arc::new(Metrics::new(telemetry.clone()));
-    let store = Arc::new(Store::new(
-        config,
-        RuntimeState::default(),
-        telemetry.clone(),
-        metrics,
-    )?);
+    let state_dir = config.state_dir.clone();
+    // Quarantines and rollout progress survive restarts; a quarantine whose version changed
+    // fingerprint since is lifted by `compile`.
+    let runtime = state::load(&state_dir)?;
+    let audit = Arc::new(Audit::open(&state_dir)?);
+    let store = Arc::new(Store::new(config, runtime, telemetry.clone(), metrics)?);
+    let controller = Arc::new(Controller::new(
+        store.clone(),
+        audit,
+        Alerts::new()?,
+        state_dir,
+    ));
     let (stop, stop_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared::new(store.clone(), DEFAULT_MAX_IN_FLIGHT));
@@ -119,16 +129,20 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
         })
     };
 
+    let evaluator = tokio::spawn(evaluator::run(controller.clone(), stop_rx.clone()));
+    let health = tokio::spawn(evaluator::health::run(controller.clone(), stop_rx.clone()));
+
     tracing::info!(%data_addr, %admin_addr, generation = store.load().generation, "rollgate serving");
     Ok(Running {
         data_addr,
         admin_addr,
         store,
+        controller,
         admin,
         stop,
         data_task,
         admin_task,
-        background: vec![flush],
+        background: vec![flush, evaluator, health],
     })
 }
 

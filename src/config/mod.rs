@@ -37,6 +37,19 @@ impl fmt::Display for VersionName {
     }
 }
 
+impl serde::Serialize for VersionName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VersionName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(VersionName(Arc::from(s.as_ref())))
+    }
+}
+
 impl From<&str> for VersionName {
     fn from(s: &str) -> Self {
         VersionName(Arc::from(s))

@@ -1,4 +1,8 @@
-//! The control plane: the admin listener (apart from traffic) and `rollgate check`.
+//! The control plane: the admin listener (apart from traffic), persisted state, the audit
+//! log, alerts, and `rollgate check`.
 
 pub mod admin;
+pub mod alerts;
+pub mod audit;
 pub mod check;
+pub mod state;

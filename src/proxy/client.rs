@@ -7,7 +7,7 @@
 //! 5 s with a pool timer, a bounded idle pool.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub struct EndpointRt {
     pub client: HttpClient,
     /// Kept by the health checker; unhealthy endpoints are skipped while others remain.
     pub healthy: AtomicBool,
+    /// Consecutive failed / passed active health checks.
+    pub failures: AtomicU32,
+    pub successes: AtomicU32,
 }
 
 /// A version's endpoints. Shared by every table that contains the version unchanged, so
@@ -65,6 +68,8 @@ impl Upstream {
                 endpoint: e.clone(),
                 client: build_client(e, connect_timeout, tls.clone()),
                 healthy: AtomicBool::new(true),
+                failures: AtomicU32::new(0),
+                successes: AtomicU32::new(0),
             })
             .collect();
         Ok(Upstream {
@@ -169,3 +174,21 @@ fn build_client(e: &Endpoint, connect_timeout: Duration, tls: rustls::ClientConf
 /// and replayed on a retry; larger ones stream and are never retried once sent (Linkerd
 /// never retries bodies over 64 KiB either).
 pub const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// A client for the proxy's own outgoing calls (webhooks): http and https (public roots),
+/// HTTP/1.1, connect timeout 2 s.
+pub fn control_client() -> std::io::Result<HttpClient> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(2)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls(None)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .build(connector))
+}

@@ -371,6 +371,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
     };
     let start = Instant::now();
     let member = &route.members[chosen];
+    member.stats.begin();
     let mut abort = AbortGuard {
         stats: &member.stats,
         start,
@@ -382,7 +383,8 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
     let limit = route.config.max_request_body;
     let refuse = |abort: &mut AbortGuard, r: Refusal| {
         abort.armed = false;
-        member
+        // The member of the attempt in progress (after a retry, the baseline's).
+        abort
             .stats
             .record(Class::Refused, r.status().as_u16(), None, start.elapsed());
         r.into_response(None, Some(&request_id))
@@ -543,6 +545,9 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                     retried_from = Some(attempt);
                     exclude = Some(ep.endpoint.authority.clone());
                     attempt = retry_target.unwrap_or(attempt);
+                    let next = &route.members[attempt].stats;
+                    next.begin();
+                    abort.stats = next;
                     continue;
                 }
                 abort.armed = false;
@@ -589,6 +594,9 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                     retried_from = Some(attempt);
                     exclude = Some(ep.endpoint.authority.clone());
                     attempt = retry_target.unwrap_or(attempt);
+                    let next = &route.members[attempt].stats;
+                    next.begin();
+                    abort.stats = next;
                     continue;
                 }
                 tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");

@@ -223,7 +223,9 @@ impl RetryBudget {
 }
 
 /// Runtime state that outlives one table: what rollbacks, overrides and pauses changed.
-#[derive(Debug, Clone, Default)]
+/// Persisted in `state_dir/state.json` ([`crate::control::state`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RuntimeState {
     /// Quarantined versions with the fingerprint they were quarantined at.
     pub quarantined: BTreeMap<VersionName, String>,
@@ -233,6 +235,18 @@ pub struct RuntimeState {
     pub paused: std::collections::BTreeSet<String>,
     /// Routes whose baseline was replaced at runtime (`promote`).
     pub baselines: BTreeMap<String, VersionName>,
+    /// Progressive rollouts in progress, by route.
+    pub rollouts: BTreeMap<String, RolloutProgress>,
+}
+
+/// Where a route's progressive rollout stands.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RolloutProgress {
+    pub version: VersionName,
+    /// Index into `rollout.steps` of the weight in force.
+    pub step: usize,
+    /// Unix time in milliseconds when that step began.
+    pub since_ms: u64,
 }
 
 /// What `compile` needs from outside: upstreams and statistics handles.

@@ -14,7 +14,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -204,6 +204,7 @@ impl WindowSnapshot {
 }
 
 /// Cumulative totals since start, for Prometheus.
+#[derive(Clone)]
 pub struct Cumulative {
     pub counts: Box<[u64]>,
     pub ttfb: Histogram<u64>,
@@ -237,6 +238,8 @@ pub struct PairStats {
     window: Duration,
     /// Cold lock: flush and readers only.
     agg: Mutex<Aggregate>,
+    /// Requests begun ([`begin`](Self::begin)) and not yet recorded: what a rollback drains.
+    in_flight: AtomicI64,
 }
 
 impl std::fmt::Debug for PairStats {
@@ -273,12 +276,25 @@ impl PairStats {
                 total_sum_us: 0,
                 ring: VecDeque::with_capacity(slots as usize + 2),
             }),
+            in_flight: AtomicI64::new(0),
         }
+    }
+
+    /// A request was sent this way; exactly one [`record`](Self::record) ends it.
+    #[inline]
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests begun and not yet recorded.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Records one finished request. `code` 0 means no response was received.
     #[inline]
     pub fn record(&self, class: Class, code: u16, ttfb: Option<Duration>, total: Duration) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let shard = &self.shards[shard_index() % self.shards.len()].0;
         let code = if usize::from(code) < CODES {
             usize::from(code)
@@ -392,6 +408,36 @@ impl PairStats {
             ttfb_sum_us: agg.ttfb_sum_us,
             total_sum_us: agg.total_sum_us,
         }
+    }
+}
+
+impl Cumulative {
+    /// Totals by class.
+    pub fn by_class(&self) -> [u64; CLASSES] {
+        let mut out = [0; CLASSES];
+        for (c, slot) in out.iter_mut().enumerate() {
+            *slot = self.counts[c * CODES..(c + 1) * CODES].iter().sum();
+        }
+        out
+    }
+
+    /// Answered requests (success, error, 4xx) and errors.
+    pub fn answered_and_errors(&self) -> (u64, u64) {
+        let b = self.by_class();
+        (
+            b[Class::Success as usize] + b[Class::Error as usize] + b[Class::ClientError as usize],
+            b[Class::Error as usize],
+        )
+    }
+
+    /// Requests whose time to first byte exceeded `limit`.
+    pub fn ttfb_over(&self, limit: Duration) -> u64 {
+        let us = micros(limit);
+        if self.ttfb.is_empty() || self.ttfb.max() <= us {
+            return 0;
+        }
+        self.ttfb
+            .count_between(self.ttfb.next_non_equivalent(us), self.ttfb.max())
     }
 }
 

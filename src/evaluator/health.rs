@@ -1,0 +1,126 @@
+//! Active health checks: every endpoint of every version with a `health_check` is probed
+//! with `GET path` every `interval`. `unhealthy_after` consecutive failures take the
+//! endpoint out of rotation, `healthy_after` consecutive passes put it back. When a
+//! version's overall health flips, the table is recompiled so routes see it (degraded
+//! mode, fallback, `rollgate_version_healthy`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{Method, Request, Uri};
+use serde_json::{json, Map};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::Controller;
+use crate::config::{HealthCheckConfig, Severity};
+use crate::proxy::body::ReqBody;
+use crate::proxy::client::EndpointRt;
+
+/// Probes one endpoint once; true when it answered 2xx within the timeout.
+async fn probe(ep: &EndpointRt, hc: &HealthCheckConfig) -> bool {
+    let uri = Uri::builder()
+        .scheme(ep.endpoint.uri_scheme())
+        .authority(ep.endpoint.authority.clone())
+        .path_and_query(hc.path.as_str())
+        .build();
+    let Ok(uri) = uri else { return false };
+    let Ok(req) = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .body(ReqBody::Empty)
+    else {
+        return false;
+    };
+    matches!(tokio::time::timeout(hc.timeout, ep.client.request(req)).await, Ok(Ok(r)) if r.status().is_success())
+}
+
+/// Applies one probe result to the endpoint's streaks; returns whether `healthy` flipped.
+pub fn apply(ep: &EndpointRt, hc: &HealthCheckConfig, ok: bool) -> bool {
+    if ok {
+        ep.failures.store(0, Ordering::Relaxed);
+        let s = ep.successes.fetch_add(1, Ordering::Relaxed) + 1;
+        if s >= hc.healthy_after && !ep.healthy.swap(true, Ordering::Relaxed) {
+            return true;
+        }
+    } else {
+        ep.successes.store(0, Ordering::Relaxed);
+        let f = ep.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if f >= hc.unhealthy_after && ep.healthy.swap(false, Ordering::Relaxed) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The health-check task. Runs until `stop` turns true.
+pub async fn run(c: Arc<Controller>, mut stop: watch::Receiver<bool>) {
+    let mut next_due: HashMap<(String, String), Instant> = HashMap::new();
+    let mut degraded: HashMap<String, bool> = HashMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            now = tick.tick() => now,
+        };
+        let table = c.store.load();
+        let mut probes = tokio::task::JoinSet::new();
+        for v in table.versions.iter() {
+            let Some(hc) = v.config.health_check.clone() else {
+                continue;
+            };
+            for (i, ep) in v.upstream.endpoints.iter().enumerate() {
+                let key = (v.name.to_string(), ep.endpoint.url.clone());
+                if next_due.get(&key).is_some_and(|t| *t > now) {
+                    continue;
+                }
+                next_due.insert(key, now + hc.interval);
+                let upstream = v.upstream.clone();
+                let hc = hc.clone();
+                probes.spawn(async move {
+                    let ep = &upstream.endpoints[i];
+                    let ok = probe(ep, &hc).await;
+                    apply(ep, &hc, ok)
+                });
+            }
+        }
+        let mut flipped = false;
+        while let Some(r) = probes.join_next().await {
+            flipped |= r.unwrap_or(false);
+        }
+        if flipped {
+            // Recompile: degraded routes, fallback and health gauges follow endpoint health.
+            if let Err(e) = c.store.update(None, |_| {}) {
+                tracing::error!(error = %e, "recompiling after a health change failed");
+                continue;
+            }
+            let table = c.store.load();
+            for r in table.routes.iter() {
+                let was = degraded
+                    .insert(r.name.to_string(), r.degraded)
+                    .unwrap_or(false);
+                if r.degraded && !was {
+                    let baseline = table.versions[r.baseline_member().version].name.to_string();
+                    tracing::error!(route = %r.name, %baseline, "route degraded: its baseline is unhealthy");
+                    let mut f = Map::new();
+                    f.insert("route".into(), json!(r.name.to_string()));
+                    f.insert("baseline".into(), json!(baseline));
+                    f.insert(
+                        "fallback".into(),
+                        json!(r.config.fallback.as_ref().map(|v| v.to_string())),
+                    );
+                    let alert = json!({"kind": "degraded", "severity": "critical", "route": r.name.to_string(), "baseline": baseline});
+                    let hooks = c.store.config().alerts.webhooks.clone();
+                    let sent = c.alerts.send(&hooks, Severity::Critical, &alert).await;
+                    f.insert(
+                        "alerts_sent".into(),
+                        serde_json::to_value(sent).unwrap_or_default(),
+                    );
+                    let _ = c.record("degraded", f).await;
+                }
+            }
+        }
+    }
+}
