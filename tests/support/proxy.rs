@@ -220,6 +220,11 @@ impl TestProxy {
         self.admin_addr
     }
 
+    /// The running library instance (store, controller) for tests that act below the API.
+    pub fn running(&self) -> &rollgate::app::Running {
+        self.running.as_ref().expect("running")
+    }
+
     /// The config text the proxy was started with.
     pub fn yaml(&self) -> &str {
         &self.yaml

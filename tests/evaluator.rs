@@ -1,0 +1,330 @@
+//! Automatic rollback as users see it: real traffic, upstreams told to fail, the evidence.
+
+#[macro_use]
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// Closed-loop load from `conns` clients until stopped; counts answers that were not 200.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, conns: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..conns)
+            .map(|_| {
+                let (stop, sent, failed, url) =
+                    (stop.clone(), sent.clone(), failed.clone(), url.clone());
+                tokio::spawn(async move {
+                    let client = TestClient::http1();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = client
+                            .try_send(
+                                request(http::Method::POST, &url)
+                                    .body(full(r#"{"model":"m"}"#))
+                                    .unwrap(),
+                            )
+                            .await;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if !matches!(r, Ok(ref r) if r.status == 200) {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn quarantined(proxy: &TestProxy, version: &str) -> bool {
+    let s = proxy.status_json().await;
+    s["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == version && v["quarantined"] == true)
+}
+
+fn audit_records(proxy: &TestProxy, kind: &str) -> Vec<serde_json::Value> {
+    let state_dir = proxy
+        .yaml()
+        .lines()
+        .find_map(|l| l.strip_prefix("state_dir: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    std::fs::read_to_string(std::path::Path::new(&state_dir).join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_canary_is_rolled_back_with_zero_client_errors_and_one_record() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 95), ("canary", 5)]))
+        .top("evaluator: {interval: 100ms, window: 30s, min_requests: 50}")
+        .start()
+        .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 8);
+    assert_eventually!(canary.request_count() >= 30, Duration::from_secs(10));
+    assert!(
+        !quarantined(&proxy, "canary").await,
+        "healthy canary rolled back"
+    );
+    canary.set(Reply::FailFraction(0.5));
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(15));
+    let served_at_rollback = canary.request_count();
+    // Keep the load on for a moment: nothing new reaches the canary.
+    let before = stable.request_count();
+    assert_eventually!(
+        stable.request_count() > before + 200,
+        Duration::from_secs(10)
+    );
+    let (sent, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed client-side");
+    assert!(
+        canary.request_count() <= served_at_rollback + 8,
+        "canary still gets traffic"
+    );
+
+    let s = proxy.status_json().await;
+    let route = &s["routes"][0];
+    assert_eq!(route["state"], "rolled_back");
+    assert_eq!(route["weights"]["canary"], 0);
+    assert_eq!(route["weights"]["stable"], 100);
+    assert_eventually!(
+        audit_records(&proxy, "rollback").len() == 1,
+        Duration::from_secs(10)
+    );
+    let rec = &audit_records(&proxy, "rollback")[0];
+    assert!(rec["id"].as_str().unwrap().starts_with("rb-"));
+    assert!(
+        ["error_rate_max", "error_rate_ratio"].contains(&rec["trigger"].as_str().unwrap()),
+        "{rec}"
+    );
+    assert_eq!(rec["route"], "chat");
+    assert_eq!(rec["from_version"], "canary");
+    assert_eq!(rec["to_version"], "stable");
+    assert_eq!(rec["automatic"], true);
+    assert_eq!(
+        rec["generation_after"].as_u64().unwrap(),
+        rec["generation_before"].as_u64().unwrap() + 1
+    );
+    let phases: Vec<&str> = rec["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["decide", "swap", "persist", "drain"]);
+    assert!(rec["metrics"]["candidate"]["requests"].as_u64().unwrap() >= 50);
+    assert!(
+        rec["reason"].as_str().unwrap().contains("confidence 0.99"),
+        "{rec}"
+    );
+    assert_eq!(
+        proxy
+            .metric("rollgate_rollback_completed_total", &[("route", "chat")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("rollgate_version_quarantined", &[("version", "canary")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("rollgate_routing_table_generation", &[]).await,
+        s["generation"].as_f64().unwrap()
+    );
+    // Pins to the quarantined version go to the baseline (pin.quarantined: baseline).
+    let r = TestClient::http1()
+        .get_with(&proxy.url("/v1/x"), &[("x-rollgate-version", "canary")])
+        .await;
+    assert_eq!(r.version(), Some("stable"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_regression_is_rolled_back() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    canary.set_delay(Duration::from_millis(150));
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 50), ("canary", 50)]))
+        .top("evaluator: {interval: 100ms, min_requests: 20, rules: {latency_p99_max: 100ms, latency_p99_ratio: null}}")
+        .start()
+        .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 8);
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(20));
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+    assert_eventually!(
+        audit_records(&proxy, "rollback").len() == 1,
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        audit_records(&proxy, "rollback")[0]["trigger"],
+        "latency_p99_max"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_health_checks_roll_the_version_back_without_traffic() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    canary.set(Reply::Status(503));
+    let hc = "health_check: {path: /health, interval: 100ms, timeout: 500ms, unhealthy_after: 2, healthy_after: 1}";
+    let proxy = TestProxy::new()
+        .version_with("stable", &stable.http_url(), hc)
+        .version_with("canary", &canary.http_url(), hc)
+        .route(Route::new("chat", "stable").split(&[("stable", 90), ("canary", 10)]))
+        .top("evaluator: {interval: 100ms, rules: {health_failures: 3}}")
+        .start()
+        .await;
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(10));
+    assert_eventually!(
+        audit_records(&proxy, "rollback").len() == 1,
+        Duration::from_secs(5)
+    );
+    let rec = &audit_records(&proxy, "rollback")[0];
+    assert_eq!(rec["trigger"], "health_failures");
+    assert!(canary.requests().iter().all(|r| r.uri.path() == "/health"));
+    assert_eq!(
+        proxy
+            .metric("rollgate_version_healthy", &[("version", "canary")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        proxy
+            .metric("rollgate_version_healthy", &[("version", "stable")])
+            .await,
+        1.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_canary_with_the_baselines_error_rate_is_never_rolled_back() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    stable.set(Reply::FailFraction(0.03));
+    canary.set(Reply::FailFraction(0.03));
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 80), ("canary", 20)]).with("retry: {budget_percent: 0, min_per_second: 0}"))
+        .top("evaluator: {interval: 100ms, window: 5s, min_requests: 50, rules: {error_rate_max: null}}")
+        .start()
+        .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        assert!(
+            !quarantined(&proxy, "canary").await,
+            "false alarm after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (sent, failed) = load.stop().await;
+    assert!(sent > 2000, "only {sent} requests in 20 s");
+    assert!(failed > 0, "the upstreams were told to fail 3 %");
+    assert!(canary.request_count() > 400);
+    assert!(audit_records(&proxy, "rollback").is_empty());
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_survives_restart_and_reload_until_the_fingerprint_changes() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = tempfile::tempdir().unwrap();
+    let yaml = |canary_bundle: &str| {
+        format!(
+            "listen: \"127.0.0.1:0\"\nadmin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\nevaluator: {{min_requests: 1000000}}\n\
+             versions:\n  stable: {{endpoints: [\"{}\"]}}\n  canary: {{endpoints: [\"{}\"], bundle: {{prompt: {canary_bundle}}}}}\n\
+             routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: stable, split: {{stable: 50, canary: 50}}}}\n",
+            state.path().display(),
+            stable.http_url(),
+            canary.http_url()
+        )
+    };
+    let proxy = TestProxy::from_yaml(&yaml("p1")).await;
+    let c = proxy.running().controller.clone();
+    let handle = c
+        .rollback(
+            "chat",
+            &"canary".into(),
+            rollgate::evaluator::rules::Trigger::Manual,
+            "test".into(),
+            Some("tester".into()),
+            tokio::time::Instant::now(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let rec = handle.await.unwrap().unwrap();
+    assert_eq!(rec["initiated_by"], "tester");
+    assert_eq!(rec["automatic"], false);
+    assert!(quarantined(&proxy, "canary").await);
+    // Reload with the same file: still quarantined.
+    let path = std::path::Path::new("/tmp/x.yaml");
+    let same = rollgate::config::Config::from_str(&yaml("p1"), path).unwrap();
+    proxy.running().store.update(Some(same), |_| {}).unwrap();
+    assert!(quarantined(&proxy, "canary").await);
+    proxy.shutdown().await;
+
+    // Restart on the same state_dir: still quarantined, no traffic to it.
+    let proxy = TestProxy::from_yaml(&yaml("p1")).await;
+    assert!(quarantined(&proxy, "canary").await);
+    let client = TestClient::http1();
+    for _ in 0..20 {
+        assert_eq!(client.get(&proxy.url("/")).await.version(), Some("stable"));
+    }
+    // A new bundle is a new fingerprint: the quarantine no longer applies.
+    let changed = rollgate::config::Config::from_str(&yaml("p2"), path).unwrap();
+    proxy.running().store.update(Some(changed), |_| {}).unwrap();
+    assert!(!quarantined(&proxy, "canary").await);
+    proxy.shutdown().await;
+}
