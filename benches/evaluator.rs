@@ -120,7 +120,9 @@ fn simulate(full: bool) {
     println!("\n## Evaluator simulation ({canaries} canaries per row, 100 ms ticks, window 30 s, min_requests 50, confidence 0.99)\n");
     println!("| scenario | canary req/s | tripped | median delay (requests) | median delay (s) |");
     println!("|---|---:|---:|---:|---:|");
-    let rows: [(&str, f64, f64, f64, f64, Option<f64>); 5] = [
+    // (name, baseline error rate, candidate error rate, latency factor, error ratio, latency ratio)
+    type Row = (&'static str, f64, f64, f64, f64, Option<f64>);
+    let rows: [Row; 5] = [
         (
             "healthy: 2 % vs 2 %, equal latency, 60 s",
             0.02,
