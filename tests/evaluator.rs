@@ -328,3 +328,52 @@ async fn quarantine_survives_restart_and_reload_until_the_fingerprint_changes() 
     assert!(!quarantined(&proxy, "canary").await);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_baseline_degrades_the_route_to_its_fallback() {
+    let stable = TestUpstream::start("stable").await;
+    let backup = TestUpstream::start("backup").await;
+    let hc = "health_check: {path: /health, interval: 100ms, timeout: 500ms, unhealthy_after: 2, healthy_after: 1}";
+    let proxy = TestProxy::new()
+        .version_with("stable", &stable.http_url(), hc)
+        .version_with("backup", &backup.http_url(), hc)
+        .route(Route::new("chat", "stable").with("fallback: backup"))
+        .start()
+        .await;
+    let client = TestClient::http1();
+    let r = client.get(&proxy.url("/v1/x")).await;
+    assert_eq!(
+        (r.version(), r.header("x-rollgate-degraded")),
+        (Some("stable"), None)
+    );
+    stable.set(Reply::Status(503));
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["state"] == "degraded",
+        Duration::from_secs(10)
+    );
+    let r = client.get(&proxy.url("/v1/x")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version(), Some("backup"));
+    assert_eq!(r.header("x-rollgate-degraded"), Some("1"));
+    assert_eventually!(
+        audit_records(&proxy, "degraded").len() == 1,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        proxy
+            .metric("rollgate_route_degraded", &[("route", "chat")])
+            .await,
+        1.0
+    );
+    // The baseline recovers: the route goes back to it.
+    stable.set(Reply::Json);
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["state"] == "steady",
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        client.get(&proxy.url("/v1/x")).await.version(),
+        Some("stable")
+    );
+    proxy.shutdown().await;
+}

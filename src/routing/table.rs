@@ -343,6 +343,39 @@ pub fn compile(
             });
         }
         members[baseline_pos].weight += moved;
+        // Degraded mode (SPEC §5): the baseline is unhealthy too. Its share goes to the
+        // route's `fallback` when that one is configured, healthy and not quarantined;
+        // otherwise the baseline keeps serving. Never to a quarantined version.
+        let baseline_healthy = versions[members[baseline_pos].version]
+            .upstream
+            .any_healthy();
+        if !baseline_healthy {
+            if let Some(fb) = rc.fallback.as_ref().and_then(|f| index_of(f)) {
+                let usable = versions[fb].upstream.any_healthy() && !versions[fb].quarantined;
+                if usable && fb != members[baseline_pos].version {
+                    let pos = match members.iter().position(|m| m.version == fb) {
+                        Some(p) => p,
+                        None => {
+                            let name = &versions[fb].name;
+                            members.push(Member {
+                                version: fb,
+                                weight: 0,
+                                configured_weight: 0,
+                                seed: select::name_seed(name.as_str()),
+                                stats: res.pair(&rc.name, name),
+                                retries_to_baseline: res.retry_counter(
+                                    &rc.name,
+                                    name,
+                                    baseline_name,
+                                ),
+                            });
+                            members.len() - 1
+                        }
+                    };
+                    members[pos].weight += std::mem::take(&mut members[baseline_pos].weight);
+                }
+            }
+        }
         if members.iter().all(|m| m.weight == 0) {
             // Every effective weight is 0 (say, a runtime override zeroed the baseline
             // while the others are quarantined): the baseline takes everything.
@@ -359,9 +392,6 @@ pub fn compile(
         let any_quarantined = members
             .iter()
             .any(|m| versions[m.version].quarantined && m.version != members[baseline_pos].version);
-        let baseline_healthy = versions[members[baseline_pos].version]
-            .upstream
-            .any_healthy();
         let degraded = !baseline_healthy;
         let state_now = if degraded {
             RouteState::Degraded
