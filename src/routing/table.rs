@@ -350,7 +350,7 @@ pub fn compile(
             .upstream
             .any_healthy();
         if !baseline_healthy {
-            if let Some(fb) = rc.fallback.as_ref().and_then(|f| index_of(f)) {
+            if let Some(fb) = rc.fallback.as_ref().and_then(&index_of) {
                 let usable = versions[fb].upstream.any_healthy() && !versions[fb].quarantined;
                 if usable && fb != members[baseline_pos].version {
                     let pos = match members.iter().position(|m| m.version == fb) {
