@@ -377,3 +377,56 @@ async fn unhealthy_baseline_degrades_the_route_to_its_fallback() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progressive_rollout_steps_each_hold_and_promotes() {
+    let stable = TestUpstream::start("stable").await;
+    let next = TestUpstream::start("next").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("next", &next)
+        .route(
+            Route::new("chat", "stable")
+                .split(&[("stable", 95), ("next", 5)])
+                .with("rollout: {steps: [10, 50, 100], hold: 300ms}"),
+        )
+        .start()
+        .await;
+    let weights = |s: &serde_json::Value| {
+        (
+            s["routes"][0]["weights"]["next"].as_u64(),
+            s["routes"][0]["baseline"].clone(),
+        )
+    };
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["weights"]["next"] == 10,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        proxy.status_json().await["routes"][0]["state"],
+        "rolling_out"
+    );
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["weights"]["next"] == 50,
+        Duration::from_secs(5)
+    );
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["baseline"] == "next",
+        Duration::from_secs(5)
+    );
+    let s = proxy.status_json().await;
+    assert_eq!(weights(&s), (Some(100), serde_json::json!("next")));
+    assert_eq!(s["routes"][0]["weights"]["stable"], 0);
+    assert_eq!(audit_records(&proxy, "rollout_step").len(), 2);
+    let promote = audit_records(&proxy, "promote");
+    assert_eq!(promote.len(), 1);
+    assert_eq!(promote[0]["version"], "next");
+    assert_eq!(promote[0]["from_version"], "stable");
+    for _ in 0..10 {
+        assert_eq!(
+            TestClient::http1().get(&proxy.url("/")).await.version(),
+            Some("next")
+        );
+    }
+    proxy.shutdown().await;
+}
