@@ -430,3 +430,54 @@ async fn progressive_rollout_steps_each_hold_and_promotes() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_alerts_reach_webhooks_and_their_results_are_recorded() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let hook = TestUpstream::start("hook").await;
+    let broken = format!("http://127.0.0.1:{}/hook", closed_port());
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 90), ("canary", 10)]))
+        .top(&format!(
+            "alerts: {{webhooks: [{{url: \"{}/hook\", min_severity: warning}}, {{url: \"{broken}\"}}, {{url: \"{}/critical-only\", min_severity: critical}}]}}",
+            hook.http_url(),
+            hook.http_url()
+        ))
+        .start()
+        .await;
+    let handle = proxy
+        .running()
+        .controller
+        .rollback(
+            "chat",
+            &"canary".into(),
+            rollgate::evaluator::rules::Trigger::Manual,
+            "bad prompt".into(),
+            Some("oncall".into()),
+            tokio::time::Instant::now(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let rec = handle.await.unwrap().unwrap();
+    let sent = rec["alerts_sent"].as_array().unwrap();
+    assert_eq!(
+        sent.len(),
+        2,
+        "the critical-only hook is not sent a warning: {sent:?}"
+    );
+    assert_eq!(sent[0]["status"], 200);
+    assert_eq!(sent[1]["status"], serde_json::Value::Null);
+    assert_eq!(sent[1]["attempts"], 3);
+    let got = hook.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].uri.path(), "/hook");
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["kind"], "rollback");
+    assert_eq!(body["version"], "canary");
+    assert_eq!(body["reason"], "bad prompt");
+    proxy.shutdown().await;
+}
