@@ -366,6 +366,25 @@ async fn table_tick(
     epochs.retain(|k, _| live.contains(k));
 }
 
+/// Weight overrides giving `candidate` `weight` and `baseline` the rest; every other
+/// version of the route's split gets 0.
+fn split_weights(
+    route: &crate::routing::table::Route,
+    candidate: &VersionName,
+    weight: u32,
+    baseline: &VersionName,
+) -> std::collections::BTreeMap<VersionName, u32> {
+    let mut w: std::collections::BTreeMap<VersionName, u32> = route
+        .config
+        .split
+        .iter()
+        .map(|(n, _)| (n.clone(), 0))
+        .collect();
+    w.insert(baseline.clone(), 100 - weight);
+    w.insert(candidate.clone(), weight);
+    w
+}
+
 /// Progressive rollouts: one step per clean `hold`, `promote` at 100.
 async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
     let runtime = c.store.runtime_state();
@@ -412,13 +431,10 @@ async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
             let result = c.store.update(None, |s| {
                 s.rollouts.remove(&route_name);
                 s.baselines.insert(route_name.clone(), candidate.clone());
-                let mut w = std::collections::BTreeMap::new();
-                for (n, _) in &route.config.split {
-                    w.insert(n.clone(), if n == &candidate { 100 } else { 0 });
-                }
-                w.insert(candidate.clone(), 100);
-                w.insert(from.clone(), 0);
-                s.weight_overrides.insert(route_name.clone(), w);
+                s.weight_overrides.insert(
+                    route_name.clone(),
+                    split_weights(route, &candidate, 100, &from),
+                );
             });
             drop(_serial);
             if let Ok(swap) = result {
@@ -454,13 +470,10 @@ async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
                     since_ms: unix_ms(),
                 },
             );
-            let mut w = std::collections::BTreeMap::new();
-            for (n, _) in &route.config.split {
-                w.insert(n.clone(), 0);
-            }
-            w.insert(candidate.clone(), weight);
-            w.insert(baseline.clone(), 100 - weight);
-            s.weight_overrides.insert(route_name.clone(), w);
+            s.weight_overrides.insert(
+                route_name.clone(),
+                split_weights(route, &candidate, weight, baseline),
+            );
         });
         drop(_serial);
         if let Ok(swap) = result {
