@@ -7,6 +7,11 @@ fn rollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rollgate"))
 }
 
+/// `rollgate check -c PATH`.
+fn check(path: &Path) -> std::process::Output {
+    rollgate().args(["check", "-c"]).arg(path).output().unwrap()
+}
+
 #[test]
 fn every_file_in_config_passes_check() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
@@ -19,12 +24,7 @@ fn every_file_in_config_passes_check() {
         ) {
             continue;
         }
-        let out = rollgate()
-            .arg("check")
-            .arg("-c")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check(&path);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -45,11 +45,7 @@ fn every_file_in_config_passes_check() {
 #[test]
 fn check_prints_the_effective_table_and_readiness() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rollgate.yaml");
-    let out = rollgate()
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("chat  match path_prefix=/v1/  baseline v2.4"),
@@ -74,11 +70,7 @@ fn invalid_config_names_file_line_column_and_key_and_exits_1() {
         "listen: 127.0.0.1:8080\nversions:\n  a: {endpoints: [\"http://127.0.0.1:1\"]}\nroutes:\n  - name: r\n    match: {path_prefix: /}\n    baseline: a\n    split: {a: 1, b: 2}\n    timeouts: {connect: 5x}\n",
     )
     .unwrap();
-    let out = rollgate()
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
@@ -94,11 +86,7 @@ fn invalid_config_names_file_line_column_and_key_and_exits_1() {
     );
 
     std::fs::write(&path, "listen: 127.0.0.1:8080\nversions:\n  a: {endpoints: [\"http://127.0.0.1:1\"]}\nroutes:\n  - name: r\n    baseline: a\n    bogus: 1\n").unwrap();
-    let out = rollgate()
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -31,7 +31,7 @@ use crate::control::alerts::Alerts;
 use crate::control::audit::Audit;
 use crate::control::state;
 use crate::routing::store::Store;
-use crate::routing::table::{RolloutProgress, Table};
+use crate::routing::table::{RolloutProgress, RuntimeState, Table};
 use crate::telemetry::prom::labels;
 use crate::telemetry::recorder::Cumulative;
 use rules::{Evidence, Side, Trigger, Verdict};
@@ -93,6 +93,27 @@ impl Controller {
         tokio::task::spawn_blocking(move || audit.append(kind, fields))
             .await
             .map_err(std::io::Error::other)?
+    }
+
+    /// A runtime-state change that needs no drain: swap, persist, and one audit record of
+    /// `kind` (`fields` plus the generations). Serialized with every other decision.
+    pub async fn change(
+        &self,
+        kind: &'static str,
+        change: impl FnOnce(&mut RuntimeState),
+        mut fields: Map<String, Value>,
+    ) -> std::io::Result<Value> {
+        let serial = self.decisions.lock().await;
+        let swap = self.store.update(None, change).inspect_err(|e| {
+            tracing::error!(kind, error = %e, "compiling the new table failed; nothing changed");
+        })?;
+        if let Err(e) = self.persist().await {
+            tracing::error!(kind, error = %e, "persisting the runtime state failed; it holds until restart");
+        }
+        drop(serial);
+        fields.insert("generation_before".into(), json!(swap.generation_before));
+        fields.insert("generation_after".into(), json!(swap.generation_after));
+        self.record(kind, fields).await
     }
 
     /// Rolls `version` back: it gets weight 0 on every route. `tripped_at` is when the
@@ -423,68 +444,55 @@ async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
         if !due {
             continue;
         }
-        let _serial = c.decisions.lock().await;
         let route_name = route.name.to_string();
         if next_step >= plan.steps.len() || plan.steps[next_step] >= 100 {
             // The last step below 100 held cleanly: the candidate becomes the baseline.
-            let from = baseline.clone();
-            let result = c.store.update(None, |s| {
+            let mut f = Map::new();
+            f.insert("route".into(), json!(route_name));
+            f.insert("version".into(), json!(candidate.as_str()));
+            f.insert("from_version".into(), json!(baseline.as_str()));
+            f.insert("automatic".into(), json!(true));
+            f.insert("initiated_by".into(), Value::Null);
+            f.insert(
+                "reason".into(),
+                json!(format!(
+                    "rollout completed {} steps of {:?} each",
+                    plan.steps.len(),
+                    plan.hold
+                )),
+            );
+            let change = |s: &mut RuntimeState| {
                 s.rollouts.remove(&route_name);
                 s.baselines.insert(route_name.clone(), candidate.clone());
                 s.weight_overrides.insert(
                     route_name.clone(),
-                    split_weights(route, &candidate, 100, &from),
+                    split_weights(route, &candidate, 100, baseline),
                 );
-            });
-            drop(_serial);
-            if let Ok(swap) = result {
-                let _ = c.persist().await;
-                let mut f = Map::new();
-                f.insert("route".into(), json!(route_name));
-                f.insert("version".into(), json!(candidate.as_str()));
-                f.insert("from_version".into(), json!(from.as_str()));
-                f.insert("automatic".into(), json!(true));
-                f.insert("initiated_by".into(), Value::Null);
-                f.insert(
-                    "reason".into(),
-                    json!(format!(
-                        "rollout completed {} steps of {:?} each",
-                        plan.steps.len(),
-                        plan.hold
-                    )),
-                );
-                f.insert("generation_before".into(), json!(swap.generation_before));
-                f.insert("generation_after".into(), json!(swap.generation_after));
-                let _ = c.record("promote", f).await;
+            };
+            if c.change("promote", change, f).await.is_ok() {
                 tracing::info!(route = %route_name, version = %candidate, "rollout complete: promoted");
             }
             continue;
         }
         let weight = plan.steps[next_step].min(100);
-        let result = c.store.update(None, |s| {
-            s.rollouts.insert(
-                route_name.clone(),
-                RolloutProgress {
-                    version: candidate.clone(),
-                    step: next_step,
-                    since_ms: unix_ms(),
-                },
-            );
+        let mut f = Map::new();
+        f.insert("route".into(), json!(route_name));
+        f.insert("version".into(), json!(candidate.as_str()));
+        f.insert("step".into(), json!(next_step));
+        f.insert("weight".into(), json!(weight));
+        let change = |s: &mut RuntimeState| {
+            let progress = RolloutProgress {
+                version: candidate.clone(),
+                step: next_step,
+                since_ms: unix_ms(),
+            };
+            s.rollouts.insert(route_name.clone(), progress);
             s.weight_overrides.insert(
                 route_name.clone(),
                 split_weights(route, &candidate, weight, baseline),
             );
-        });
-        drop(_serial);
-        if let Ok(swap) = result {
-            let _ = c.persist().await;
-            let mut f = Map::new();
-            f.insert("route".into(), json!(route_name));
-            f.insert("version".into(), json!(candidate.as_str()));
-            f.insert("step".into(), json!(next_step));
-            f.insert("weight".into(), json!(weight));
-            f.insert("generation_after".into(), json!(swap.generation_after));
-            let _ = c.record("rollout_step", f).await;
+        };
+        if c.change("rollout_step", change, f).await.is_ok() {
             tracing::info!(route = %route_name, version = %candidate, weight, "rollout step");
         }
     }
