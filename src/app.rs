@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::control::admin::{self, Admin};
 use crate::control::alerts::Alerts;
 use crate::control::audit::Audit;
+use crate::control::reload::{self, Reloader};
 use crate::control::state;
 use crate::evaluator::{self, Controller};
 use crate::proxy::server::{self, CertStore};
@@ -30,6 +31,8 @@ use crate::telemetry::Telemetry;
 pub struct Listeners {
     pub data: TcpListener,
     pub admin: TcpListener,
+    /// `health_listen`: probes and metrics only.
+    pub health: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -44,7 +47,19 @@ impl Listeners {
                 format!("admin.listen {}: {e}", config.admin.listen),
             )
         })?;
-        Ok(Listeners { data, admin })
+        let health = match config.health_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("health_listen {a}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            data,
+            admin,
+            health,
+        })
     }
 }
 
@@ -53,23 +68,32 @@ impl Listeners {
 pub struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub health_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
     pub controller: Arc<Controller>,
+    pub reloader: Arc<Reloader>,
     admin: Arc<Admin>,
+    /// Stops the data plane (first, so it drains while probes still answer).
+    stop_data: watch::Sender<bool>,
+    /// Stops the control listeners and background tasks, once the data plane drained.
     stop: watch::Sender<bool>,
     data_task: JoinHandle<()>,
-    admin_task: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    control_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Starts serving on `listeners` with `config`.
 pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> {
     let data_addr = listeners.data.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let tls = match &config.tls {
-        Some(files) => Some(CertStore::load(&files.cert, &files.key)?.acceptor()),
+    let health_addr = match &listeners.health {
+        Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    let certs = match &config.tls {
+        Some(files) => Some(CertStore::load(&files.cert, &files.key)?),
+        None => None,
+    };
+    let tls = certs.as_ref().map(CertStore::acceptor);
     let drain = config.drain_timeout;
     let interval = config.evaluator.interval;
     let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
@@ -86,7 +110,9 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
         Alerts::new()?,
         state_dir,
     ));
+    let reloader = Arc::new(Reloader::new(controller.clone(), certs)?);
     let (stop, stop_rx) = watch::channel(false);
+    let (stop_data, stop_data_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared::new(store.clone(), DEFAULT_MAX_IN_FLIGHT));
     let data_task = tokio::spawn(server::serve(
@@ -96,22 +122,36 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
             let shared = shared.clone();
             async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
         },
-        stop_rx.clone(),
+        stop_data_rx,
         drain,
     ));
 
-    let admin = Arc::new(Admin::new(store.clone()));
-    let admin_for_server = admin.clone();
-    let admin_task = tokio::spawn(server::serve(
+    let admin = Arc::new(Admin::new(controller.clone(), reloader.clone()));
+    let mut control_tasks = Vec::new();
+    let a = admin.clone();
+    control_tasks.push(tokio::spawn(server::serve(
         listeners.admin,
         None,
         move |_peer, _tls, req| {
-            let admin = admin_for_server.clone();
+            let admin = a.clone();
             async move { admin::handle(&admin, req).await }
         },
         stop_rx.clone(),
         drain,
-    ));
+    )));
+    if let Some(health) = listeners.health {
+        let a = admin.clone();
+        control_tasks.push(tokio::spawn(server::serve(
+            health,
+            None,
+            move |_peer, _tls, req| {
+                let admin = a.clone();
+                async move { admin::handle_health(&admin, req).await }
+            },
+            stop_rx.clone(),
+            drain,
+        )));
+    }
 
     // Rotates the telemetry windows so status and the evaluator see recent traffic only.
     let flush = {
@@ -131,29 +171,35 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
 
     let evaluator = tokio::spawn(evaluator::run(controller.clone(), stop_rx.clone()));
     let health = tokio::spawn(evaluator::health::run(controller.clone(), stop_rx.clone()));
+    let watch = reload::spawn(reloader.clone(), stop_rx.clone());
+    control_tasks.extend([flush, evaluator, health, watch]);
 
     tracing::info!(%data_addr, %admin_addr, generation = store.load().generation, "rollgate serving");
     Ok(Running {
         data_addr,
         admin_addr,
+        health_addr,
         store,
         controller,
+        reloader,
         admin,
+        stop_data,
         stop,
         data_task,
-        admin_task,
-        background: vec![flush, evaluator, health],
+        control_tasks,
     })
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (up to `drain_timeout`), and returns.
+    /// Fails readiness, stops accepting, lets in-flight requests finish (up to
+    /// `drain_timeout`; HTTP/1.1 gets `Connection: close`, HTTP/2 a GOAWAY), then stops
+    /// the admin and health listeners (which answer 503 on `/readyz` meanwhile).
     pub async fn shutdown(self) {
         self.admin.accepting.store(false, Ordering::Relaxed);
-        let _ = self.stop.send(true);
+        let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
-        let _ = self.admin_task.await;
-        for t in self.background {
+        let _ = self.stop.send(true);
+        for t in self.control_tasks {
             let _ = t.await;
         }
     }

@@ -67,6 +67,8 @@ pub struct Config {
     pub source: PathBuf,
     /// `sha256:<hex>` of the file's bytes.
     pub hash: String,
+    /// The file as read, defaults filled in, as JSON (`GET /api/v1/config`).
+    pub document: Arc<serde_json::Value>,
     pub listen: SocketAddr,
     pub tls: Option<TlsFiles>,
     pub admin: AdminConfig,
@@ -209,9 +211,33 @@ pub struct PinConfig {
 
 #[derive(Debug, Clone)]
 pub struct DriftRule {
-    pub signal: String,
+    pub signal: Signal,
     pub p_value: f64,
     pub consecutive: u32,
+}
+
+/// Where the drift rule reads its numeric signal from each response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// `header:NAME`: a response header parsed as a number.
+    Header(HeaderName),
+    /// `json:FIELD`: a top-level numeric field of a JSON response body (bodies up to
+    /// [`Signal::JSON_BODY_LIMIT`]).
+    Json(Arc<str>),
+}
+
+impl Signal {
+    /// Largest JSON body searched for a `json:` signal; longer bodies give no sample.
+    pub const JSON_BODY_LIMIT: usize = 64 * 1024;
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Signal::Header(h) => write!(f, "header:{h}"),
+            Signal::Json(k) => write!(f, "json:{k}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -200,6 +200,19 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         Some(l) => socket_addr(&mut p, l, "admin.listen"),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
     };
+    if let (Some(a), None) = (admin_listen, &f.admin.token_file) {
+        if !a.ip().is_loopback() {
+            let key = "admin.listen";
+            let msg = format!(
+                "the admin API on non-loopback address {a} needs admin.token_file: without a token anyone who can reach it could roll versions back"
+            );
+            match &f.admin.listen {
+                Some(l) => p.at(l, key, msg),
+                None => p.nowhere(key, msg),
+            }
+        }
+    }
+    let document = serde_json::to_value(&f).unwrap_or_default();
     let health_listen = f
         .health_listen
         .as_ref()
@@ -314,20 +327,30 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         ),
         health_failures: r.health_failures,
         accuracy_drop: rate(&mut p, &r.accuracy_drop, "evaluator.rules.accuracy_drop"),
-        drift: r.drift.as_ref().map(|d| {
+        drift: r.drift.as_ref().and_then(|d| {
             let s = &d.value.signal;
-            if !(s.starts_with("header:") || s.starts_with("json:")) {
+            let signal = if let Some(h) = s.strip_prefix("header:") {
+                HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(Signal::Header)
+            } else if let Some(k) = s.strip_prefix("json:") {
+                (!k.is_empty()).then(|| Signal::Json(k.into()))
+            } else {
+                None
+            };
+            let Some(signal) = signal else {
                 p.at(
                     d,
                     "evaluator.rules.drift.signal",
-                    "signal must be header:NAME or json:FIELD",
+                    "signal must be header:NAME (a valid header name) or json:FIELD",
                 );
-            }
-            DriftRule {
-                signal: s.clone(),
+                return None;
+            };
+            Some(DriftRule {
+                signal,
                 p_value: d.value.p_value.unwrap_or(0.05),
                 consecutive: d.value.consecutive.unwrap_or(3).max(1),
-            }
+            })
         }),
         safety_violations: r.safety_violations.as_ref().and_then(|s| {
             let per = p.duration(
@@ -382,6 +405,7 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
     Ok(Config {
         source: origin.to_path_buf(),
         hash,
+        document: Arc::new(document),
         listen,
         tls,
         admin: AdminConfig {

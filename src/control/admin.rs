@@ -1,37 +1,97 @@
-//! The admin listener: liveness, readiness, metrics and the JSON API, on its own port
-//! (loopback by default), never on the data port.
+//! The admin listener: liveness, readiness, metrics and the JSON API of SPEC §6, on its own
+//! port (loopback unless a token is configured), never on the data port. A second,
+//! read-only listener (`health_listen`) serves only probes and metrics.
 //!
-//! Every answer is computed from the published routing table and the telemetry registry;
-//! nothing here can block the data plane (the only lock touched is the telemetry
-//! registry's map, taken briefly per scrape).
+//! Reads are computed from the published routing table and the telemetry registry; nothing
+//! here can block the data plane. Changes go through [`Controller`], the same swap, persist
+//! and audit path the evaluator uses, and answer 200 with the resulting audit record.
+//! Mutating calls are POST only (GET: 405), need `Authorization: Bearer TOKEN` when
+//! `admin.token_file` is set (compared in constant time over SHA-256 digests; 401
+//! otherwise), and answer errors as `{"error", "detail"}` with a 4xx and nothing changed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
+use super::audit::id_number;
+use super::reload::{Cause, Reloader};
+use crate::config::VersionName;
+use crate::evaluator::rules::Trigger;
+use crate::evaluator::{split_weights, Controller, DecisionContext};
 use crate::proxy::body::RespBody;
 use crate::routing::store::Store;
 use crate::routing::table::{RouteState, Table};
 use crate::telemetry::WindowStats;
 
+/// Largest admin request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
 /// What the admin handlers need.
 #[derive(Debug)]
 pub struct Admin {
     pub store: Arc<Store>,
+    pub controller: Arc<Controller>,
+    pub reloader: Arc<Reloader>,
     /// False once shutdown began: `/readyz` answers 503 so load balancers stop sending.
     pub accepting: AtomicBool,
 }
 
+/// Reads `admin.token_file` (trimmed); an empty file is an error, not "no token".
+pub fn read_token(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin.token_file {}: {e}", path.display()),
+        )
+    })?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("admin.token_file {}: the file is empty", path.display()),
+        ));
+    }
+    Ok(Sha256::digest(t.as_bytes()).into())
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 impl Admin {
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(controller: Arc<Controller>, reloader: Arc<Reloader>) -> Self {
         Admin {
-            store,
+            store: controller.store.clone(),
+            controller,
+            reloader,
             accepting: AtomicBool::new(true),
         }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(want) = self.reloader.admin_token.load_full() else {
+            return true;
+        };
+        let Some(given) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        let given: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
+        constant_time_eq(&given, &want)
     }
 
     /// Ready: not draining, and every route has a version with a healthy endpoint.
@@ -114,20 +174,150 @@ pub fn status(store: &Store, table: &Table) -> Status {
     }
 }
 
+/// An admin API failure: becomes `{"error": code, "detail": ...}` with `status`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+    fn bad(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+    fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+type ApiResult = Result<Response<RespBody>, ApiError>;
+
+/// Endpoints that only read.
+const GETS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/api/v1/status",
+    "/api/v1/config",
+    "/api/v1/events",
+];
+/// Endpoints that change something.
+const POSTS: &[&str] = &[
+    "/api/v1/rollback",
+    "/api/v1/promote",
+    "/api/v1/resume",
+    "/api/v1/weights",
+    "/api/v1/pause",
+    "/api/v1/feedback",
+    "/api/v1/faults",
+    "/api/v1/reload",
+];
+
 /// Serves one admin request.
 pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<RespBody> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let result = if POSTS.contains(&path.as_str()) {
+        if method != Method::POST {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} changes state: use POST"),
+            ))
+        } else if !admin.authorized(&req) {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+            ))
+        } else {
+            post(admin, &path, req).await
+        }
+    } else if GETS.contains(&path.as_str()) {
+        if method == Method::GET || method == Method::HEAD {
+            get(admin, &path, &req).await
+        } else {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} is read-only: use GET"),
+            ))
+        }
+    } else {
+        Err(ApiError::not_found(format!("no admin endpoint {path}")))
+    };
+    result.unwrap_or_else(|e| {
+        let mut r = error(e.status, e.code, &e.detail);
+        match e.status {
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let allow = if POSTS.contains(&path.as_str()) {
+                    "POST"
+                } else {
+                    "GET, HEAD"
+                };
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            StatusCode::UNAUTHORIZED => {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"rollgate\""),
+                );
+            }
+            _ => {}
+        }
+        r
+    })
+}
+
+/// The read-only listener for kubelet probes and Prometheus: `/healthz`, `/readyz`,
+/// `/metrics`, nothing else.
+pub async fn handle_health(admin: &Admin, req: Request<Incoming>) -> Response<RespBody> {
     let path = req.uri().path();
-    let method = req.method();
-    match (method, path) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET | &Method::HEAD, "/readyz") => match admin.ready() {
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/healthz" | "/readyz" | "/metrics") => {
+            get(admin, path, &req)
+                .await
+                .unwrap_or_else(|e| error(e.status, e.code, &e.detail))
+        }
+        (_, "/healthz" | "/readyz" | "/metrics") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "read-only: use GET",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("{path} is not served on health_listen"),
+        ),
+    }
+}
+
+async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
+    Ok(match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match admin.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => {
+        "/metrics" => {
             let mut r = Response::new(RespBody::full(admin.store.metrics.encode()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -137,20 +327,460 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<RespBody>
             );
             r
         }
-        (&Method::GET, "/api/v1/status") => {
+        "/api/v1/status" => {
             let table = admin.store.load();
             json(StatusCode::OK, &status(&admin.store, &table))
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/api/v1/status") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("no admin endpoint {path}"),
-        ),
+        "/api/v1/config" => {
+            let table = admin.store.load();
+            let c = &table.config;
+            json(
+                StatusCode::OK,
+                &json!({
+                    "source": c.source.display().to_string(),
+                    "config_hash": c.hash,
+                    "generation": table.generation,
+                    "config": *c.document,
+                    "runtime": admin.store.runtime_state(),
+                }),
+            )
+        }
+        "/api/v1/events" => {
+            let since = match query_param(req, "since") {
+                None => 0,
+                Some(s) => id_number(&s)
+                    .or_else(|| s.parse().ok())
+                    .ok_or_else(|| ApiError::bad(format!("since={s:?} is not an event id")))?,
+            };
+            let audit = admin.controller.audit.clone();
+            let events = tokio::task::spawn_blocking(move || audit.since(since))
+                .await
+                .map_err(ApiError::internal)?;
+            let events = match events {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(ApiError::internal(e)),
+            };
+            json(StatusCode::OK, &json!({ "events": events }))
+        }
+        _ => return Err(ApiError::not_found(format!("no admin endpoint {path}"))),
+    })
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| v.to_string())
+    })
+}
+
+/// Reads and parses a JSON request body (unknown fields are errors, as in the config).
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad(format!("reading the body failed: {e}")))?
+        .to_bytes();
+    let bytes = if bytes.is_empty() {
+        &b"{}"[..]
+    } else {
+        &bytes[..]
+    };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackReq {
+    route: Option<String>,
+    version: VersionName,
+    reason: Option<String>,
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteReq {
+    route: String,
+    version: VersionName,
+    reason: Option<String>,
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeReq {
+    version: VersionName,
+    reason: Option<String>,
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightsReq {
+    route: String,
+    weights: std::collections::BTreeMap<VersionName, u32>,
+    reason: Option<String>,
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseReq {
+    route: String,
+    paused: bool,
+    reason: Option<String>,
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackReq {
+    request_id: String,
+    correct: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsReq {
+    version: VersionName,
+    error_rate: Option<f64>,
+    latency: Option<String>,
+    duration: String,
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(s).map_err(|e| {
+        ApiError::bad(format!(
+            "{key}: {s:?} is not a duration like 800ms or 30s: {e}"
+        ))
+    })
+}
+
+/// Who asked and why: the fields every manual record carries.
+fn manual(fields: &mut Map<String, Value>, operator: Option<String>, reason: Option<String>) {
+    fields.insert("automatic".into(), json!(false));
+    fields.insert(
+        "initiated_by".into(),
+        json!(operator.unwrap_or_else(|| "admin-api".into())),
+    );
+    fields.insert("reason".into(), json!(reason));
+}
+
+fn route_of<'t>(
+    table: &'t Table,
+    name: &str,
+) -> Result<&'t crate::routing::table::Route, ApiError> {
+    table
+        .routes
+        .iter()
+        .find(|r| &*r.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no route {name:?}")))
+}
+
+fn recorded(r: std::io::Result<Value>) -> ApiResult {
+    r.map(|rec| json(StatusCode::OK, &rec))
+        .map_err(ApiError::internal)
+}
+
+async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
+    let c = &admin.controller;
+    match path {
+        "/api/v1/rollback" => {
+            let r: RollbackReq = body(req).await?;
+            let table = admin.store.load();
+            let v = table
+                .version(&r.version)
+                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
+            if v.quarantined {
+                return Err(ApiError::conflict(format!(
+                    "version {} is already rolled back",
+                    r.version
+                )));
+            }
+            let member_of = |route: &crate::routing::table::Route| {
+                route
+                    .members
+                    .iter()
+                    .any(|m| table.versions[m.version].name == r.version)
+            };
+            let route = match &r.route {
+                Some(name) => {
+                    let route = route_of(&table, name)?;
+                    if !member_of(route) {
+                        return Err(ApiError::bad(format!(
+                            "version {} is not part of route {name}",
+                            r.version
+                        )));
+                    }
+                    route
+                }
+                None => table
+                    .routes
+                    .iter()
+                    .find(|rt| member_of(rt))
+                    .ok_or_else(|| {
+                        ApiError::bad(format!("version {} serves no route", r.version))
+                    })?,
+            };
+            if table.versions[route.baseline_member().version].name == r.version {
+                return Err(ApiError::conflict(format!(
+                    "version {} is the baseline of route {}: promote another version first",
+                    r.version, route.name
+                )));
+            }
+            let now = tokio::time::Instant::now();
+            let window = |name: &VersionName| admin.store.telemetry.version_window(name, now);
+            let base_name = table.versions[route.baseline_member().version].name.clone();
+            let ctx = DecisionContext {
+                decide: Duration::ZERO,
+                metrics: json!({"candidate": window(&r.version), "baseline": window(&base_name)}),
+            };
+            let reason = r
+                .reason
+                .unwrap_or_else(|| "manual rollback via the admin API".into());
+            let operator = r.operator.unwrap_or_else(|| "admin-api".into());
+            let route_name = route.name.to_string();
+            drop(table);
+            let handle = c
+                .rollback(
+                    &route_name,
+                    &r.version,
+                    Trigger::Manual,
+                    reason,
+                    Some(operator),
+                    now,
+                    ctx,
+                )
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => ApiError::conflict(e.to_string()),
+                    std::io::ErrorKind::NotFound => ApiError::not_found(e.to_string()),
+                    _ => ApiError::internal(e),
+                })?;
+            let record = handle.await.map_err(ApiError::internal)?;
+            Ok(json(StatusCode::OK, &record))
+        }
+        "/api/v1/promote" => {
+            let r: PromoteReq = body(req).await?;
+            let table = admin.store.load();
+            let route = route_of(&table, &r.route)?;
+            let v = table
+                .version(&r.version)
+                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
+            if !route.config.split.iter().any(|(n, _)| n == &r.version) {
+                return Err(ApiError::bad(format!(
+                    "version {} is not part of route {}",
+                    r.version, r.route
+                )));
+            }
+            if v.quarantined {
+                return Err(ApiError::conflict(format!(
+                    "version {} is rolled back: resume it first",
+                    r.version
+                )));
+            }
+            let baseline = table.versions[route.baseline_member().version].name.clone();
+            let weights = split_weights(route, &r.version, 100, &baseline);
+            let mut f = Map::new();
+            f.insert("route".into(), json!(r.route));
+            f.insert("version".into(), json!(r.version.as_str()));
+            f.insert("from_version".into(), json!(baseline.as_str()));
+            manual(&mut f, r.operator, r.reason);
+            let route_name = r.route.clone();
+            let version = r.version.clone();
+            drop(table);
+            recorded(
+                c.change(
+                    "promote",
+                    None,
+                    |s| {
+                        s.rollouts.remove(&route_name);
+                        s.baselines.insert(route_name.clone(), version);
+                        s.weight_overrides.insert(route_name, weights);
+                    },
+                    f,
+                )
+                .await,
+            )
+        }
+        "/api/v1/resume" => {
+            let r: ResumeReq = body(req).await?;
+            let table = admin.store.load();
+            let v = table
+                .version(&r.version)
+                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
+            if !v.quarantined {
+                return Err(ApiError::conflict(format!(
+                    "version {} is not rolled back",
+                    r.version
+                )));
+            }
+            drop(table);
+            let mut f = Map::new();
+            f.insert("version".into(), json!(r.version.as_str()));
+            manual(&mut f, r.operator, r.reason);
+            let version = r.version.clone();
+            recorded(
+                c.change(
+                    "resume",
+                    None,
+                    |s| {
+                        s.quarantined.remove(&version);
+                    },
+                    f,
+                )
+                .await,
+            )
+        }
+        "/api/v1/weights" => {
+            let r: WeightsReq = body(req).await?;
+            let table = admin.store.load();
+            let route = route_of(&table, &r.route)?;
+            for name in r.weights.keys() {
+                if !route.config.split.iter().any(|(n, _)| n == name) {
+                    return Err(ApiError::bad(format!(
+                        "version {name} is not part of route {}",
+                        r.route
+                    )));
+                }
+            }
+            if r.weights.values().all(|w| *w == 0) {
+                return Err(ApiError::bad("at least one weight must be positive"));
+            }
+            if r.weights.values().any(|w| *w > 1_000_000) {
+                return Err(ApiError::bad("weights are at most 1000000"));
+            }
+            let runtime = admin.store.runtime_state();
+            if runtime.rollouts.contains_key(&r.route) && !runtime.paused.contains(&r.route) {
+                return Err(ApiError::conflict(format!(
+                    "route {} is rolling out: pause it first, or its next step would undo this",
+                    r.route
+                )));
+            }
+            // The weights given replace the split: versions not named get 0.
+            let mut weights: std::collections::BTreeMap<VersionName, u32> = route
+                .config
+                .split
+                .iter()
+                .map(|(n, _)| (n.clone(), 0))
+                .collect();
+            weights.extend(r.weights.iter().map(|(k, v)| (k.clone(), *v)));
+            let mut f = Map::new();
+            f.insert("route".into(), json!(r.route));
+            f.insert(
+                "weights".into(),
+                json!(weights
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect::<std::collections::BTreeMap<_, _>>()),
+            );
+            f.insert("previous_weights".into(), json!(route.weights(&table)));
+            manual(&mut f, r.operator, r.reason);
+            let route_name = r.route.clone();
+            drop(table);
+            recorded(
+                c.change(
+                    "weights",
+                    None,
+                    |s| {
+                        s.weight_overrides.insert(route_name, weights);
+                    },
+                    f,
+                )
+                .await,
+            )
+        }
+        "/api/v1/pause" => {
+            let r: PauseReq = body(req).await?;
+            let table = admin.store.load();
+            route_of(&table, &r.route)?;
+            drop(table);
+            let mut f = Map::new();
+            f.insert("route".into(), json!(r.route));
+            f.insert("paused".into(), json!(r.paused));
+            manual(&mut f, r.operator, r.reason);
+            let (route_name, paused) = (r.route.clone(), r.paused);
+            recorded(
+                c.change(
+                    "pause",
+                    None,
+                    |s| {
+                        if paused {
+                            s.paused.insert(route_name);
+                        } else {
+                            s.paused.remove(&route_name);
+                        }
+                    },
+                    f,
+                )
+                .await,
+            )
+        }
+        "/api/v1/feedback" => {
+            let r: FeedbackReq = body(req).await?;
+            let t = &admin.store.telemetry;
+            let pair = t
+                .recent
+                .take(r.request_id.as_bytes())
+                .and_then(|id| t.pair_by_id(id))
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "request {:?} is unknown: never seen, already given feedback, or too old",
+                        r.request_id
+                    ))
+                })?;
+            pair.signals.feedback(r.correct);
+            Ok(json(
+                StatusCode::OK,
+                &json!({"request_id": r.request_id, "route": &*pair.route,
+                        "version": pair.version.as_str(), "correct": r.correct}),
+            ))
+        }
+        "/api/v1/faults" => {
+            let r: FaultsReq = body(req).await?;
+            let error_rate = r.error_rate.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&error_rate) {
+                return Err(ApiError::bad("error_rate must be between 0 and 1"));
+            }
+            let latency = match &r.latency {
+                Some(l) => duration("latency", l)?,
+                None => Duration::ZERO,
+            };
+            let dur = duration("duration", &r.duration)?;
+            if dur > Duration::from_secs(3600) {
+                return Err(ApiError::bad("duration is at most 1h"));
+            }
+            if latency > Duration::from_secs(60) {
+                return Err(ApiError::bad("latency is at most 60s"));
+            }
+            let table = admin.store.load();
+            let v = table
+                .version(&r.version)
+                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
+            v.counters.faults.set(error_rate, latency, dur);
+            tracing::warn!(version = %r.version, error_rate, latency_ms = latency.as_millis() as u64, duration_ms = dur.as_millis() as u64, "fault injected");
+            Ok(json(
+                StatusCode::OK,
+                &json!({"version": r.version.as_str(), "error_rate": error_rate,
+                        "latency_ms": latency.as_millis() as u64,
+                        "duration_ms": dur.as_millis() as u64}),
+            ))
+        }
+        "/api/v1/reload" => match admin.reloader.reload(Cause::Api).await {
+            Ok(record) => Ok(json(StatusCode::OK, &record.unwrap_or(Value::Null))),
+            Err(rejected) => {
+                let mut r = json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"error": "invalid_config", "detail": rejected.error,
+                            "record": rejected.record}),
+                );
+                *r.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+                Ok(r)
+            }
+        },
+        _ => Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     }
 }
 

@@ -5,4 +5,5 @@ pub mod admin;
 pub mod alerts;
 pub mod audit;
 pub mod check;
+pub mod reload;
 pub mod state;

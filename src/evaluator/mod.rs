@@ -17,7 +17,7 @@ pub mod health;
 pub mod rules;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Severity, VersionName};
+use crate::config::{Config, Severity, VersionName};
 use crate::control::alerts::Alerts;
 use crate::control::audit::Audit;
 use crate::control::state;
@@ -34,6 +34,8 @@ use crate::routing::store::Store;
 use crate::routing::table::{RolloutProgress, RuntimeState, Table};
 use crate::telemetry::prom::labels;
 use crate::telemetry::recorder::Cumulative;
+use crate::telemetry::signals::SignalCounts;
+use crate::telemetry::PairStats;
 use rules::{Evidence, Side, Trigger, Verdict};
 
 /// Decisions that change the table: shared by the evaluator and the admin API.
@@ -95,16 +97,18 @@ impl Controller {
             .map_err(std::io::Error::other)?
     }
 
-    /// A runtime-state change that needs no drain: swap, persist, and one audit record of
-    /// `kind` (`fields` plus the generations). Serialized with every other decision.
+    /// A change that needs no drain: swap (with a new `config`, for a reload), persist, and
+    /// one audit record of `kind` (`fields` plus the generations). Serialized with every
+    /// other decision.
     pub async fn change(
         &self,
         kind: &'static str,
+        config: Option<Config>,
         change: impl FnOnce(&mut RuntimeState),
         mut fields: Map<String, Value>,
     ) -> std::io::Result<Value> {
         let serial = self.decisions.lock().await;
-        let swap = self.store.update(None, change).inspect_err(|e| {
+        let swap = self.store.update(config, change).inspect_err(|e| {
             tracing::error!(kind, error = %e, "compiling the new table failed; nothing changed");
         })?;
         if let Err(e) = self.persist().await {
@@ -248,11 +252,94 @@ struct Epoch {
     started: Instant,
     candidate: Cumulative,
     baseline: Cumulative,
+    candidate_signals: SignalCounts,
+    baseline_signals: SignalCounts,
+}
+
+/// Everything the evaluator tracks per (route, candidate) between ticks.
+struct Track {
+    epoch: Epoch,
+    /// (time, cumulative flagged) samples covering the `safety_violations` period.
+    flagged: VecDeque<(Instant, u64)>,
+    /// Drift: candidate samples already tested, consecutive significant checks, last p.
+    drift_seen: u64,
+    drift_streak: u32,
+    drift_p: f64,
+}
+
+impl Track {
+    fn new(now: Instant, cand: &PairStats, base: &PairStats) -> Self {
+        let c = cand.signals.counts();
+        Track {
+            epoch: Epoch::start(1, now, cand, base),
+            flagged: VecDeque::from([(now, c.flagged)]),
+            drift_seen: c.samples,
+            drift_streak: 0,
+            drift_p: 1.0,
+        }
+    }
+
+    /// Guardrail flags within the last `per`: keeps one sample at or before `now - per`
+    /// and one at most every `per / 64`, so memory stays bounded whatever the period.
+    fn flagged_within(&mut self, now: Instant, per: Duration, flagged: u64) -> u64 {
+        let step = (per / 64).max(Duration::from_millis(100));
+        if self
+            .flagged
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= step)
+        {
+            self.flagged.push_back((now, flagged));
+        }
+        while self.flagged.len() > 1 && now.duration_since(self.flagged[1].0) >= per {
+            self.flagged.pop_front();
+        }
+        flagged - self.flagged.front().map_or(flagged, |(_, f)| *f)
+    }
+
+    /// One drift check when the candidate has `min` new samples since the last one: a
+    /// Kolmogorov-Smirnov test of those against the baseline's most recent samples.
+    fn drift_check(
+        &mut self,
+        rule: &crate::config::DriftRule,
+        min: u64,
+        cand: &PairStats,
+        base: &PairStats,
+    ) {
+        let min = min.max(20);
+        if cand.signals.counts().samples < self.drift_seen + min
+            || base.signals.counts().samples < min
+        {
+            return;
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        self.drift_seen = cand.signals.samples_since(self.drift_seen, &mut a);
+        base.signals.samples_since(0, &mut b);
+        let (_, p) = stats::ks_two_sample(&mut a, &mut b);
+        self.drift_p = p;
+        if p < rule.p_value {
+            self.drift_streak += 1;
+        } else {
+            self.drift_streak = 0;
+        }
+    }
+}
+
+impl Epoch {
+    fn start(number: u64, now: Instant, cand: &PairStats, base: &PairStats) -> Self {
+        Epoch {
+            number,
+            started: now,
+            candidate: cand.cumulative(),
+            baseline: base.cumulative(),
+            candidate_signals: cand.signals.counts(),
+            baseline_signals: base.signals.counts(),
+        }
+    }
 }
 
 /// The evaluator task. Runs until `stop` turns true.
 pub async fn run(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
-    let mut epochs: HashMap<(Arc<str>, VersionName), Epoch> = HashMap::new();
+    let mut tracks: HashMap<(Arc<str>, VersionName), Track> = HashMap::new();
     let interval = controller.store.config().evaluator.interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,7 +349,7 @@ pub async fn run(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
             now = tick.tick() => now,
         };
         let table = controller.store.load();
-        table_tick(&controller, &table, &mut epochs, now).await;
+        table_tick(&controller, &table, &mut tracks, now).await;
         rollout_tick(&controller, &table).await;
     }
 }
@@ -270,7 +357,7 @@ pub async fn run(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
 async fn table_tick(
     c: &Arc<Controller>,
     table: &Table,
-    epochs: &mut HashMap<(Arc<str>, VersionName), Epoch>,
+    tracks: &mut HashMap<(Arc<str>, VersionName), Track>,
     now: Instant,
 ) {
     let ev = &table.config.evaluator;
@@ -294,31 +381,44 @@ async fn table_tick(
             live.push(key.clone());
             let cand_now = m.stats.cumulative();
             let base_now = base.stats.cumulative();
-            let epoch = epochs.entry(key).or_insert_with(|| Epoch {
-                number: 1,
-                started: now,
-                candidate: cand_now.clone(),
-                baseline: base_now.clone(),
-            });
-            if now.duration_since(epoch.started) >= ev.window {
-                *epoch = Epoch {
-                    number: epoch.number + 1,
-                    started: now,
-                    candidate: cand_now.clone(),
-                    baseline: base_now.clone(),
-                };
+            let track = tracks
+                .entry(key)
+                .or_insert_with(|| Track::new(now, &m.stats, &base.stats));
+            if now.duration_since(track.epoch.started) >= ev.window {
+                track.epoch = Epoch::start(track.epoch.number + 1, now, &m.stats, &base.stats);
             }
-            let side = |now: &Cumulative, start: &Cumulative| {
-                let (n1, e1) = now.answered_and_errors();
-                let (n0, e0) = start.answered_and_errors();
-                Side {
-                    requests: n1 - n0,
-                    errors: e1 - e0,
-                    ..Side::default()
-                }
+            let cand_sig = m.stats.signals.counts();
+            let safety_flagged = match &ev.rules.safety_violations {
+                Some(rule) => track.flagged_within(now, rule.per, cand_sig.flagged),
+                None => 0,
             };
-            let candidate = side(&cand_now, &epoch.candidate);
-            let baseline = side(&base_now, &epoch.baseline);
+            if let Some(rule) = &ev.rules.drift {
+                track.drift_check(rule, ev.min_requests, &m.stats, &base.stats);
+            }
+            let epoch = &track.epoch;
+            let side =
+                |now: &Cumulative, start: &Cumulative, sig: SignalCounts, sig0: SignalCounts| {
+                    let (n1, e1) = now.answered_and_errors();
+                    let (n0, e0) = start.answered_and_errors();
+                    Side {
+                        requests: n1 - n0,
+                        errors: e1 - e0,
+                        feedback: sig.feedback - sig0.feedback,
+                        incorrect: sig.incorrect - sig0.incorrect,
+                    }
+                };
+            let candidate = side(
+                &cand_now,
+                &epoch.candidate,
+                cand_sig,
+                epoch.candidate_signals,
+            );
+            let baseline = side(
+                &base_now,
+                &epoch.baseline,
+                base.stats.signals.counts(),
+                epoch.baseline_signals,
+            );
             let base_window = base.stats.window(now);
             let cand_window = m.stats.window(now);
             let p99 = |h: &hdrhistogram::Histogram<u64>| {
@@ -338,6 +438,9 @@ async fn table_tick(
                 alpha: stats::epoch_alpha(alpha, epoch.number),
                 ..Evidence::default()
             };
+            e.safety_flagged = safety_flagged;
+            e.drift_streak = track.drift_streak;
+            e.drift_p = track.drift_p;
             if let Some(sla) = ev.rules.latency_p99_max {
                 e.over_sla = cand_now.ttfb_over(sla) - epoch.candidate.ttfb_over(sla);
             }
@@ -384,12 +487,12 @@ async fn table_tick(
             }
         }
     }
-    epochs.retain(|k, _| live.contains(k));
+    tracks.retain(|k, _| live.contains(k));
 }
 
 /// Weight overrides giving `candidate` `weight` and `baseline` the rest; every other
 /// version of the route's split gets 0.
-fn split_weights(
+pub(crate) fn split_weights(
     route: &crate::routing::table::Route,
     candidate: &VersionName,
     weight: u32,
@@ -469,7 +572,7 @@ async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
                     split_weights(route, &candidate, 100, baseline),
                 );
             };
-            if c.change("promote", change, f).await.is_ok() {
+            if c.change("promote", None, change, f).await.is_ok() {
                 tracing::info!(route = %route_name, version = %candidate, "rollout complete: promoted");
             }
             continue;
@@ -492,7 +595,7 @@ async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
                 split_weights(route, &candidate, weight, baseline),
             );
         };
-        if c.change("rollout_step", change, f).await.is_ok() {
+        if c.change("rollout_step", None, change, f).await.is_ok() {
             tracing::info!(route = %route_name, version = %candidate, weight, "rollout step");
         }
     }

@@ -352,7 +352,7 @@ mod tests {
         );
         e.safety_flagged = 0;
         r.drift = Some(DriftRule {
-            signal: "header:x-score".into(),
+            signal: crate::config::Signal::Header(http::HeaderName::from_static("x-score")),
             p_value: 0.05,
             consecutive: 3,
         });

@@ -12,13 +12,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use crate::config::Signal;
+use crate::telemetry::signals::json_number;
 use crate::telemetry::{Class, PairStats, UpstreamErrorKind, VersionCounters};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -164,11 +166,40 @@ pub struct Recording {
     pub grpc: bool,
     /// `grpc-status` of a trailers-only response, if any.
     pub grpc_fault_in_headers: bool,
+    /// The drift rule's `json:` signal is read from this body.
+    pub capture: Option<Capture>,
+}
+
+/// Buffers a JSON response body (up to [`Signal::JSON_BODY_LIMIT`]) to read the drift
+/// signal's field from it when the body completes.
+pub struct Capture {
+    pub field: Arc<str>,
+    pub buf: BytesMut,
+}
+
+impl Capture {
+    fn push(&mut self, data: &Bytes) {
+        if self.buf.len() + data.len() <= Signal::JSON_BODY_LIMIT {
+            self.buf.extend_from_slice(data);
+        } else {
+            // Too long to be worth parsing: give up on this body, keep the memory bounded.
+            self.buf = BytesMut::new();
+            self.field = Arc::from("");
+        }
+    }
 }
 
 impl Recording {
     fn finish(self, ttfb: Option<Duration>, outcome: End) {
         let total = self.start.elapsed();
+        if let (Some(c), End::Complete { .. }, true) = (&self.capture, &outcome, self.status < 400)
+        {
+            if !c.field.is_empty() {
+                if let Some(x) = json_number(&c.buf, &c.field) {
+                    self.stats.signals.push_sample(x);
+                }
+            }
+        }
         let class = match outcome {
             End::Complete { grpc_fault } => {
                 if self.status >= 500 {
@@ -267,6 +298,15 @@ impl Body for Metered {
                         rec.finish(*this.ttfb, End::Complete { grpc_fault: fault });
                     }
                 } else {
+                    if let (
+                        Some(data),
+                        Some(Recording {
+                            capture: Some(c), ..
+                        }),
+                    ) = (frame.data_ref(), this.rec.as_mut())
+                    {
+                        c.push(data);
+                    }
                     let deadline = tokio::time::Instant::now() + *this.idle_for;
                     this.idle.as_mut().reset(deadline);
                 }

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod client;
+pub mod faults;
 pub mod headers;
 pub mod server;
 pub mod service;

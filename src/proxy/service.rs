@@ -18,15 +18,18 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{grpc_status_is_fault, ClientBodyFlag, Metered, Recording, ReqBody, RespBody};
+use super::body::{
+    grpc_status_is_fault, Capture, ClientBodyFlag, Metered, Recording, ReqBody, RespBody,
+};
 use super::client::RETRY_BUFFER;
 use super::headers::{
     self as hdr, X_REQUEST_ID, X_ROLLGATE_DEGRADED, X_ROLLGATE_RETRIED_FROM, X_ROLLGATE_VERSION,
 };
-use crate::config::{EndpointScheme, StickyKey};
+use crate::config::{EndpointScheme, Signal, StickyKey};
 use crate::routing::select::{self, PinOutcome};
 use crate::routing::store::Store;
-use crate::routing::table::{Route, Table};
+use crate::routing::table::{Member, Route, Table};
+use crate::telemetry::signals::{is_flagged, RecentRequests};
 use crate::telemetry::{Class, PairStats, UpstreamErrorKind};
 
 /// Default cap on requests in flight through the data plane; beyond it, 503 + Retry-After.
@@ -101,6 +104,8 @@ pub enum Refusal {
     UpstreamUnavailable(String),
     #[error("upstream sent no response headers within {0:?}")]
     UpstreamTimeout(Duration),
+    #[error("fault injected by a rollback drill")]
+    InjectedFault,
 }
 
 impl Refusal {
@@ -115,6 +120,7 @@ impl Refusal {
             Refusal::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::InjectedFault => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -129,6 +135,7 @@ impl Refusal {
             Refusal::Overloaded => "overloaded",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamTimeout(_) => "upstream_timeout",
+            Refusal::InjectedFault => "injected_fault",
         }
     }
 
@@ -186,7 +193,7 @@ pub async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> 
     }
     let _in_flight = InFlight(&shared.in_flight);
     let table = shared.store.load();
-    proxy(&table, conn, req).await
+    proxy(&table, &shared.store.telemetry.recent, conn, req).await
 }
 
 /// The authority the client addressed: `:authority` / absolute-form, else `Host`. Rejects
@@ -289,7 +296,12 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+async fn proxy(
+    table: &Table,
+    recent: &RecentRequests,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
     let (mut parts, body) = req.into_parts();
     let request_id = hdr::request_id(&parts.headers);
     let target_len = parts.uri.authority().map_or(0, |a| a.as_str().len())
@@ -524,6 +536,36 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         *up.headers_mut() = h;
 
         let attempt_start = Instant::now();
+        // Moves on to `retry_target` after a failure of this attempt, which the caller has
+        // already recorded against the version.
+        macro_rules! retry_on {
+            ($kind:expr) => {{
+                v.counters.upstream_error($kind);
+                m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
+                retried_from = Some(attempt);
+                exclude = Some(ep.endpoint.authority.clone());
+                attempt = retry_target.unwrap_or(attempt);
+                let next = &route.members[attempt].stats;
+                next.begin();
+                abort.stats = next;
+                continue;
+            }};
+        }
+        let fault = v.counters.faults.sample();
+        if !fault.delay.is_zero() {
+            tokio::time::sleep(fault.delay).await;
+        }
+        if fault.fail {
+            // Behaves as an upstream 500: counted against the version, retried in budget.
+            let ttfb = attempt_start.elapsed();
+            m.stats.record(Class::Error, 500, Some(ttfb), ttfb);
+            if can_retry && retry_allowed_for_method && route.retry_budget.try_withdraw() {
+                retry_on!(UpstreamErrorKind::Status5xx);
+            }
+            abort.armed = false;
+            v.counters.upstream_error(UpstreamErrorKind::Status5xx);
+            return Refusal::InjectedFault.into_response(Some(&v.name_value), Some(&request_id));
+        }
         let first_byte = route.config.timeouts.first_byte;
         let outcome = tokio::time::timeout(first_byte, ep.client.request(up)).await;
         let failure: (UpstreamErrorKind, u16, Refusal) = match outcome {
@@ -534,27 +576,17 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                     && retry_allowed_for_method
                     && route.retry_budget.try_withdraw()
                 {
-                    m.stats.record(
-                        Class::Error,
-                        status.as_u16(),
-                        Some(attempt_start.elapsed()),
-                        attempt_start.elapsed(),
-                    );
-                    v.counters.upstream_error(UpstreamErrorKind::Status5xx);
-                    m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
-                    retried_from = Some(attempt);
-                    exclude = Some(ep.endpoint.authority.clone());
-                    attempt = retry_target.unwrap_or(attempt);
-                    let next = &route.members[attempt].stats;
-                    next.begin();
-                    abort.stats = next;
-                    continue;
+                    let ttfb = attempt_start.elapsed();
+                    m.stats
+                        .record(Class::Error, status.as_u16(), Some(ttfb), ttfb);
+                    retry_on!(UpstreamErrorKind::Status5xx);
                 }
                 abort.armed = false;
                 return respond(
                     resp,
                     route,
                     table,
+                    recent,
                     attempt,
                     retried_from,
                     attempt_start,
@@ -589,15 +621,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                 {
                     m.stats
                         .record(Class::Error, 0, None, attempt_start.elapsed());
-                    v.counters.upstream_error(kind);
-                    m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
-                    retried_from = Some(attempt);
-                    exclude = Some(ep.endpoint.authority.clone());
-                    attempt = retry_target.unwrap_or(attempt);
-                    let next = &route.members[attempt].stats;
-                    next.begin();
-                    abort.stats = next;
-                    continue;
+                    retry_on!(kind);
                 }
                 tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");
                 (kind, 502, Refusal::UpstreamUnavailable(error_chain(&e)))
@@ -662,6 +686,7 @@ fn respond(
     resp: Response<Incoming>,
     route: &Route,
     table: &Table,
+    recent: &RecentRequests,
     attempt: usize,
     retried_from: Option<usize>,
     attempt_start: Instant,
@@ -696,6 +721,7 @@ fn respond(
                 .clone(),
         );
     }
+    let capture = observe_signals(table, recent, m, &parts);
     if route.degraded {
         parts
             .headers
@@ -708,11 +734,62 @@ fn respond(
         status: parts.status.as_u16(),
         grpc,
         grpc_fault_in_headers,
+        capture,
     };
     let body = RespBody::Proxied {
         inner: Metered::new(body, route.config.timeouts.idle, rec),
     };
     Response::from_parts(parts, body)
+}
+
+/// Feeds the evaluator's optional rules from a response head: remembers the request id for
+/// feedback, counts a guardrail flag, takes a drift sample from a header, or arranges for
+/// the body to be read for a `json:` drift signal.
+fn observe_signals(
+    table: &Table,
+    recent: &RecentRequests,
+    m: &Member,
+    parts: &http::response::Parts,
+) -> Option<Capture> {
+    let rules = &table.config.evaluator.rules;
+    if rules.accuracy_drop.is_some() {
+        if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
+            recent.remember(id.as_bytes(), m.stats.id);
+        }
+    }
+    if let Some(s) = &rules.safety_violations {
+        if parts
+            .headers
+            .get(&s.header)
+            .is_some_and(|v| is_flagged(v.as_bytes()))
+        {
+            m.stats.signals.flag();
+        }
+    }
+    match &rules.drift.as_ref()?.signal {
+        Signal::Header(h) => {
+            if let Some(x) = parts
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            {
+                m.stats.signals.push_sample(x);
+            }
+            None
+        }
+        Signal::Json(field) => {
+            let json = parts.status.is_success()
+                && parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|c| c.as_bytes().starts_with(b"application/json"));
+            json.then(|| Capture {
+                field: field.clone(),
+                buf: BytesMut::new(),
+            })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod prom;
 pub mod recorder;
+pub mod signals;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,11 +24,14 @@ pub use recorder::{
 pub struct Telemetry {
     shards: usize,
     inner: Mutex<Inner>,
+    /// Recent request ids and who answered them, for feedback.
+    pub recent: signals::RecentRequests,
 }
 
 #[derive(Default)]
 struct Inner {
     window: Duration,
+    next_pair_id: u32,
     pairs: BTreeMap<(Arc<str>, VersionName), Arc<PairStats>>,
     versions: BTreeMap<VersionName, Arc<VersionCounters>>,
     retries: BTreeMap<(Arc<str>, VersionName, VersionName), Arc<RetryCounter>>,
@@ -50,6 +54,7 @@ impl Telemetry {
                 window,
                 ..Inner::default()
             }),
+            recent: signals::RecentRequests::default(),
         }
     }
 
@@ -60,18 +65,22 @@ impl Telemetry {
     /// The statistics of `version` on `route`, created on first use.
     pub fn pair(&self, route: &Arc<str>, version: &VersionName) -> Arc<PairStats> {
         let mut g = self.inner();
+        let g = &mut *g;
         let window = g.window;
         g.pairs
             .entry((route.clone(), version.clone()))
             .or_insert_with(|| {
-                Arc::new(PairStats::new(
-                    route.clone(),
-                    version.clone(),
-                    self.shards,
-                    window,
-                ))
+                g.next_pair_id += 1;
+                let mut p = PairStats::new(route.clone(), version.clone(), self.shards, window);
+                p.id = g.next_pair_id;
+                Arc::new(p)
             })
             .clone()
+    }
+
+    /// The pair registered under `id` (control path: a scan).
+    pub fn pair_by_id(&self, id: u32) -> Option<Arc<PairStats>> {
+        self.inner().pairs.values().find(|p| p.id == id).cloned()
     }
 
     pub fn version_counters(&self, version: &VersionName) -> Arc<VersionCounters> {

@@ -21,6 +21,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
+use super::signals::Signals;
 use crate::config::VersionName;
 
 /// How a finished request is classified. Only [`Class::Error`] counts against a version.
@@ -233,6 +234,11 @@ fn shard_index() -> usize {
 pub struct PairStats {
     pub route: Arc<str>,
     pub version: VersionName,
+    /// Non-zero once registered with [`Telemetry`](super::Telemetry): the key feedback is
+    /// remembered under.
+    pub id: u32,
+    /// Guardrail flags, feedback and drift samples.
+    pub signals: Signals,
     shards: Box<[Padded<Mutex<Shard>>]>,
     slot_len: Duration,
     window: Duration,
@@ -263,6 +269,8 @@ impl PairStats {
         PairStats {
             route,
             version,
+            id: 0,
+            signals: Signals::default(),
             shards: (0..shards.max(1))
                 .map(|_| Padded(Mutex::new(Shard::new())))
                 .collect(),
@@ -445,6 +453,8 @@ impl Cumulative {
 #[derive(Debug, Default)]
 pub struct VersionCounters {
     pub upstream_errors: [AtomicU64; ERROR_KINDS],
+    /// Drill faults injected into this version's requests.
+    pub faults: crate::proxy::faults::Faults,
 }
 
 impl VersionCounters {

@@ -189,7 +189,12 @@ impl TestProxy {
         let admin = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind admin listener");
-        let running = rollgate::app::start(config, rollgate::app::Listeners { data, admin })
+        let listeners = rollgate::app::Listeners {
+            data,
+            admin,
+            health: None,
+        };
+        let running = rollgate::app::start(config, listeners)
             .await
             .unwrap_or_else(|e| panic!("rollgate::app::start failed: {e}\n--- config ---\n{yaml}"));
         TestProxy {

@@ -1,0 +1,342 @@
+//! Config reload: the same pipeline as `rollgate check`, then one table swap with the
+//! runtime state carried over. Triggered by a change in the config file's directory
+//! (debounced; a Kubernetes ConfigMap swaps its `..data` symlink, editors rename on save),
+//! by SIGHUP, and by `POST /api/v1/reload`.
+//!
+//! An invalid file changes nothing: the old table keeps serving, the error (file, line,
+//! column, key) is logged, counted in `rollgate_config_reloads_total{result="error"}` and
+//! written as a `config_reload` audit record. TLS certificates are re-read on every reload
+//! and on changes in their directories; a bad PEM keeps the old certificate.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use notify::{RecursiveMode, Watcher};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::admin::read_token;
+use crate::config::Config;
+use crate::evaluator::Controller;
+use crate::proxy::server::CertStore;
+use crate::routing::table::RuntimeState;
+use crate::telemetry::prom::labels;
+
+/// How long the directory must stay quiet before a watched change is applied.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// What started a reload (the `cause` of its audit record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Watch,
+    Signal,
+    Api,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Watch => "file_change",
+            Cause::Signal => "sighup",
+            Cause::Api => "api",
+        }
+    }
+}
+
+/// A reload that was refused: the audit record and the error text.
+#[derive(Debug)]
+pub struct Rejected {
+    pub record: Value,
+    pub error: String,
+}
+
+/// Reloads the config file a running rollgate was started from.
+#[derive(Debug)]
+pub struct Reloader {
+    controller: Arc<Controller>,
+    certs: Option<Arc<CertStore>>,
+    path: PathBuf,
+    /// SHA-256 of the admin bearer token, re-read from `admin.token_file` on each reload.
+    pub admin_token: ArcSwapOption<[u8; 32]>,
+    /// Hash of the last file content a watched change tried and failed to load, so one
+    /// broken edit gives one error record, not one per unrelated event.
+    last_failed: Mutex<Option<String>>,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("sha256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Config keys whose change needs a restart: reported, not applied.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.listen != new.listen {
+        keys.push("listen");
+    }
+    if old.admin.listen != new.admin.listen {
+        keys.push("admin.listen");
+    }
+    if old.health_listen != new.health_listen {
+        keys.push("health_listen");
+    }
+    if old.state_dir != new.state_dir {
+        keys.push("state_dir");
+    }
+    if old.tls.is_some() != new.tls.is_some() {
+        keys.push("tls");
+    }
+    if old.evaluator.interval != new.evaluator.interval {
+        keys.push("evaluator.interval");
+    }
+    if old.evaluator.window != new.evaluator.window {
+        keys.push("evaluator.window");
+    }
+    keys
+}
+
+/// Drops runtime state that names routes or versions the new config no longer has, so the
+/// table compiles; quarantines are kept (they lapse by fingerprint in `compile`).
+fn prune(state: &mut RuntimeState, config: &Config) {
+    let route_has = |route: &str, v: &crate::config::VersionName| {
+        config
+            .routes
+            .iter()
+            .any(|r| &*r.name == route && r.split.iter().any(|(n, _)| n == v))
+    };
+    let has_route = |route: &str| config.routes.iter().any(|r| &*r.name == route);
+    state.baselines.retain(|r, v| route_has(r, v));
+    state.rollouts.retain(|r, p| route_has(r, &p.version));
+    state
+        .weight_overrides
+        .retain(|r, w| has_route(r) && w.keys().all(|v| route_has(r, v)));
+    state.paused.retain(|r| has_route(r));
+}
+
+impl Reloader {
+    /// Reads the admin token file now: a start-up error if it is unreadable or empty.
+    pub fn new(
+        controller: Arc<Controller>,
+        certs: Option<Arc<CertStore>>,
+    ) -> std::io::Result<Self> {
+        let config = controller.store.config();
+        let token = config
+            .admin
+            .token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        Ok(Reloader {
+            path: config.source.clone(),
+            controller,
+            certs,
+            admin_token: ArcSwapOption::from(token.map(Arc::new)),
+            last_failed: Mutex::new(None),
+        })
+    }
+
+    /// Re-reads the token file; a broken file keeps the old token.
+    fn refresh_token(&self, config: &Config) {
+        match &config.admin.token_file {
+            None => self.admin_token.store(None),
+            Some(p) => match read_token(p) {
+                Ok(t) => self.admin_token.store(Some(Arc::new(t))),
+                Err(e) => tracing::error!(error = %e, "keeping the previous admin token"),
+            },
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn count(&self, result: &str) {
+        self.controller
+            .store
+            .metrics
+            .config_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    /// Re-reads the certificate and key; on failure the old pair keeps serving.
+    fn reload_certs(&self, config: &Config) -> Option<String> {
+        let (certs, files) = (self.certs.as_ref()?, config.tls.as_ref()?);
+        match certs.reload(&files.cert, &files.key) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(cert = %files.cert.display(), error = %e, "TLS certificate reload failed; the old certificate keeps serving");
+                Some(e.to_string())
+            }
+        }
+    }
+
+    /// Reloads now. `Ok(None)`: a watched change that left the file as it was (certificates
+    /// were still re-read). `Ok(Some(record))`: the new table serves. `Err`: nothing changed.
+    pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, Rejected> {
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path);
+            let parsed = match &bytes {
+                Ok(b) => match std::str::from_utf8(b) {
+                    Ok(text) => Config::from_str(text, &path).map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("{}: the file is not UTF-8", path.display())),
+                },
+                Err(e) => Err(format!("{}: cannot read config file: {e}", path.display())),
+            };
+            (bytes.map(|b| sha256(&b)).ok(), parsed)
+        })
+        .await;
+        let (file_hash, parsed) = match read {
+            Ok(r) => r,
+            Err(e) => (None, Err(format!("reload task failed: {e}"))),
+        };
+        let old = self.controller.store.config();
+        if cause == Cause::Watch {
+            let unchanged = file_hash.as_deref() == Some(old.hash.as_str());
+            let failed_before = file_hash.is_some()
+                && *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) == file_hash;
+            if unchanged || failed_before {
+                self.reload_certs(&old);
+                return Ok(None);
+            }
+        }
+        let new = match parsed {
+            Ok(c) => c,
+            Err(error) => return Err(self.reject(cause, file_hash, error).await),
+        };
+        *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let restart = restart_required(&old, &new);
+        let tls_error = self.reload_certs(&new);
+        let mut fields = Map::new();
+        fields.insert("result".into(), json!("ok"));
+        fields.insert("cause".into(), json!(cause.as_str()));
+        fields.insert("source".into(), json!(self.path.display().to_string()));
+        fields.insert("config_hash".into(), json!(new.hash));
+        fields.insert("previous_hash".into(), json!(old.hash));
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "config reload: these keys change only on restart");
+            fields.insert("restart_required".into(), json!(restart));
+        }
+        if let Some(e) = tls_error {
+            fields.insert("tls_error".into(), json!(e));
+        }
+        let hash = new.hash.clone();
+        let pruned = new.clone();
+        match self
+            .controller
+            .change("config_reload", Some(new), |s| prune(s, &pruned), fields)
+            .await
+        {
+            Ok(record) => {
+                self.count("ok");
+                self.refresh_token(&self.controller.store.config());
+                tracing::info!(config_hash = %hash, cause = cause.as_str(), "config reloaded");
+                Ok(Some(record))
+            }
+            Err(e) => Err(self.reject(cause, file_hash, e.to_string()).await),
+        }
+    }
+
+    async fn reject(&self, cause: Cause, file_hash: Option<String>, error: String) -> Rejected {
+        self.count("error");
+        tracing::error!(cause = cause.as_str(), %error, "config reload failed; the previous config keeps serving");
+        *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) = file_hash;
+        let mut fields = Map::new();
+        fields.insert("result".into(), json!("error"));
+        fields.insert("cause".into(), json!(cause.as_str()));
+        fields.insert("source".into(), json!(self.path.display().to_string()));
+        fields.insert("error".into(), json!(error));
+        fields.insert(
+            "generation".into(),
+            json!(self.controller.store.load().generation),
+        );
+        let record = match self.controller.record("config_reload", fields).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "writing the config_reload audit record failed");
+                Value::Null
+            }
+        };
+        Rejected { record, error }
+    }
+}
+
+/// Watches the config file's directory (and the certificate directories) and reloads on
+/// change, debounced; also reloads on SIGHUP. Runs until `stop` turns true.
+pub fn spawn(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut dirs = BTreeSet::new();
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dirs.insert(dir_of(reloader.path()));
+    if let Some(tls) = &reloader.controller.store.config().tls {
+        dirs.insert(dir_of(&tls.cert));
+        dirs.insert(dir_of(&tls.key));
+    }
+    let watcher = {
+        let tx = tx.clone();
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        })
+    };
+    let watcher = match watcher {
+        Ok(mut w) => {
+            for d in &dirs {
+                if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot watch the directory; reload with SIGHUP or POST /api/v1/reload");
+                }
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP or POST /api/v1/reload");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let sighup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let sighup = std::future::pending::<Option<()>>();
+            let cause = tokio::select! {
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = sighup => Cause::Signal,
+                Some(()) = rx.recv() => Cause::Watch,
+            };
+            if cause == Cause::Watch {
+                // Debounce: apply once the directory has been quiet for DEBOUNCE.
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            }
+            let _ = reloader.reload(cause).await;
+        }
+    })
+}
