@@ -481,3 +481,166 @@ async fn rollback_alerts_reach_webhooks_and_their_results_are_recorded() {
     assert_eq!(body["reason"], "bad prompt");
     proxy.shutdown().await;
 }
+
+/// The rollback records once the one expected is written (after the drain).
+async fn one_rollback_record(proxy: &TestProxy) -> Vec<serde_json::Value> {
+    assert_eventually!(
+        !audit_records(proxy, "rollback").is_empty(),
+        Duration::from_secs(10)
+    );
+    let rb = audit_records(proxy, "rollback");
+    assert_eq!(rb.len(), 1, "exactly one rollback record: {rb:?}");
+    rb
+}
+
+/// A stable and a canary answering [`Reply::Scored`], split 50/50, with `rules` as the
+/// evaluator's rules (flow style).
+async fn scored_pair(rules: &str) -> (TestUpstream, TestUpstream, TestProxy) {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let scored = Reply::Scored {
+        score: 0.8,
+        spread: 0.2,
+        flag_every: 0,
+    };
+    stable.set(scored.clone());
+    canary.set(scored);
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 50), ("canary", 50)]))
+        .top(&format!(
+            "evaluator: {{interval: 100ms, window: 30s, min_requests: 30, rules: {rules}}}"
+        ))
+        .start()
+        .await;
+    (stable, canary, proxy)
+}
+
+async fn drift_rolls_back(signal: &str) {
+    let (_stable, canary, proxy) = scored_pair(&format!(
+        "{{drift: {{signal: \"{signal}\", p_value: 0.01, consecutive: 3}}}}"
+    ))
+    .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    // Same distribution on both sides: several drift checks pass without a trip.
+    assert_eventually!(canary.request_count() >= 400, Duration::from_secs(15));
+    assert!(
+        !quarantined(&proxy, "canary").await,
+        "identical score distributions were called drift"
+    );
+    canary.set(Reply::Scored {
+        score: 0.5,
+        spread: 0.2,
+        flag_every: 0,
+    });
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(15));
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+    let rb = one_rollback_record(&proxy).await;
+    assert_eq!(rb[0]["trigger"], "drift");
+    let reason = rb[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(signal) && reason.contains("Kolmogorov-Smirnov"),
+        "{reason}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_in_a_response_header_signal_rolls_the_version_back() {
+    drift_rolls_back("header:x-model-score").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_in_a_json_body_field_rolls_the_version_back() {
+    drift_rolls_back("json:score").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guardrail_flags_beyond_the_limit_roll_the_version_back() {
+    let (stable, canary, proxy) =
+        scored_pair("{safety_violations: {header: x-guardrail-flagged, max: 5, per: 1h}}").await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    assert_eventually!(canary.request_count() >= 100, Duration::from_secs(10));
+    assert!(!quarantined(&proxy, "canary").await);
+    // The baseline being flagged does not matter: the rule judges candidates.
+    stable.set(Reply::Scored {
+        score: 0.8,
+        spread: 0.2,
+        flag_every: 5,
+    });
+    canary.set(Reply::Scored {
+        score: 0.8,
+        spread: 0.2,
+        flag_every: 10,
+    });
+    let flagged_from = canary.request_count();
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(10));
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+    // Six flags (more than max 5) take about 60 canary responses: no trip before them.
+    assert!(
+        canary.request_count() - flagged_from >= 50,
+        "tripped after {} responses",
+        canary.request_count() - flagged_from
+    );
+    let rb = one_rollback_record(&proxy).await;
+    assert_eq!(rb[0]["trigger"], "safety_violations");
+    assert!(
+        rb[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("x-guardrail-flagged"),
+        "{}",
+        rb[0]["reason"]
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_showing_an_accuracy_drop_rolls_the_version_back() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 50), ("canary", 50)]))
+        .top("evaluator: {interval: 100ms, window: 60s, min_requests: 40, rules: {accuracy_drop: 0.05}}")
+        .start()
+        .await;
+    let client = TestClient::http1();
+    let feedback = proxy.admin_url("/api/v1/feedback");
+    // Ground truth arrives after the answers: the baseline is right 95% of the time, the
+    // canary 60%.
+    'sending: for i in 0..150u32 {
+        for (version, wrong_every) in [("stable", 20), ("canary", 5)] {
+            let r = client
+                .get_with(&proxy.url("/"), &[("x-rollgate-version", version)])
+                .await;
+            if r.version() != Some(version) {
+                // Rolled back: pins to it now go to the baseline.
+                assert!(quarantined(&proxy, version).await);
+                break 'sending;
+            }
+            let id = r.header("x-request-id").unwrap().to_string();
+            let correct = i % wrong_every != 0 && (version == "stable" || i % 5 > 1);
+            let fb = client
+                .post_json(
+                    &feedback,
+                    format!(r#"{{"request_id":"{id}","correct":{correct}}}"#),
+                    &[],
+                )
+                .await;
+            assert_eq!(fb.status, 200, "{}", fb.text());
+            assert_eq!(fb.json()["version"], version);
+        }
+    }
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(5));
+    let rb = one_rollback_record(&proxy).await;
+    assert_eq!(rb[0]["trigger"], "accuracy_drop", "{rb:?}");
+    let reason = rb[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("accuracy"), "{reason}");
+    assert!(!quarantined(&proxy, "stable").await);
+    proxy.shutdown().await;
+}

@@ -29,7 +29,7 @@ use crate::config::{EndpointScheme, Signal, StickyKey};
 use crate::routing::select::{self, PinOutcome};
 use crate::routing::store::Store;
 use crate::routing::table::{Member, Route, Table};
-use crate::telemetry::signals::{is_flagged, RecentRequests};
+use crate::telemetry::signals::is_flagged;
 use crate::telemetry::{Class, PairStats, UpstreamErrorKind};
 
 /// Default cap on requests in flight through the data plane; beyond it, 503 + Retry-After.
@@ -193,7 +193,7 @@ pub async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> 
     }
     let _in_flight = InFlight(&shared.in_flight);
     let table = shared.store.load();
-    proxy(&table, &shared.store.telemetry.recent, conn, req).await
+    proxy(&table, conn, req).await
 }
 
 /// The authority the client addressed: `:authority` / absolute-form, else `Host`. Rejects
@@ -296,12 +296,7 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn proxy(
-    table: &Table,
-    recent: &RecentRequests,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Response<RespBody> {
+async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
     let (mut parts, body) = req.into_parts();
     let request_id = hdr::request_id(&parts.headers);
     let target_len = parts.uri.authority().map_or(0, |a| a.as_str().len())
@@ -586,7 +581,6 @@ async fn proxy(
                     resp,
                     route,
                     table,
-                    recent,
                     attempt,
                     retried_from,
                     attempt_start,
@@ -686,7 +680,6 @@ fn respond(
     resp: Response<Incoming>,
     route: &Route,
     table: &Table,
-    recent: &RecentRequests,
     attempt: usize,
     retried_from: Option<usize>,
     attempt_start: Instant,
@@ -721,7 +714,7 @@ fn respond(
                 .clone(),
         );
     }
-    let capture = observe_signals(table, recent, m, &parts);
+    let capture = observe_signals(table, m, &parts);
     if route.degraded {
         parts
             .headers
@@ -745,16 +738,11 @@ fn respond(
 /// Feeds the evaluator's optional rules from a response head: remembers the request id for
 /// feedback, counts a guardrail flag, takes a drift sample from a header, or arranges for
 /// the body to be read for a `json:` drift signal.
-fn observe_signals(
-    table: &Table,
-    recent: &RecentRequests,
-    m: &Member,
-    parts: &http::response::Parts,
-) -> Option<Capture> {
+fn observe_signals(table: &Table, m: &Member, parts: &http::response::Parts) -> Option<Capture> {
     let rules = &table.config.evaluator.rules;
     if rules.accuracy_drop.is_some() {
         if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
-            recent.remember(id.as_bytes(), m.stats.id);
+            table.recent.remember(id.as_bytes(), m.stats.id);
         }
     }
     if let Some(s) = &rules.safety_violations {

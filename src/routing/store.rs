@@ -89,6 +89,9 @@ impl Resources for Res<'_> {
     ) -> Arc<RetryCounter> {
         self.telemetry.retry_counter(route, from, to)
     }
+    fn recent_requests(&self) -> Arc<crate::telemetry::signals::RecentRequests> {
+        self.telemetry.recent.clone()
+    }
 }
 
 /// What one swap did, for audit records.

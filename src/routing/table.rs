@@ -16,6 +16,7 @@ use crate::config::{
     VersionName,
 };
 use crate::proxy::client::Upstream;
+use crate::telemetry::signals::RecentRequests;
 use crate::telemetry::{PairStats, RetryCounter, VersionCounters};
 
 /// One version as requests see it.
@@ -151,6 +152,8 @@ pub struct Table {
     pub pin_unknown: PinUnknown,
     /// Some route matches on the model: the body's `model` field may be needed.
     pub any_model_match: bool,
+    /// Request id → answering pair, for `POST /api/v1/feedback`.
+    pub recent: Arc<RecentRequests>,
 }
 
 impl std::fmt::Debug for Table {
@@ -264,6 +267,8 @@ pub trait Resources {
         from: &VersionName,
         to: &VersionName,
     ) -> Arc<RetryCounter>;
+    /// Where answered request ids are remembered for feedback.
+    fn recent_requests(&self) -> Arc<RecentRequests>;
 }
 
 /// Builds a table from a config and runtime state.
@@ -427,6 +432,7 @@ pub fn compile(
     Ok(Table {
         generation,
         any_model_match: config.routes.iter().any(|r| !r.matcher.models.is_empty()),
+        recent: res.recent_requests(),
         pin_header: config.pin.header.clone(),
         pin_quarantined: config.pin.quarantined,
         pin_unknown: config.pin.unknown,

@@ -25,7 +25,7 @@ pub struct Telemetry {
     shards: usize,
     inner: Mutex<Inner>,
     /// Recent request ids and who answered them, for feedback.
-    pub recent: signals::RecentRequests,
+    pub recent: Arc<signals::RecentRequests>,
 }
 
 #[derive(Default)]
@@ -54,7 +54,7 @@ impl Telemetry {
                 window,
                 ..Inner::default()
             }),
-            recent: signals::RecentRequests::default(),
+            recent: Arc::new(signals::RecentRequests::default()),
         }
     }
 

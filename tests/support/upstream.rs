@@ -45,6 +45,14 @@ pub enum Reply {
     Grpc { status: u32 },
     /// gRPC trailers-only: HTTP 200 with `grpc-status` in the headers and no body.
     GrpcTrailersOnly { status: u32 },
+    /// 200 `{"version":"NAME","score":X}` with `x-model-score: X`, X spread evenly over
+    /// `score ± spread/2`; every `flag_every`-th response (0: none) also carries
+    /// `x-guardrail-flagged: 1`.
+    Scored {
+        score: f64,
+        spread: f64,
+        flag_every: u64,
+    },
     /// 200 `text/event-stream` that sends `data: tick N\n\n` every `interval` forever.
     /// When the proxy lets go of it, [`TestUpstream::disconnects`] goes up.
     Endless { interval: Duration },
@@ -339,6 +347,24 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
     match reply {
         Reply::Json => json_response(name, StatusCode::OK),
         Reply::Status(code) => json_response(name, StatusCode::from_u16(code).unwrap()),
+        Reply::Scored {
+            score,
+            spread,
+            flag_every,
+        } => {
+            let x = score + spread * (((n * 7919) % 101) as f64 / 100.0 - 0.5);
+            let mut r = Response::builder()
+                .header("content-type", "application/json")
+                .header("x-upstream", name)
+                .header("x-model-score", format!("{x:.4}"));
+            if flag_every > 0 && n.is_multiple_of(flag_every) {
+                r = r.header("x-guardrail-flagged", "1");
+            }
+            r.body(full_body(format!(
+                "{{\"version\":\"{name}\",\"score\":{x:.4}}}"
+            )))
+            .unwrap()
+        }
         Reply::FailFraction(f) => {
             let fail = ((n + 1) as f64 * f).floor() > (n as f64 * f).floor();
             let status = if fail {
