@@ -18,11 +18,15 @@
 //!   histograms on the request path, `prom.rs` renders them as Prometheus metrics.
 //! - [`control`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, `/api/v1/*`).
 //! - [`app`]: binds listeners, spawns tasks, drains on shutdown.
+//! - [`mock`]: `rollgate mock-model`, a small OpenAI-compatible model server with runtime
+//!   fault and score knobs, for the demo, the tests and first steps.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod evaluator;
+pub mod mock;
 pub mod proxy;
 pub mod routing;
 pub mod telemetry;

@@ -43,6 +43,157 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Serve a small OpenAI-compatible mock model (for trying rollgate out).
+    MockModel {
+        /// Address to listen on (HTTP/1.1 and h2c).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// Served model name: `model` in responses and the `x-mock-version` header.
+        #[arg(long, default_value = "mock")]
+        name: String,
+        /// Delay before each completion's response head, e.g. `250ms`.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: std::time::Duration,
+        /// Fraction of completions answered with a 500, between 0 and 1.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Stream (SSE) when a request does not set `"stream"`.
+        #[arg(long)]
+        stream: bool,
+        /// Events per stream (words per reply).
+        #[arg(long, default_value_t = 8)]
+        chunks: u32,
+        /// Gap between stream events.
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        chunk_interval: std::time::Duration,
+        /// Mean of the `x-model-score` response signal.
+        #[arg(long, default_value_t = 0.8)]
+        score: f64,
+        /// Half-width of the uniform noise on the score.
+        #[arg(long, default_value_t = 0.05)]
+        score_jitter: f64,
+    },
+    /// Routes, weights, versions with their window statistics, quarantines.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Roll a version back now (same path as an automatic rollback).
+    Rollback {
+        /// The version to roll back.
+        #[arg(long)]
+        version: String,
+        /// The route it is judged on (default: the first route serving it).
+        #[arg(long)]
+        route: Option<String>,
+        #[command(flatten)]
+        why: Why,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make a version the route's baseline at weight 100.
+    Promote {
+        #[arg(long)]
+        route: String,
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        why: Why,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a version's quarantine.
+    Resume {
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        why: Why,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Override a route's weights: `rollgate weights --route chat v2.4=90 v2.5=10`.
+    Weights {
+        #[arg(long)]
+        route: String,
+        /// VERSION=WEIGHT pairs; versions not named get 0.
+        #[arg(required = true)]
+        weights: Vec<String>,
+        #[command(flatten)]
+        why: Why,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Freeze (or with --off, unfreeze) automatic decisions on a route.
+    Pause {
+        #[arg(long)]
+        route: String,
+        /// Unpause.
+        #[arg(long)]
+        off: bool,
+        #[command(flatten)]
+        why: Why,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Audit records, oldest first.
+    Events {
+        /// Only records after this id (e.g. rb-000042).
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How the admin client reaches and authenticates to a running proxy.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:9901", env = "ROLLGATE_ADMIN")]
+    admin: String,
+    /// File holding the bearer token (else the ROLLGATE_TOKEN environment variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Who acts and why, recorded in the audit record.
+#[derive(clap::Args, Debug)]
+struct Why {
+    /// Why, for the audit record.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who (default: $USER).
+    #[arg(long)]
+    operator: Option<String>,
+}
+
+/// Runs one admin client command: output on stdout, a one-line error on stderr, exit 1.
+fn client(admin: AdminArgs, action: rollgate::cli::Action) -> ExitCode {
+    let target = match rollgate::cli::Target::new(
+        admin.admin,
+        admin.token_file,
+        std::env::var("ROLLGATE_TOKEN").ok(),
+        admin.json,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("rollgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime().block_on(rollgate::cli::run(&target, action)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rollgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -67,7 +218,114 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    use rollgate::cli::Action;
     match command {
+        Command::Status { admin } => client(admin, Action::Status),
+        Command::Events { since, admin } => client(admin, Action::Events { since }),
+        Command::Rollback {
+            version,
+            route,
+            why,
+            admin,
+        } => client(
+            admin,
+            Action::Rollback {
+                version,
+                route,
+                reason: why.reason,
+                operator: why.operator,
+            },
+        ),
+        Command::Promote {
+            route,
+            version,
+            why,
+            admin,
+        } => client(
+            admin,
+            Action::Promote {
+                route,
+                version,
+                reason: why.reason,
+                operator: why.operator,
+            },
+        ),
+        Command::Resume {
+            version,
+            why,
+            admin,
+        } => client(
+            admin,
+            Action::Resume {
+                version,
+                reason: why.reason,
+                operator: why.operator,
+            },
+        ),
+        Command::Weights {
+            route,
+            weights,
+            why,
+            admin,
+        } => match rollgate::cli::parse_weights(&weights) {
+            Ok(weights) => client(
+                admin,
+                Action::Weights {
+                    route,
+                    weights,
+                    reason: why.reason,
+                    operator: why.operator,
+                },
+            ),
+            Err(e) => {
+                eprintln!("rollgate weights: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Pause {
+            route,
+            off,
+            why,
+            admin,
+        } => client(
+            admin,
+            Action::Pause {
+                route,
+                paused: !off,
+                reason: why.reason,
+                operator: why.operator,
+            },
+        ),
+        Command::MockModel {
+            listen,
+            name,
+            latency,
+            error_rate,
+            stream,
+            chunks,
+            chunk_interval,
+            score,
+            score_jitter,
+        } => {
+            init_tracing(cli.log_format);
+            let options = rollgate::mock::MockOptions {
+                name,
+                latency,
+                error_rate,
+                stream_default: stream,
+                chunks,
+                chunk_interval,
+                score_mean: score,
+                score_jitter,
+            };
+            match runtime().block_on(rollgate::mock::run(listen, options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rollgate mock-model: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Schema => {
             println!("{}", rollgate::config::json_schema());
             ExitCode::SUCCESS

@@ -644,7 +644,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

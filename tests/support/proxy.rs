@@ -85,6 +85,7 @@ pub struct TestProxyBuilder {
     versions: Vec<(String, String)>,
     routes: Vec<Route>,
     top: Vec<String>,
+    admin_token: Option<String>,
 }
 
 impl TestProxyBuilder {
@@ -111,6 +112,12 @@ impl TestProxyBuilder {
         self
     }
 
+    /// Protects the admin API's changes with bearer `token` (written to a token file).
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_string());
+        self
+    }
+
     /// Extra top-level YAML (block style, starting at column 0), e.g. `pin: {unknown: reject}`.
     pub fn top(mut self, yaml: &str) -> Self {
         self.top.push(yaml.trim_end().to_string());
@@ -120,7 +127,17 @@ impl TestProxyBuilder {
     fn render(&self, state_dir: &std::path::Path) -> String {
         let mut y = String::new();
         y.push_str("listen: \"127.0.0.1:0\"\n");
-        y.push_str("admin: {listen: \"127.0.0.1:0\"}\n");
+        match &self.admin_token {
+            Some(token) => {
+                let file = state_dir.with_file_name("admin-token");
+                std::fs::write(&file, format!("{token}\n")).unwrap();
+                y.push_str(&format!(
+                    "admin: {{listen: \"127.0.0.1:0\", token_file: \"{}\"}}\n",
+                    file.display()
+                ));
+            }
+            None => y.push_str("admin: {listen: \"127.0.0.1:0\"}\n"),
+        }
         y.push_str(&format!("state_dir: \"{}\"\n", state_dir.display()));
         y.push_str("drain_timeout: 2s\n");
         if !self.top.iter().any(|t| t.starts_with("evaluator:")) {

@@ -1,0 +1,187 @@
+//! The admin client as operators run it: the real binary against a live proxy.
+
+#[macro_use]
+mod support;
+
+use support::*;
+
+/// Runs `rollgate ARGS` with `ROLLGATE_TOKEN` unset unless given; (exit code, stdout, stderr).
+async fn rollgate(args: &[&str], token_env: Option<&str>) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rollgate"));
+    cmd.args(args)
+        .env_remove("ROLLGATE_TOKEN")
+        .env_remove("ROLLGATE_ADMIN");
+    if let Some(t) = token_env {
+        cmd.env("ROLLGATE_TOKEN", t);
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the CLI finishes")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn stable_and_canary(token: Option<&str>) -> (TestUpstream, TestUpstream, TestProxy) {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let mut b = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 90), ("canary", 10)]));
+    if let Some(t) = token {
+        b = b.admin_token(t);
+    }
+    (stable, canary, b.start().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_a_table_and_json_that_parses() {
+    let (_s, _c, proxy) = stable_and_canary(None).await;
+    let client = TestClient::http1();
+    for _ in 0..20 {
+        assert_eq!(client.get(&proxy.url("/")).await.status, 200);
+    }
+    let admin = format!("http://{}", proxy.admin_addr());
+    let (code, out, err) = rollgate(&["status", "--admin", &admin], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ROUTE") && out.contains("VERSION"), "{out}");
+    let chat = out.lines().find(|l| l.starts_with("chat ")).unwrap();
+    assert!(
+        chat.contains("canary=10 stable=90") && chat.contains("steady"),
+        "{chat}"
+    );
+
+    let (code, out, err) = rollgate(&["status", "--admin", &admin, "--json"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["routes"][0]["weights"]["canary"], 10);
+    let requests: u64 = s["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["window"]["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, 20);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_resume_weights_and_events_through_the_cli() {
+    let (_s, _c, proxy) = stable_and_canary(Some("s3cret")).await;
+    let admin = format!("http://{}", proxy.admin_addr());
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "s3cret\n").unwrap();
+    let tf = token_file.path().to_str().unwrap();
+
+    // Without a token: a plain error, exit 1, nothing changed.
+    let (code, out, err) = rollgate(
+        &["rollback", "--version", "canary", "--admin", &admin],
+        None,
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("refused the token (401)"), "{err}");
+    let (code, _, err) = rollgate(
+        &["rollback", "--version", "canary", "--admin", &admin],
+        Some("wrong"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(proxy.status_json().await["generation"], 1);
+
+    let (code, out, err) = rollgate(
+        &[
+            "rollback",
+            "--version",
+            "canary",
+            "--reason",
+            "bad prompt",
+            "--operator",
+            "alice",
+            "--admin",
+            &admin,
+            "--token-file",
+            tf,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("rollback") && out.contains("trigger=manual") && out.contains("by=alice"),
+        "{out}"
+    );
+    let s = proxy.status_json().await;
+    assert_eq!(s["routes"][0]["weights"]["canary"], 0);
+
+    let (code, out, err) = rollgate(
+        &["resume", "--version", "canary", "--admin", &admin, "--json"],
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let rec: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["kind"], "resume");
+
+    let (code, _, err) = rollgate(
+        &[
+            "weights",
+            "--route",
+            "chat",
+            "stable=50",
+            "canary=50",
+            "--admin",
+            &admin,
+        ],
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        proxy.status_json().await["routes"][0]["weights"]["canary"],
+        50
+    );
+
+    // An API error is one plain line: unknown version.
+    let (code, _, err) = rollgate(
+        &["rollback", "--version", "nope", "--admin", &admin],
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404") && err.contains("nope"), "{err}");
+
+    let (code, out, err) = rollgate(&["events", "--admin", &admin, "--json"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["rollback", "resume", "weights"]);
+    let first = ev["events"][0]["id"].as_str().unwrap().to_string();
+    let (code, out, _) = rollgate(&["events", "--since", &first, "--admin", &admin], None).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.lines().next().unwrap().contains("resume"), "{out}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_proxy_is_one_plain_error() {
+    let admin = format!("http://127.0.0.1:{}", closed_port());
+    let (code, out, err) = rollgate(&["status", "--admin", &admin], None).await;
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(
+        err.starts_with("rollgate: cannot reach the admin API at") && err.lines().count() == 1,
+        "{err}"
+    );
+}
