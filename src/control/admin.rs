@@ -32,6 +32,9 @@ use crate::routing::store::Store;
 use crate::routing::table::{RouteState, Table};
 use crate::telemetry::WindowStats;
 
+/// The live status page (`GET /`): one self-contained HTML file, no CDN, no build step.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -208,6 +211,7 @@ type ApiResult = Result<Response<RespBody>, ApiError>;
 
 /// Endpoints that only read.
 const GETS: &[&str] = &[
+    "/",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -309,6 +313,22 @@ pub async fn handle_health(admin: &Admin, req: Request<Incoming>) -> Response<Re
 
 async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
     Ok(match path {
+        "/" => {
+            let mut r = Response::new(RespBody::full(STATUS_PAGE));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+                ),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match admin.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
