@@ -101,7 +101,8 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
     let state_dir = config.state_dir.clone();
     // Quarantines and rollout progress survive restarts; a quarantine whose version changed
     // fingerprint since is lifted by `compile`.
-    let runtime = state::load(&state_dir)?;
+    let mut runtime = state::load(&state_dir)?;
+    reload::prune(&mut runtime, &config);
     let audit = Arc::new(Audit::open(&state_dir)?);
     let store = Arc::new(Store::new(config, runtime, telemetry.clone(), metrics)?);
     let controller = Arc::new(Controller::new(
@@ -207,25 +208,33 @@ impl Running {
 
 /// `rollgate run`: binds from the config, serves until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config) -> io::Result<()> {
+    // Handlers first: a SIGTERM during start-up drains instead of killing.
+    let signal = shutdown_signal()?;
     let listeners = Listeners::bind(&config).await?;
     let running = start(config, listeners).await?;
-    wait_for_signal().await;
+    signal.await;
     tracing::info!("shutdown signal received; draining");
     running.shutdown().await;
     tracing::info!("drained; exiting");
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

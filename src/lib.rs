@@ -25,6 +25,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod evaluator;
 pub mod mock;
 pub mod proxy;

@@ -29,6 +29,14 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum DemoFault {
+    /// 30 % of the canary's answers become 500s.
+    Error,
+    /// The canary's answers take 800 ms.
+    Latency,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve; exit 0 after a clean drain on SIGTERM/SIGINT.
@@ -43,6 +51,16 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
+    /// The whole product in one command: two mock models, the proxy, load, a failing canary
+    /// and its automatic rollback (no files needed).
+    Demo {
+        /// What goes wrong with the canary.
+        #[arg(long, value_enum, default_value_t = DemoFault::Error)]
+        fault: DemoFault,
+        /// Total run time.
+        #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+    },
     /// Serve a small OpenAI-compatible mock model (for trying rollgate out).
     MockModel {
         /// Address to listen on (HTTP/1.1 and h2c).
@@ -208,6 +226,14 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Tracing for commands with their own output: warnings and errors only, unless RUST_LOG.
+fn init_tracing_quiet(format: LogFormat) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "error");
+    }
+    init_tracing(format);
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match (cli.command, cli.config) {
@@ -220,6 +246,28 @@ fn main() -> ExitCode {
     };
     use rollgate::cli::Action;
     match command {
+        Command::Demo { fault, duration } => {
+            if duration < std::time::Duration::from_secs(5) {
+                eprintln!("rollgate demo: --duration must be at least 5s");
+                return ExitCode::from(2);
+            }
+            init_tracing_quiet(cli.log_format);
+            let opts = rollgate::demo::DemoOptions {
+                fault: match fault {
+                    DemoFault::Error => rollgate::demo::Fault::Error,
+                    DemoFault::Latency => rollgate::demo::Fault::Latency,
+                },
+                duration,
+            };
+            match runtime().block_on(rollgate::demo::run(opts)) {
+                Ok(s) if s.rollback.is_some() && s.client_errors == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("rollgate demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status { admin } => client(admin, Action::Status),
         Command::Events { since, admin } => client(admin, Action::Events { since }),
         Command::Rollback {

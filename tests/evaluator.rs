@@ -260,11 +260,17 @@ async fn healthy_canary_with_the_baselines_error_rate_is_never_rolled_back() {
     let load = Load::start(proxy.url("/v1/chat/completions"), 4);
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
-        assert!(
-            !quarantined(&proxy, "canary").await,
-            "false alarm after {:?}",
-            started.elapsed()
-        );
+        if quarantined(&proxy, "canary").await {
+            assert_eventually!(
+                !audit_records(&proxy, "rollback").is_empty(),
+                Duration::from_secs(5)
+            );
+            panic!(
+                "false alarm after {:?}: {:?}",
+                started.elapsed(),
+                audit_records(&proxy, "rollback")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (sent, failed) = load.stop().await;
@@ -418,8 +424,12 @@ async fn progressive_rollout_steps_each_hold_and_promotes() {
     assert_eq!(weights(&s), (Some(100), serde_json::json!("next")));
     assert_eq!(s["routes"][0]["weights"]["stable"], 0);
     assert_eq!(audit_records(&proxy, "rollout_step").len(), 2);
+    // The record follows the swap.
+    assert_eventually!(
+        audit_records(&proxy, "promote").len() == 1,
+        Duration::from_secs(5)
+    );
     let promote = audit_records(&proxy, "promote");
-    assert_eq!(promote.len(), 1);
     assert_eq!(promote[0]["version"], "next");
     assert_eq!(promote[0]["from_version"], "stable");
     for _ in 0..10 {

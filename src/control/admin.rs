@@ -85,11 +85,13 @@ impl Admin {
         let Some(want) = self.reloader.admin_token.load_full() else {
             return true;
         };
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
         let Some(given) = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.trim_start().split_once(' '))
+            .and_then(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer").then_some(t))
         else {
             return false;
         };

@@ -102,12 +102,26 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.evaluator.window != new.evaluator.window {
         keys.push("evaluator.window");
     }
+    if old.drain_timeout != new.drain_timeout {
+        keys.push("drain_timeout");
+    }
     keys
 }
 
-/// Drops runtime state that names routes or versions the new config no longer has, so the
-/// table compiles; quarantines are kept (they lapse by fingerprint in `compile`).
-fn prune(state: &mut RuntimeState, config: &Config) {
+/// Drops runtime state that names routes or versions `config` no longer has, so the table
+/// compiles, and quarantines whose version changed fingerprint (SPEC §1: a quarantine lasts
+/// until a resume or a new fingerprint; an old bundle coming back later is not re-condemned
+/// silently).
+pub fn prune(state: &mut RuntimeState, config: &Config) {
+    state.quarantined.retain(|v, fingerprint| {
+        let keep = config
+            .version(v.as_str())
+            .is_some_and(|vc| &vc.fingerprint == fingerprint);
+        if !keep {
+            tracing::info!(version = %v, "quarantine lifted: the version changed its fingerprint");
+        }
+        keep
+    });
     let route_has = |route: &str, v: &crate::config::VersionName| {
         config
             .routes
@@ -207,7 +221,9 @@ impl Reloader {
             let failed_before = file_hash.is_some()
                 && *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) == file_hash;
             if unchanged || failed_before {
+                // Something else in the watched directories changed: certificates, token.
                 self.reload_certs(&old);
+                self.refresh_token(&old);
                 return Ok(None);
             }
         }
@@ -215,6 +231,16 @@ impl Reloader {
             Ok(c) => c,
             Err(error) => return Err(self.reject(cause, file_hash, error).await),
         };
+        // The admin listener stays bound where it is until restart: the token rule applies
+        // to that address, not only to the one the new file names.
+        if !old.admin.listen.ip().is_loopback() && new.admin.token_file.is_none() {
+            let error = format!(
+                "{}: admin.token_file: the admin API listens on non-loopback {} until restart; its token cannot be removed by a reload",
+                self.path.display(),
+                old.admin.listen
+            );
+            return Err(self.reject(cause, file_hash, error).await);
+        }
         *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let restart = restart_required(&old, &new);
         let tls_error = self.reload_certs(&new);
@@ -282,9 +308,13 @@ pub fn spawn(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) -> JoinHa
         _ => PathBuf::from("."),
     };
     dirs.insert(dir_of(reloader.path()));
-    if let Some(tls) = &reloader.controller.store.config().tls {
+    let config = reloader.controller.store.config();
+    if let Some(tls) = &config.tls {
         dirs.insert(dir_of(&tls.cert));
         dirs.insert(dir_of(&tls.key));
+    }
+    if let Some(token) = &config.admin.token_file {
+        dirs.insert(dir_of(token));
     }
     let watcher = {
         let tx = tx.clone();
