@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod drill;
 pub mod evaluator;
 pub mod mock;
 pub mod proxy;

@@ -153,6 +153,28 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Rollback drill against a running proxy: inject a fault, wait for the automatic
+    /// rollback, restore, score, record. Exit 1 when the drill fails.
+    Drill {
+        /// The candidate version to drill.
+        #[arg(long)]
+        version: String,
+        /// error=RATE or latency=DURATION.
+        #[arg(long, default_value = "error=0.3")]
+        fault: rollgate::drill::DrillFault,
+        /// How long to wait for the rollback.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Data-plane URL to send synthetic requests to during the drill (counts
+        /// client-visible errors), e.g. http://127.0.0.1:8080/v1/chat/completions.
+        #[arg(long)]
+        load: Option<String>,
+        /// Who runs the drill (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Audit records, oldest first.
     Events {
         /// Only records after this id (e.g. rb-000042).
@@ -269,6 +291,54 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { admin } => client(admin, Action::Status),
+        Command::Drill {
+            version,
+            fault,
+            timeout,
+            load,
+            operator,
+            admin,
+        } => {
+            let target = match rollgate::cli::Target::new(
+                admin.admin,
+                admin.token_file,
+                std::env::var("ROLLGATE_TOKEN").ok(),
+                admin.json,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("rollgate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = rollgate::drill::DrillOptions {
+                version,
+                fault,
+                timeout,
+                load,
+                operator: operator
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_else(|| "drill".into()),
+            };
+            match runtime().block_on(rollgate::drill::run(&target, opts)) {
+                Ok(rec) => {
+                    if target.json {
+                        println!("{}", serde_json::to_string_pretty(&rec).unwrap_or_default());
+                    } else {
+                        print!("{}", rollgate::drill::render(&rec));
+                    }
+                    if rec["passed"] == true {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("rollgate drill: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Events { since, admin } => client(admin, Action::Events { since }),
         Command::Rollback {
             version,

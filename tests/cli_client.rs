@@ -66,6 +66,31 @@ async fn status_prints_a_table_and_json_that_parses() {
         .map(|v| v["window"]["requests"].as_u64().unwrap())
         .sum();
     assert_eq!(requests, 20);
+    // The Prometheus histograms agree with the counts (Flagger's histogram_quantile needs it).
+    for h in [
+        "rollgate_request_duration_seconds",
+        "rollgate_time_to_first_byte_seconds",
+    ] {
+        let inf = proxy
+            .metric(&format!("{h}_bucket"), &[("le", "+Inf")])
+            .await;
+        let count = proxy.metric(&format!("{h}_count"), &[]).await;
+        let top = proxy
+            .metric(&format!("{h}_bucket"), &[("le", "600.0")])
+            .await;
+        assert_eq!(
+            (inf, count, top),
+            (20.0, 20.0, 20.0),
+            "{h}:\n{}",
+            proxy
+                .metrics_text()
+                .await
+                .lines()
+                .filter(|l| l.starts_with(h))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     proxy.shutdown().await;
 }
 
@@ -184,4 +209,105 @@ async fn an_unreachable_proxy_is_one_plain_error() {
         err.starts_with("rollgate: cannot reach the admin API at") && err.lines().count() == 1,
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let hook = TestUpstream::start("hook").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 70), ("canary", 30)]))
+        .top("evaluator: {interval: 100ms, window: 30s, min_requests: 50}")
+        .top(&format!(
+            "alerts: {{webhooks: [{{url: \"{}/hook\"}}]}}",
+            hook.http_url()
+        ))
+        .start()
+        .await;
+    let admin = format!("http://{}", proxy.admin_addr());
+    let load = proxy.url("/v1/chat/completions");
+    let (code, out, err) = rollgate(
+        &[
+            "drill",
+            "--version",
+            "canary",
+            "--fault",
+            "error=0.5",
+            "--timeout",
+            "20s",
+            "--load",
+            &load,
+            "--admin",
+            &admin,
+            "--json",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rec: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["kind"], "drill");
+    assert_eq!(rec["passed"], true);
+    assert_eq!(rec["score"], 100, "{rec:#}");
+    assert_eq!(rec["client_errors"], 0);
+    assert!(rec["requests"].as_u64().unwrap() > 50);
+    // The drill's claims match the audit log.
+    let (_, events, _) = rollgate(&["events", "--admin", &admin, "--json"], None).await;
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let events = events["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["rollback", "resume", "drill"]);
+    assert_eq!(rec["rollback_id"], events[0]["id"]);
+    assert_eq!(rec["trigger"], events[0]["trigger"]);
+    assert_eq!(rec["trip_to_swap_us"], events[0]["trip_to_swap_us"]);
+    assert_eq!(hook.request_count(), 1);
+    // Restored, and the drill is visible to monitoring.
+    let s = proxy.status_json().await;
+    assert_eq!(s["routes"][0]["weights"]["canary"], 30);
+    assert!(
+        proxy
+            .metric("rollgate_rollback_drill_timestamp_seconds", &[])
+            .await
+            > 1.7e9
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_that_never_trips_fails_with_exit_1_and_is_recorded_as_failed() {
+    let (_s, _c, proxy) = stable_and_canary(None).await;
+    let admin = format!("http://{}", proxy.admin_addr());
+    // No traffic: the evaluator has nothing to judge, so nothing trips.
+    let (code, out, err) = rollgate(
+        &[
+            "drill",
+            "--version",
+            "canary",
+            "--timeout",
+            "1s",
+            "--admin",
+            &admin,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("FAILED") && out.contains("no rollback within the timeout"),
+        "{out}"
+    );
+    assert_eq!(
+        proxy
+            .metric("rollgate_rollback_drill_timestamp_seconds", &[])
+            .await,
+        0.0
+    );
+    // Unknown version: a plain error.
+    let (code, _, err) = rollgate(&["drill", "--version", "nope", "--admin", &admin], None).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no version nope"), "{err}");
+    proxy.shutdown().await;
 }

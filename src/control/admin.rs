@@ -231,6 +231,7 @@ const POSTS: &[&str] = &[
     "/api/v1/feedback",
     "/api/v1/faults",
     "/api/v1/reload",
+    "/api/v1/drills",
 ];
 
 /// Serves one admin request.
@@ -789,6 +790,34 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
                         "latency_ms": latency.as_millis() as u64,
                         "duration_ms": dur.as_millis() as u64}),
             ))
+        }
+        "/api/v1/drills" => {
+            // A finished drill's result (from `rollgate drill`): one `drill` record; a passed
+            // drill sets rollgate_rollback_drill_timestamp_seconds.
+            let r: Map<String, Value> = body(req).await?;
+            let table = admin.store.load();
+            let route = r
+                .get("route")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad("route is required"))?;
+            route_of(&table, route)?;
+            let version = r
+                .get("version")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad("version is required"))?;
+            if table.version(&VersionName::from(version)).is_none() {
+                return Err(ApiError::not_found(format!("no version {version}")));
+            }
+            let passed = r.get("passed").and_then(Value::as_bool).unwrap_or(false);
+            drop(table);
+            let record = c.record("drill", r).await.map_err(ApiError::internal)?;
+            if passed {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                admin.store.metrics.rollback_drill_timestamp.set(now);
+            }
+            Ok(json(StatusCode::OK, &record))
         }
         "/api/v1/reload" => match admin.reloader.reload(Cause::Api).await {
             Ok(record) => Ok(json(StatusCode::OK, &record.unwrap_or(Value::Null))),

@@ -121,7 +121,7 @@ fn last_drills(audit: &Path) -> Vec<(String, SystemTime)> {
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "drill")
+        .filter(|v| v["kind"] == "drill" && v["passed"] != false)
         .filter_map(|v| {
             let route = v["route"].as_str()?.to_string();
             let at = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?;

@@ -156,21 +156,22 @@ impl Metrics {
 #[derive(Debug)]
 struct RequestCollector(Arc<Telemetry>);
 
+/// Per-bucket (not cumulative) counts, as `encode_histogram` sums them itself, ending with
+/// the `+Inf` bucket, so the last cumulative bucket equals the count.
 fn histogram_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<(f64, u64)> {
-    BUCKETS
-        .iter()
-        .map(|b| {
-            let us = (b * 1e6) as u64;
-            (
-                *b,
-                if h.is_empty() {
-                    0
-                } else {
-                    h.count_between(0, us)
-                },
-            )
-        })
-        .collect()
+    let mut out = Vec::with_capacity(BUCKETS.len() + 1);
+    let mut below = 0u64;
+    for b in BUCKETS {
+        let cumulative = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, (b * 1e6) as u64).clamp(below, h.len())
+        };
+        out.push((b, cumulative - below));
+        below = cumulative;
+    }
+    out.push((f64::INFINITY, h.len() - below));
+    out
 }
 
 impl prometheus_client::collector::Collector for RequestCollector {
@@ -269,5 +270,28 @@ impl prometheus_client::collector::Collector for RequestCollector {
             ConstCounter::new(n).encode(enc.encode_family(&l)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_once_and_end_at_the_count() {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2).unwrap();
+        for us in [1_000u64, 3_000, 20_000, 20_000, 700_000_000] {
+            h.record(us).unwrap();
+        }
+        let b = histogram_buckets(&h);
+        assert_eq!(b.len(), BUCKETS.len() + 1);
+        assert_eq!(b[0], (0.005, 2));
+        assert_eq!(b[2], (0.025, 2));
+        assert_eq!(
+            *b.last().unwrap(),
+            (f64::INFINITY, 1),
+            "700 s is above every bound"
+        );
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), h.len());
     }
 }
