@@ -743,29 +743,10 @@ async fn https_upstream_is_verified_with_sni_and_a_private_ca() {
 async fn downstream_tls_serves_h1_and_h2_by_alpn() {
     let up = TestUpstream::start("v1").await;
     let ca = TestCa::new("rollgate downstream test CA");
-    let (chain, key) = ca.leaf(&["localhost"]);
     let dir = tempfile::tempdir().unwrap();
     let cert_path = dir.path().join("tls.crt");
     let key_path = dir.path().join("tls.key");
-    let pem = |label: &str, der: &[u8]| {
-        use std::fmt::Write;
-        let b64 = base64_encode(der);
-        let mut s = format!("-----BEGIN {label}-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            writeln!(s, "{}", std::str::from_utf8(line).unwrap()).unwrap();
-        }
-        writeln!(s, "-----END {label}-----").unwrap();
-        s
-    };
-    std::fs::write(
-        &cert_path,
-        chain
-            .iter()
-            .map(|c| pem("CERTIFICATE", c))
-            .collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+    write_leaf(&ca, &cert_path, &key_path);
     let proxy = TestProxy::new()
         .version("v1", &up)
         .route(Route::new("chat", "v1"))
@@ -777,32 +758,8 @@ async fn downstream_tls_serves_h1_and_h2_by_alpn() {
         .start()
         .await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der()).unwrap();
     for want in [http::Version::HTTP_2, http::Version::HTTP_11] {
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(cfg)
-            .https_only();
-        let connector = if want == http::Version::HTTP_2 {
-            builder.enable_http2().build()
-        } else {
-            builder.enable_http1().build()
-        };
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(connector);
-        let url = format!("https://localhost:{}/v1/x", proxy.data_addr().port());
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(url.parse().unwrap()))
-            .await
-            .unwrap()
-            .unwrap();
+        let resp = tls_get(&ca, proxy.data_addr().port(), want).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), want);
         assert_eq!(resp.headers()["x-rollgate-version"], "v1");
@@ -811,6 +768,102 @@ async fn downstream_tls_serves_h1_and_h2_by_alpn() {
     assert!(r
         .iter()
         .all(|r| r.header("x-forwarded-proto").as_deref() == Some("https")));
+    proxy.shutdown().await;
+}
+
+/// Writes a `localhost` leaf of `ca` as PEM files.
+fn write_leaf(ca: &TestCa, cert_path: &std::path::Path, key_path: &std::path::Path) {
+    let (chain, key) = ca.leaf(&["localhost"]);
+    let pem = |label: &str, der: &[u8]| {
+        use std::fmt::Write;
+        let b64 = base64_encode(der);
+        let mut s = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            writeln!(s, "{}", std::str::from_utf8(line).unwrap()).unwrap();
+        }
+        writeln!(s, "-----END {label}-----").unwrap();
+        s
+    };
+    let chain: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    std::fs::write(cert_path, chain).unwrap();
+    std::fs::write(key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+}
+
+/// GET https://localhost:PORT/v1/x over a fresh connection trusting only `ca`.
+async fn tls_get(
+    ca: &TestCa,
+    port: u16,
+    want: http::Version,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(cfg)
+        .https_only();
+    let connector = if want == http::Version::HTTP_2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let url = format!("https://localhost:{port}/v1/x");
+    tokio::time::timeout(REQUEST_TIMEOUT, client.get(url.parse().unwrap()))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn tls_certificates_reload_and_a_bad_pem_keeps_the_old_one() {
+    let up = TestUpstream::start("v1").await;
+    let old_ca = TestCa::new("rollgate old CA");
+    let new_ca = TestCa::new("rollgate new CA");
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("tls.crt");
+    let key_path = dir.path().join("tls.key");
+    write_leaf(&old_ca, &cert_path, &key_path);
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1"))
+        .top(&format!(
+            "tls: {{cert: \"{}\", key: \"{}\"}}",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .start()
+        .await;
+    let port = proxy.data_addr().port();
+    let h1 = http::Version::HTTP_11;
+    assert_eq!(tls_get(&old_ca, port, h1).await.unwrap().status(), 200);
+    let reload = || async {
+        TestClient::http1()
+            .post_json(&proxy.admin_url("/api/v1/reload"), "{}", &[])
+            .await
+    };
+
+    // A half-written certificate: the reload reports it, the old certificate keeps serving.
+    std::fs::write(&cert_path, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    let r = reload().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["tls_error"].is_string(), "{}", r.text());
+    assert_eq!(tls_get(&old_ca, port, h1).await.unwrap().status(), 200);
+
+    // The rotated pair: new handshakes present it.
+    write_leaf(&new_ca, &cert_path, &key_path);
+    let r = reload().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("tls_error").is_none(), "{}", r.text());
+    assert_eq!(tls_get(&new_ca, port, h1).await.unwrap().status(), 200);
+    assert!(tls_get(&old_ca, port, h1).await.is_err());
     proxy.shutdown().await;
 }
 
