@@ -219,8 +219,10 @@ pub async fn run(config: Config) -> io::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
-fn shutdown_signal() -> io::Result<impl std::future::Future<Output = ()>> {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, before
+/// the future is first polled, so a signal right after start stops cleanly instead of
+/// killing the process. Shared by `rollgate run` and `rollgate mock-model`.
+pub fn shutdown_signal() -> io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

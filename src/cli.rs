@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// One client for every call of the command (a drill polls).
+    client: crate::proxy::client::HttpClient,
     /// Base URL, e.g. `http://127.0.0.1:9901`.
     pub admin: String,
     pub token: Option<String>,
@@ -44,6 +46,7 @@ impl Target {
         }
         .filter(|t| !t.is_empty());
         Ok(Target {
+            client: crate::proxy::client::control_client().map_err(|e| e.to_string())?,
             admin: admin.trim_end_matches('/').to_string(),
             token,
             json,
@@ -200,7 +203,7 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, String> {
-    let client = crate::proxy::client::control_client().map_err(|e| e.to_string())?;
+    let client = &target.client;
     let url = format!("{}{path}", target.admin);
     let mut b = Request::builder().method(method).uri(&url);
     if let Some(t) = &target.token {

@@ -8,19 +8,15 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Method, Request};
-use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::app::{self, Listeners};
 use crate::config::Config;
+use crate::load::Load;
 use crate::mock::{self, MockModel, MockOptions};
-use crate::proxy::body::ReqBody;
 
 const STABLE: &str = "v1-stable";
 const CANARY: &str = "v2-canary";
@@ -86,22 +82,6 @@ evaluator:
     latency_p99_max: 500ms
 "#;
 
-/// Per-version counts seen by the load generator's clients.
-#[derive(Default)]
-struct Counts {
-    stable: AtomicU64,
-    canary: AtomicU64,
-    errors: AtomicU64,
-}
-
-impl Counts {
-    fn total(&self) -> u64 {
-        self.stable.load(Ordering::Relaxed)
-            + self.canary.load(Ordering::Relaxed)
-            + self.errors.load(Ordering::Relaxed)
-    }
-}
-
 /// Runs the demo, printing to stdout. Returns the summary; `Err` only if it could not start.
 pub async fn run(opts: DemoOptions) -> std::io::Result<DemoSummary> {
     let out = &mut std::io::stdout();
@@ -151,55 +131,7 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<DemoSummary> {
     );
 
     // Load.
-    let counts = Arc::new(Counts::default());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let client = crate::proxy::client::control_client()?;
-    let mut load = Vec::new();
-    for i in 0..CLIENTS {
-        let (counts, stopping, client, url) = (
-            counts.clone(),
-            stopping.clone(),
-            client.clone(),
-            url.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let body = format!(
-                r#"{{"model":"demo","messages":[{{"role":"user","content":"ticket {i}: my order is late"}}]}}"#
-            );
-            while !stopping.load(Ordering::Relaxed) {
-                let req = Request::builder()
-                    .method(Method::POST)
-                    .uri(&url)
-                    .header("content-type", "application/json")
-                    .body(ReqBody::full(body.clone().into()))
-                    .expect("a valid request");
-                let ok = match client.request(req).await {
-                    Ok(resp) => {
-                        let version = resp
-                            .headers()
-                            .get("x-rollgate-version")
-                            .map(|v| v.as_bytes().to_vec());
-                        let ok = resp.status().is_success()
-                            && resp.into_body().collect().await.is_ok();
-                        match (ok, version.as_deref()) {
-                            (true, Some(v)) if v == CANARY.as_bytes() => {
-                                counts.canary.fetch_add(1, Ordering::Relaxed);
-                            }
-                            (true, _) => {
-                                counts.stable.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                        ok
-                    }
-                    Err(_) => false,
-                };
-                if !ok {
-                    counts.errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let mut load = Load::start(&url, CLIENTS, CANARY)?;
 
     // Watch the table for the swap, precisely (an ArcSwap load every 2 ms).
     let started = Instant::now();
@@ -282,19 +214,16 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<DemoSummary> {
                 );
             }
         }
-        view.draw(out, t, &running, &counts);
+        view.draw(out, t, &running, &load);
     }
-    stopping.store(true, Ordering::Relaxed);
-    for l in load {
-        let _ = l.await;
-    }
+    load.stop().await;
     if swapped.is_none() {
         swapped_at.abort();
     }
     let rollback = rollback_record(&running).await;
     let summary = DemoSummary {
-        requests: counts.total(),
-        client_errors: counts.errors.load(Ordering::Relaxed),
+        requests: load.sent(),
+        client_errors: load.failed(),
         time_to_detect: match (fault_started, swapped) {
             (Some(f), Some(s)) => Some(s.saturating_duration_since(f)),
             _ => None,
@@ -356,14 +285,11 @@ impl View {
             .push(format!("[{:>5.1}s] {text}", t.as_secs_f64()));
     }
 
-    fn draw(&mut self, out: &mut impl Write, t: Duration, running: &app::Running, c: &Counts) {
+    fn draw(&mut self, out: &mut impl Write, t: Duration, running: &app::Running, load: &Load) {
         let table = running.store.load();
         let status = crate::control::admin::status(&running.store, &table);
         let now = Instant::now();
-        let (s, k) = (
-            c.stable.load(Ordering::Relaxed),
-            c.canary.load(Ordering::Relaxed),
-        );
+        let (s, k) = (load.ok() - load.ok_from_watched(), load.ok_from_watched());
         let rates = match self.last {
             Some((at, s0, k0)) => {
                 let dt = now.duration_since(at).as_secs_f64().max(1e-3);
@@ -387,8 +313,8 @@ impl View {
             "t={:>5.1}s  route chat: {state}, generation {}   client-visible errors: {} of {}",
             t.as_secs_f64(),
             status.generation,
-            c.errors.load(Ordering::Relaxed),
-            c.total()
+            load.failed(),
+            load.sent()
         )];
         lines.push(format!(
             "  {:<10} {:>6} {:>8} {:>8} {:>10}  {}",

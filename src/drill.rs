@@ -10,14 +10,13 @@
 //! drill fails, so it can be scheduled.
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{json, Value};
 
 use crate::cli::{call, Target};
+use crate::load::Load;
 
 /// The fault a drill injects.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,47 +116,10 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
     let injected = Instant::now();
 
     // Optional load, counting what clients see.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    if let Some(url) = &opts.load {
-        let client = crate::proxy::client::control_client().map_err(|e| e.to_string())?;
-        for _ in 0..4 {
-            let (stop, sent, failed, client, url) = (
-                stop.clone(),
-                sent.clone(),
-                failed.clone(),
-                client.clone(),
-                url.clone(),
-            );
-            load.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let req = http::Request::builder()
-                        .method(Method::POST)
-                        .uri(&url)
-                        .header("content-type", "application/json")
-                        .body(crate::proxy::body::ReqBody::full(
-                            r#"{"model":"drill","messages":[{"role":"user","content":"drill"}]}"#
-                                .into(),
-                        ));
-                    let Ok(req) = req else { return };
-                    let ok = match client.request(req).await {
-                        Ok(r) => {
-                            let good = r.status().is_success();
-                            use http_body_util::BodyExt;
-                            good && r.into_body().collect().await.is_ok()
-                        }
-                        Err(_) => false,
-                    };
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-    }
+    let mut load = match &opts.load {
+        Some(url) => Some(Load::start(url, 4, v).map_err(|e| e.to_string())?),
+        None => None,
+    };
 
     // Wait for the evaluator.
     let path = match &cursor {
@@ -198,9 +160,8 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
         let _ = writeln!(out);
     }
     let waited = injected.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        let _ = l.await;
+    if let Some(l) = &mut load {
+        l.stop().await;
     }
 
     // Restore: clear the fault, lift the quarantine.
@@ -245,7 +206,7 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
                 .as_u64()
                 .is_some_and(|s| (200..300).contains(&s))
         });
-    let client_errors = opts.load.as_ref().map(|_| failed.load(Ordering::Relaxed));
+    let client_errors = load.as_ref().map(Load::failed);
     let mut score = 0u32;
     let mut checks = Vec::new();
     let mut check = |name: &str, points: u32, got: u32, note: String| {
@@ -281,7 +242,7 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
             _ => 0,
         },
         match client_errors {
-            Some(n) => format!("{n} of {} requests", sent.load(Ordering::Relaxed)),
+            Some(n) => format!("{n} of {} requests", load.as_ref().map_or(0, Load::sent)),
             None => "not measured (pass --load URL)".into(),
         },
     );
@@ -334,7 +295,7 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
         "time_to_detect_ms": detect.map(|d| d.as_millis() as u64),
         "trip_to_swap_us": rollback.as_ref().map(|r| r["trip_to_swap_us"].clone()),
         "client_errors": client_errors,
-        "requests": opts.load.as_ref().map(|_| sent.load(Ordering::Relaxed)),
+        "requests": load.as_ref().map(Load::sent),
         "initiated_by": opts.operator,
     });
     call(target, Method::POST, "/api/v1/drills", Some(result)).await

@@ -28,6 +28,7 @@ pub mod control;
 pub mod demo;
 pub mod drill;
 pub mod evaluator;
+pub mod load;
 pub mod mock;
 pub mod proxy;
 pub mod routing;

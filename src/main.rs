@@ -210,19 +210,27 @@ struct Why {
     operator: Option<String>,
 }
 
+impl AdminArgs {
+    /// The admin API target; a bad `--token-file` is reported and ends the command.
+    fn target(self) -> Result<rollgate::cli::Target, ExitCode> {
+        rollgate::cli::Target::new(
+            self.admin,
+            self.token_file,
+            std::env::var("ROLLGATE_TOKEN").ok(),
+            self.json,
+        )
+        .map_err(|e| {
+            eprintln!("rollgate: {e}");
+            ExitCode::FAILURE
+        })
+    }
+}
+
 /// Runs one admin client command: output on stdout, a one-line error on stderr, exit 1.
 fn client(admin: AdminArgs, action: rollgate::cli::Action) -> ExitCode {
-    let target = match rollgate::cli::Target::new(
-        admin.admin,
-        admin.token_file,
-        std::env::var("ROLLGATE_TOKEN").ok(),
-        admin.json,
-    ) {
+    let target = match admin.target() {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("rollgate: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime().block_on(rollgate::cli::run(&target, action)) {
         Ok(out) => {
@@ -299,17 +307,9 @@ fn main() -> ExitCode {
             operator,
             admin,
         } => {
-            let target = match rollgate::cli::Target::new(
-                admin.admin,
-                admin.token_file,
-                std::env::var("ROLLGATE_TOKEN").ok(),
-                admin.json,
-            ) {
+            let target = match admin.target() {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("rollgate: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let opts = rollgate::drill::DrillOptions {
                 version,

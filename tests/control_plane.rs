@@ -150,6 +150,34 @@ fn route_of<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no route {name} in {status:#}"))
 }
 
+/// After a quarantine ends: canary is not quarantined in `status`, route `chat` is steady at
+/// 50/50, the gauge says so, and more than `min_seen` of `n` requests reach canary.
+async fn assert_canary_serves_again(
+    admin: &AdminApi,
+    s: &Value,
+    proxy: &TestProxy,
+    n: usize,
+    min_seen: usize,
+) {
+    assert_eq!(version_of(s, "canary")["quarantined"], false);
+    assert_eq!(route_of(s, "chat")["state"], "steady");
+    assert_eq!(
+        route_of(s, "chat")["weights"],
+        json!({"stable": 50, "canary": 50})
+    );
+    assert_eq!(
+        admin
+            .metric("rollgate_version_quarantined", &[("version", "canary")])
+            .await,
+        0.0
+    );
+    let seen = versions_seen(&proxy.url("/v1/chat"), n, &[]).await;
+    assert!(
+        seen.get("canary").copied().unwrap_or(0) > min_seen,
+        "{seen:?}"
+    );
+}
+
 /// Sends `n` GETs to `url` (8 at a time), asserts each answers 200 and counts them by
 /// `x-rollgate-version`.
 async fn versions_seen(url: &str, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
@@ -388,20 +416,7 @@ async fn manual_rollback_quarantines_the_version_and_resume_restores_it() {
     assert_eq!(resumed["generation_after"], g0 + 2);
     let s = admin.status().await;
     assert_eq!(s["generation"], g0 + 2);
-    assert_eq!(version_of(&s, "canary")["quarantined"], false);
-    assert_eq!(route_of(&s, "chat")["state"], "steady");
-    assert_eq!(
-        route_of(&s, "chat")["weights"],
-        json!({"stable": 50, "canary": 50})
-    );
-    assert_eq!(
-        admin
-            .metric("rollgate_version_quarantined", &[("version", "canary")])
-            .await,
-        0.0
-    );
-    let seen = versions_seen(&proxy.url("/v1/chat"), 200, &[]).await;
-    assert!(seen.get("canary").copied().unwrap_or(0) > 40, "{seen:?}");
+    assert_canary_serves_again(&admin, &s, &proxy, 200, 40).await;
     // `since` takes an event id: only what came after it.
     let later = admin.events_since(rec["id"].as_str().unwrap()).await;
     assert_eq!(later, vec![resumed]);
@@ -1468,20 +1483,7 @@ async fn quarantine_survives_a_compatible_reload_and_lapses_on_a_new_fingerprint
     admin.post_ok("/api/v1/reload", json!({})).await;
     let s = admin.status().await;
     assert_ne!(version_of(&s, "canary")["fingerprint"], fp);
-    assert_eq!(version_of(&s, "canary")["quarantined"], false);
-    assert_eq!(route_of(&s, "chat")["state"], "steady");
-    assert_eq!(
-        route_of(&s, "chat")["weights"],
-        json!({"stable": 50, "canary": 50})
-    );
-    assert_eq!(
-        admin
-            .metric("rollgate_version_quarantined", &[("version", "canary")])
-            .await,
-        0.0
-    );
-    let seen = versions_seen(&proxy.url("/v1/chat"), 100, &[]).await;
-    assert!(seen.get("canary").copied().unwrap_or(0) > 10, "{seen:?}");
+    assert_canary_serves_again(&admin, &s, &proxy, 100, 10).await;
     assert!(canary2.request_count() > 10);
     proxy.shutdown().await;
 }

@@ -744,19 +744,7 @@ async fn downstream_tls_serves_h1_and_h2_by_alpn() {
     let up = TestUpstream::start("v1").await;
     let ca = TestCa::new("rollgate downstream test CA");
     let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("tls.crt");
-    let key_path = dir.path().join("tls.key");
-    write_leaf(&ca, &cert_path, &key_path);
-    let proxy = TestProxy::new()
-        .version("v1", &up)
-        .route(Route::new("chat", "v1"))
-        .top(&format!(
-            "tls: {{cert: \"{}\", key: \"{}\"}}",
-            cert_path.display(),
-            key_path.display()
-        ))
-        .start()
-        .await;
+    let (proxy, _, _) = tls_proxy(&up, &ca, dir.path()).await;
 
     for want in [http::Version::HTTP_2, http::Version::HTTP_11] {
         let resp = tls_get(&ca, proxy.data_addr().port(), want).await.unwrap();
@@ -787,6 +775,29 @@ fn write_leaf(ca: &TestCa, cert_path: &std::path::Path, key_path: &std::path::Pa
     let chain: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
     std::fs::write(cert_path, chain).unwrap();
     std::fs::write(key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+}
+
+/// A proxy in front of `up` serving TLS with a `localhost` leaf of `ca`, its PEM files in
+/// `dir`; returns them too.
+async fn tls_proxy(
+    up: &TestUpstream,
+    ca: &TestCa,
+    dir: &std::path::Path,
+) -> (TestProxy, std::path::PathBuf, std::path::PathBuf) {
+    let cert_path = dir.join("tls.crt");
+    let key_path = dir.join("tls.key");
+    write_leaf(ca, &cert_path, &key_path);
+    let proxy = TestProxy::new()
+        .version("v1", up)
+        .route(Route::new("chat", "v1"))
+        .top(&format!(
+            "tls: {{cert: \"{}\", key: \"{}\"}}",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .start()
+        .await;
+    (proxy, cert_path, key_path)
 }
 
 /// GET https://localhost:PORT/v1/x over a fresh connection trusting only `ca`.
@@ -828,19 +839,7 @@ async fn tls_certificates_reload_and_a_bad_pem_keeps_the_old_one() {
     let old_ca = TestCa::new("rollgate old CA");
     let new_ca = TestCa::new("rollgate new CA");
     let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("tls.crt");
-    let key_path = dir.path().join("tls.key");
-    write_leaf(&old_ca, &cert_path, &key_path);
-    let proxy = TestProxy::new()
-        .version("v1", &up)
-        .route(Route::new("chat", "v1"))
-        .top(&format!(
-            "tls: {{cert: \"{}\", key: \"{}\"}}",
-            cert_path.display(),
-            key_path.display()
-        ))
-        .start()
-        .await;
+    let (proxy, cert_path, key_path) = tls_proxy(&up, &old_ca, dir.path()).await;
     let port = proxy.data_addr().port();
     let h1 = http::Version::HTTP_11;
     assert_eq!(tls_get(&old_ca, port, h1).await.unwrap().status(), 200);

@@ -9,6 +9,8 @@
 pub mod file;
 mod validate;
 
+pub use validate::content_hash;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;

@@ -138,9 +138,7 @@ pub(super) fn parse_and_validate(text: &str, origin: &Path) -> Result<Config, Co
             ConfigError::single(origin, line, column, key, first.to_string())
         })?
     };
-    let mut hasher = Sha256::new();
-    hasher.update(text.as_bytes());
-    let hash = format!("sha256:{}", hex(&hasher.finalize()));
+    let hash = content_hash(text.as_bytes());
     validate(file, origin, hash)
 }
 
@@ -155,6 +153,11 @@ fn line_col(text: &str, offset: usize) -> (u64, u64) {
     let line = before.matches('\n').count() as u64 + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
     (line, col)
+}
+
+/// `sha256:<hex>` of a config file's bytes: [`Config::hash`].
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

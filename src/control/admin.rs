@@ -26,7 +26,7 @@ use super::audit::id_number;
 use super::reload::{Cause, Reloader};
 use crate::config::VersionName;
 use crate::evaluator::rules::Trigger;
-use crate::evaluator::{split_weights, Controller, DecisionContext};
+use crate::evaluator::{override_split, split_weights, Controller, DecisionContext};
 use crate::proxy::body::RespBody;
 use crate::routing::store::Store;
 use crate::routing::table::{RouteState, Table};
@@ -683,13 +683,7 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
                 )));
             }
             // The weights given replace the split: versions not named get 0.
-            let mut weights: std::collections::BTreeMap<VersionName, u32> = route
-                .config
-                .split
-                .iter()
-                .map(|(n, _)| (n.clone(), 0))
-                .collect();
-            weights.extend(r.weights.iter().map(|(k, v)| (k.clone(), *v)));
+            let weights = override_split(route, r.weights.iter().map(|(k, v)| (k.clone(), *v)));
             let mut f = Map::new();
             f.insert("route".into(), json!(r.route));
             f.insert(

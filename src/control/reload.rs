@@ -16,12 +16,11 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::admin::read_token;
-use crate::config::Config;
+use crate::config::{content_hash, Config};
 use crate::evaluator::Controller;
 use crate::proxy::server::CertStore;
 use crate::routing::table::RuntimeState;
@@ -66,16 +65,6 @@ pub struct Reloader {
     /// Hash of the last file content a watched change tried and failed to load, so one
     /// broken edit gives one error record, not one per unrelated event.
     last_failed: Mutex<Option<String>>,
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256:");
-    for b in d {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }
 
 /// Config keys whose change needs a restart: reported, not applied.
@@ -208,7 +197,7 @@ impl Reloader {
                 },
                 Err(e) => Err(format!("{}: cannot read config file: {e}", path.display())),
             };
-            (bytes.map(|b| sha256(&b)).ok(), parsed)
+            (bytes.map(|b| content_hash(&b)).ok(), parsed)
         })
         .await;
         let (file_hash, parsed) = match read {

@@ -490,6 +490,22 @@ async fn table_tick(
     tracks.retain(|k, _| live.contains(k));
 }
 
+/// Weight overrides for `route` that replace its split: every version of the split at 0,
+/// then `given`.
+pub(crate) fn override_split(
+    route: &crate::routing::table::Route,
+    given: impl IntoIterator<Item = (VersionName, u32)>,
+) -> std::collections::BTreeMap<VersionName, u32> {
+    let mut w: std::collections::BTreeMap<VersionName, u32> = route
+        .config
+        .split
+        .iter()
+        .map(|(n, _)| (n.clone(), 0))
+        .collect();
+    w.extend(given);
+    w
+}
+
 /// Weight overrides giving `candidate` `weight` and `baseline` the rest; every other
 /// version of the route's split gets 0.
 pub(crate) fn split_weights(
@@ -498,15 +514,13 @@ pub(crate) fn split_weights(
     weight: u32,
     baseline: &VersionName,
 ) -> std::collections::BTreeMap<VersionName, u32> {
-    let mut w: std::collections::BTreeMap<VersionName, u32> = route
-        .config
-        .split
-        .iter()
-        .map(|(n, _)| (n.clone(), 0))
-        .collect();
-    w.insert(baseline.clone(), 100 - weight);
-    w.insert(candidate.clone(), weight);
-    w
+    override_split(
+        route,
+        [
+            (baseline.clone(), 100 - weight),
+            (candidate.clone(), weight),
+        ],
+    )
 }
 
 /// Progressive rollouts: one step per clean `hold`, `promote` at 100.

@@ -371,7 +371,7 @@ pub async fn run(listen: SocketAddr, options: MockOptions) -> Result<(), MockErr
         addr: listen,
         source,
     })?;
-    let shutdown = shutdown_signal().map_err(MockError::Signal)?;
+    let shutdown = crate::app::shutdown_signal().map_err(MockError::Signal)?;
     println!(
         "rollgate mock-model: serving {} on http://{addr} \
          (POST /v1/chat/completions /v1/completions, GET /v1/models /health/ready)",
@@ -379,28 +379,4 @@ pub async fn run(listen: SocketAddr, options: MockOptions) -> Result<(), MockErr
     );
     serve(listener, model, shutdown).await;
     Ok(())
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed here, before the
-/// returned future is first polled, so a signal sent as soon as the "serving" line appears
-/// already stops the server cleanly instead of killing it. (`app.rs` waits for the same
-/// signals for `rollgate run`; the two entry points are independent, so each keeps its own.)
-#[cfg(unix)]
-fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
 }
