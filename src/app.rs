@@ -63,6 +63,19 @@ impl Listeners {
     }
 }
 
+/// Where the data plane's connections are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPlane {
+    /// On the runtime that calls [`start`] (tests, the demo).
+    Inline,
+    /// On this many threads, each with its own single-threaded runtime accepting from a
+    /// duplicate of the data socket: a connection, its requests and its upstream
+    /// connections stay on one thread, with no work stealing or cross-thread wake-ups
+    /// (the thread-per-core model of nginx, HAProxy and Pingora). The control plane
+    /// (admin, evaluator, health checks, reload) keeps the caller's runtime.
+    Workers(usize),
+}
+
 /// A started rollgate.
 #[derive(Debug)]
 pub struct Running {
@@ -81,8 +94,17 @@ pub struct Running {
     control_tasks: Vec<JoinHandle<()>>,
 }
 
-/// Starts serving on `listeners` with `config`.
+/// Starts serving on `listeners` with `config`, the data plane on the caller's runtime.
 pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> {
+    start_on(config, listeners, DataPlane::Inline).await
+}
+
+/// Starts serving on `listeners` with `config`, the data plane where `plane` says.
+pub async fn start_on(
+    config: Config,
+    listeners: Listeners,
+    plane: DataPlane,
+) -> io::Result<Running> {
     let data_addr = listeners.data.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let health_addr = match &listeners.health {
@@ -98,6 +120,9 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
     let interval = config.evaluator.interval;
     let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
     let metrics = Arc::new(Metrics::new(telemetry.clone()));
+    if let DataPlane::Workers(n) = plane {
+        crate::proxy::client::set_data_workers(n);
+    }
     let state_dir = config.state_dir.clone();
     // Quarantines and rollout progress survive restarts; a quarantine whose version changed
     // fingerprint since is lifted by `compile`.
@@ -116,16 +141,22 @@ pub async fn start(config: Config, listeners: Listeners) -> io::Result<Running> 
     let (stop_data, stop_data_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared::new(store.clone(), DEFAULT_MAX_IN_FLIGHT));
-    let data_task = tokio::spawn(server::serve(
-        listeners.data,
-        tls,
-        move |peer, tls, req| {
-            let shared = shared.clone();
-            async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
-        },
-        stop_data_rx,
-        drain,
-    ));
+    let handler = move |peer, tls, req| {
+        let shared = shared.clone();
+        async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
+    };
+    let data_task = match plane {
+        DataPlane::Inline => tokio::spawn(server::serve(
+            listeners.data,
+            tls,
+            handler,
+            stop_data_rx,
+            drain,
+        )),
+        DataPlane::Workers(n) => {
+            spawn_workers(n, listeners.data, tls, handler, stop_data_rx, drain)?
+        }
+    };
 
     let admin = Arc::new(Admin::new(controller.clone(), reloader.clone()));
     let mut control_tasks = Vec::new();
@@ -206,12 +237,61 @@ impl Running {
     }
 }
 
+/// Runs the data plane on `n` threads (see [`DataPlane::Workers`]); the returned task ends
+/// when every worker has drained.
+fn spawn_workers<H, F>(
+    n: usize,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+    stop: watch::Receiver<bool>,
+    drain: std::time::Duration,
+) -> io::Result<JoinHandle<()>>
+where
+    H: Fn(SocketAddr, bool, hyper::Request<hyper::body::Incoming>) -> F
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F: std::future::Future<Output = hyper::Response<crate::proxy::body::RespBody>> + Send + 'static,
+{
+    let listener = listener.into_std()?;
+    let mut threads = Vec::with_capacity(n);
+    for index in 0..n.max(1) {
+        // Each worker registers its own descriptor for the same socket with its own
+        // reactor; the kernel hands each new connection to one of them.
+        let socket = listener.try_clone()?;
+        let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("rollgate-data-{index}"))
+            .spawn(move || {
+                crate::proxy::client::enter_worker(index);
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => server::serve(l, tls, handler, stop, drain).await,
+                        Err(e) => tracing::error!(error = %e, "data worker cannot listen"),
+                    }
+                });
+            })?;
+        threads.push(thread);
+    }
+    Ok(tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    }))
+}
+
 /// `rollgate run`: binds from the config, serves until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config) -> io::Result<()> {
+/// The data plane runs on `workers` threads (see [`DataPlane::Workers`]).
+pub async fn run(config: Config, workers: usize) -> io::Result<()> {
     // Handlers first: a SIGTERM during start-up drains instead of killing.
     let signal = shutdown_signal()?;
     let listeners = Listeners::bind(&config).await?;
-    let running = start(config, listeners).await?;
+    let running = start_on(config, listeners, DataPlane::Workers(workers)).await?;
     signal.await;
     tracing::info!("shutdown signal received; draining");
     running.shutdown().await;

@@ -1015,3 +1015,103 @@ async fn bad_requests_get_4xx_and_reach_no_upstream() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_is_closed_gracefully_after_its_request_cap() {
+    let up = TestUpstream::start("v1").await;
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1"))
+        .start()
+        .await;
+    let cap = rollgate::proxy::server::MAX_REQUESTS_PER_CONNECTION as usize;
+    // More requests than the cap, pipelined on one connection without `Connection: close`:
+    // the proxy answers exactly `cap` of them, the last with `Connection: close`, and closes.
+    let raw = "GET /v1/x HTTP/1.1\r\nHost: a\r\n\r\n".repeat(cap + 5);
+    let out = raw_http1(proxy.data_addr(), raw.as_bytes()).await;
+    assert_eq!(
+        out.matches("HTTP/1.1 200 OK").count(),
+        cap,
+        "{}",
+        &out[out.len().saturating_sub(400)..]
+    );
+    let last = &out[out.rfind("HTTP/1.1 200 OK").unwrap()..];
+    assert!(
+        last.to_ascii_lowercase().contains("connection: close"),
+        "{last}"
+    );
+    assert_eq!(
+        out.to_ascii_lowercase()
+            .matches("connection: close")
+            .count(),
+        1
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_and_never_counts_against_the_version() {
+    let up = TestUpstream::start("v1").await;
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1").with("timeouts: {idle: 300ms}"))
+        .start()
+        .await;
+    let addr = proxy.data_addr();
+    // Small body (buffered for retries before any upstream connect) and large body (streamed
+    // upstream after a 64 KiB prefix): both stall half-way, the connection stays open.
+    for (declared, sent) in [(100usize, 10usize), (200_000, 80_000)] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head =
+            format!("POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: {declared}\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, &vec![b'x'; sent])
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        .expect("the proxy answers a stalled body instead of waiting forever")
+        .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "{declared}-byte body: {text}"
+        );
+    }
+    assert_eq!(
+        up.requests().iter().filter(|r| r.body_complete).count(),
+        0,
+        "no complete body reached the upstream"
+    );
+    let errors = proxy
+        .metric(
+            "rollgate_requests_total",
+            &[("version", "v1"), ("classification", "error")],
+        )
+        .await;
+    assert_eq!(
+        errors, 0.0,
+        "a client's stalled body is not the version's fault"
+    );
+    let refused = proxy
+        .metric(
+            "rollgate_requests_total",
+            &[
+                ("version", "v1"),
+                ("code", "408"),
+                ("classification", "refused"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        refused, 2.0,
+        "both stalls are counted, as the proxy's refusals"
+    );
+    proxy.shutdown().await;
+}

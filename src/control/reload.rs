@@ -26,8 +26,10 @@ use crate::proxy::server::CertStore;
 use crate::routing::table::RuntimeState;
 use crate::telemetry::prom::labels;
 
-/// How long the directory must stay quiet before a watched change is applied.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+/// How long the directory must stay quiet before a watched change is applied. Long enough
+/// to coalesce the burst of events of one save or one ConfigMap `..data` swap (a few ms
+/// apart), short enough that a rename serves the new table well within 100 ms.
+pub const DEBOUNCE: Duration = Duration::from_millis(40);
 
 /// What started a reload (the `cause` of its audit record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,6 +32,8 @@ pub enum ClientBodyError {
     TooLarge,
     #[error("reading the request body failed: {0}")]
     Read(#[source] hyper::Error),
+    #[error("the client sent no request body bytes for the route's idle timeout")]
+    Timeout,
 }
 
 /// Set when a streamed request body failed on the client's side, so the proxy can tell a
@@ -39,6 +41,7 @@ pub enum ClientBodyError {
 #[derive(Debug, Default)]
 pub struct ClientBodyFlag {
     pub too_large: AtomicBool,
+    pub timed_out: AtomicBool,
     pub failed: AtomicBool,
 }
 
@@ -56,11 +59,34 @@ pin_project! {
             inner: Incoming,
             remaining: u64,
             flag: Arc<ClientBodyFlag>,
+            // Re-armed at every frame: a client that stops sending mid-body (slowloris on
+            // the body; hyper has no body timeout) is cut off after the route's idle timeout.
+            idle: Duration,
+            deadline: Pin<Box<tokio::time::Sleep>>,
         },
     }
 }
 
 impl ReqBody {
+    /// The rest of the client's body, streamed with `remaining` bytes still allowed and at
+    /// most `idle` between frames.
+    pub fn stream(
+        prefix: Option<Bytes>,
+        inner: Incoming,
+        remaining: u64,
+        flag: Arc<ClientBodyFlag>,
+        idle: Duration,
+    ) -> Self {
+        ReqBody::Stream {
+            prefix,
+            inner,
+            remaining,
+            flag,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
     pub fn full(b: Bytes) -> Self {
         if b.is_empty() {
             ReqBody::Empty
@@ -95,12 +121,25 @@ impl Body for ReqBody {
                 inner,
                 remaining,
                 flag,
+                idle,
+                deadline,
             } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                match inner.poll_frame(cx) {
-                    Poll::Pending => Poll::Pending,
+                let polled = inner.poll_frame(cx);
+                if polled.is_ready() {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + *idle);
+                }
+                match polled {
+                    Poll::Pending => {
+                        if deadline.as_mut().poll(cx).is_ready() {
+                            flag.timed_out.store(true, Ordering::Relaxed);
+                            flag.failed.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout))));
+                        }
+                        Poll::Pending
+                    }
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Ready(Some(Err(e))) => {
                         flag.failed.store(true, Ordering::Relaxed);

@@ -6,6 +6,7 @@
 //! TCP_NODELAY on the connector, pool idle timeout below the usual upstream keep-alive of
 //! 5 s with a pool timer, a bounded idle pool.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,10 +28,34 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const POOL_MAX_IDLE_PER_HOST: usize = 64;
 
+/// Data-plane worker threads (see `app::DataPlane`); 0 when the data plane runs on the
+/// caller's runtime. Set once at start-up, before the first routing table is compiled.
+static DATA_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// 1..=DATA_WORKERS on a data-plane worker thread, 0 elsewhere.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Declares how many data-plane worker threads will run, so each endpoint gets one
+/// connection pool per worker (plus one for everything else: health checks, inline
+/// serving). Call before building the store.
+pub fn set_data_workers(n: usize) {
+    DATA_WORKERS.store(n, Ordering::Relaxed);
+}
+
+/// Marks the calling thread as data-plane worker `index` (0-based).
+pub fn enter_worker(index: usize) {
+    WORKER.with(|w| w.set(index + 1));
+}
+
 /// One endpoint of a version.
 pub struct EndpointRt {
     pub endpoint: Endpoint,
-    pub client: HttpClient,
+    /// One pool per data-plane worker thread, so an upstream connection is only ever driven
+    /// by the thread whose requests use it (no cross-thread wake-ups, no shared pool lock);
+    /// slot 0 serves every other thread.
+    clients: Box<[HttpClient]>,
     /// Kept by the health checker; unhealthy endpoints are skipped while others remain.
     pub healthy: AtomicBool,
     /// Consecutive failed / passed active health checks.
@@ -58,6 +83,15 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+impl EndpointRt {
+    /// The calling thread's connection pool for this endpoint.
+    #[inline]
+    pub fn client(&self) -> &HttpClient {
+        let i = WORKER.with(Cell::get);
+        self.clients.get(i).unwrap_or(&self.clients[0])
+    }
+}
+
 impl Upstream {
     pub fn new(v: &VersionConfig, connect_timeout: Duration) -> std::io::Result<Self> {
         let tls = client_tls(v.ca_file.as_deref())?;
@@ -66,7 +100,9 @@ impl Upstream {
             .iter()
             .map(|e| EndpointRt {
                 endpoint: e.clone(),
-                client: build_client(e, connect_timeout, tls.clone()),
+                clients: (0..=DATA_WORKERS.load(Ordering::Relaxed))
+                    .map(|_| build_client(e, connect_timeout, tls.clone()))
+                    .collect(),
                 healthy: AtomicBool::new(true),
                 failures: AtomicU32::new(0),
                 successes: AtomicU32::new(0),

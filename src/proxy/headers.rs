@@ -50,7 +50,11 @@ fn is_protected(name: &str) -> bool {
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: most requests carry none of them.
+    // Fast path: one pass over the names (enum compares for standard headers) instead of a
+    // hashed lookup per hop-by-hop name; most requests carry none of them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Collect nominated names first: the map cannot be mutated while borrowed.
         let mut nominated: Vec<HeaderName> = Vec::new();
@@ -82,10 +86,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::UPGRADE,
         &HTTP2_SETTINGS,
     ] {
-        if headers.contains_key(n) {
-            headers.remove(n);
-        }
+        headers.remove(n);
     }
+}
+
+thread_local! {
+    /// The last peer address formatted on this thread: a sidecar sees one peer (and a
+    /// gateway few, over keep-alive connections), so the text is built once, not per request.
+    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `peer` as a header value.
+fn peer_value(peer: IpAddr) -> HeaderValue {
+    LAST_PEER.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((ip, v)) = last.as_ref() {
+            if *ip == peer {
+                return v.clone();
+            }
+        }
+        let mut text = String::with_capacity(48);
+        let _ = write!(text, "{peer}");
+        let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        *last = Some((peer, v.clone()));
+        v
+    })
 }
 
 /// Appends the socket peer to `x-forwarded-for` (existing values are kept as the client
@@ -96,19 +123,18 @@ pub fn add_forwarded(
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    let mut ip = String::with_capacity(48);
-    let _ = write!(ip, "{peer}");
+    let ip = peer_value(peer);
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             let mut s = String::with_capacity(prev.len() + 2 + ip.len());
             s.push_str(prev);
             s.push_str(", ");
-            s.push_str(&ip);
-            s
+            s.push_str(ip.to_str().unwrap_or_default());
+            HeaderValue::from_str(&s).ok()
         }
-        _ => ip,
+        _ => Some(ip),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -127,9 +153,20 @@ static PROCESS_TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 pub fn new_request_id() -> HeaderValue {
     let tag = *PROCESS_TAG.get_or_init(|| fastrand::u32(..));
     let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
-    let mut s = String::with_capacity(26);
-    let _ = write!(s, "{tag:08x}-{seq:016x}");
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+    let mut id = [0u8; 25];
+    hex(&mut id[..8], u64::from(tag));
+    id[8] = b'-';
+    hex(&mut id[9..], seq);
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Writes the low `out.len()` hex digits of `n` (lower case, zero-padded) into `out`.
+fn hex(out: &mut [u8], mut n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 /// Returns the request id to use: the client's if it is sane, else a new one.
@@ -193,8 +230,28 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_unique() {
-        assert_ne!(new_request_id(), new_request_id());
+    fn request_ids_are_unique_and_well_formed() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 25);
+        assert_eq!(&a[8..9], "-");
+        assert!(a.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        let mut digits = [0u8; 6];
+        hex(&mut digits, 0xabc);
+        assert_eq!(&digits, b"000abc");
+    }
+
+    #[test]
+    fn forwarded_for_of_a_new_peer_is_not_the_cached_one() {
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "10.0.0.1".parse().unwrap(), "http", None);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, ::1");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
+        assert_eq!(h[&X_FORWARDED_FOR], "::1");
     }
 
     #[test]

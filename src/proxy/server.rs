@@ -40,6 +40,10 @@ pub const MAX_HEADERS: usize = 100;
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Time a TLS client has to finish its handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/1.1 requests served on one connection before it is closed gracefully (the last
+/// response carries `Connection: close`), as nginx's `keepalive_requests`: bounds what one
+/// client connection can pin, and lets a load balancer rebalance long-lived clients.
+pub const MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
 /// Back-off after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -188,9 +192,22 @@ async fn serve_connection<H, F>(
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let is_tls = tls.is_some();
-    let service = service_fn(move |req| {
+    let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let last = req.version() < hyper::Version::HTTP_2
+            && served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+                >= MAX_REQUESTS_PER_CONNECTION;
         let fut = handler(peer, is_tls, req);
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move {
+            let mut resp = fut.await;
+            if last {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let result = match tls {
         None => {

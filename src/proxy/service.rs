@@ -106,6 +106,8 @@ pub enum Refusal {
     UpstreamTimeout(Duration),
     #[error("fault injected by a rollback drill")]
     InjectedFault,
+    #[error("the request body stalled for {0:?}")]
+    BodyTimeout(Duration),
 }
 
 impl Refusal {
@@ -121,6 +123,7 @@ impl Refusal {
             Refusal::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::InjectedFault => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -136,6 +139,7 @@ impl Refusal {
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamTimeout(_) => "upstream_timeout",
             Refusal::InjectedFault => "injected_fault",
+            Refusal::BodyTimeout(_) => "request_timeout",
         }
     }
 
@@ -328,10 +332,18 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                 .map(str::to_string);
             if model.is_none() {
                 if let BodyState::Unread(b) = body_state {
-                    let bytes = match read_all(b, r.config.max_request_body).await {
-                        Ok(bytes) => bytes,
-                        Err(e) => return e.into_response(None, Some(&request_id)),
-                    };
+                    let idle = r.config.timeouts.idle;
+                    let bytes =
+                        match tokio::time::timeout(idle, read_all(b, r.config.max_request_body))
+                            .await
+                        {
+                            Ok(Ok(bytes)) => bytes,
+                            Ok(Err(e)) => return e.into_response(None, Some(&request_id)),
+                            Err(_) => {
+                                return Refusal::BodyTimeout(idle)
+                                    .into_response(None, Some(&request_id))
+                            }
+                        };
                     model = body_model(&bytes);
                     body_state = BodyState::Buffered(bytes);
                 }
@@ -388,6 +400,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
     // Body: refuse oversized ones before any upstream connect; buffer small ones so a
     // retry can replay them.
     let limit = route.config.max_request_body;
+    let idle = route.config.timeouts.idle;
     let refuse = |abort: &mut AbortGuard, r: Refusal| {
         abort.armed = false;
         // The member of the attempt in progress (after a retry, the baseline's).
@@ -407,28 +420,19 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         BodyState::Unread(b) => {
             let buffer = RETRY_BUFFER.min(limit);
             if declared.is_some_and(|n| n > buffer) {
-                ReqBody::Stream {
-                    prefix: None,
-                    inner: b,
-                    remaining: limit,
-                    flag: flag.clone(),
-                }
+                ReqBody::stream(None, b, limit, flag.clone(), idle)
             } else {
-                match read_prefix(b, buffer).await {
-                    Ok(Ok(all)) => ReqBody::full(all),
-                    Ok(Err((prefix, rest))) => {
+                match tokio::time::timeout(idle, read_prefix(b, buffer)).await {
+                    Ok(Ok(Ok(all))) => ReqBody::full(all),
+                    Ok(Ok(Err((prefix, rest)))) => {
                         let used = prefix.len() as u64;
                         if used > limit {
                             return refuse(&mut abort, Refusal::BodyTooLarge);
                         }
-                        ReqBody::Stream {
-                            prefix: Some(prefix),
-                            inner: rest,
-                            remaining: limit - used,
-                            flag: flag.clone(),
-                        }
+                        ReqBody::stream(Some(prefix), rest, limit - used, flag.clone(), idle)
                     }
-                    Err(r) => return refuse(&mut abort, r),
+                    Ok(Err(r)) => return refuse(&mut abort, r),
+                    Err(_) => return refuse(&mut abort, Refusal::BodyTimeout(idle)),
                 }
             }
         }
@@ -562,7 +566,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
             return Refusal::InjectedFault.into_response(Some(&v.name_value), Some(&request_id));
         }
         let first_byte = route.config.timeouts.first_byte;
-        let outcome = tokio::time::timeout(first_byte, ep.client.request(up)).await;
+        let outcome = tokio::time::timeout(first_byte, ep.client().request(up)).await;
         let failure: (UpstreamErrorKind, u16, Refusal) = match outcome {
             Ok(Ok(resp)) => {
                 let status = resp.status();
@@ -590,6 +594,9 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
             Ok(Err(e)) => {
                 if flag.too_large.load(Ordering::Relaxed) {
                     return refuse(&mut abort, Refusal::BodyTooLarge);
+                }
+                if flag.timed_out.load(Ordering::Relaxed) {
+                    return refuse(&mut abort, Refusal::BodyTimeout(idle));
                 }
                 if flag.failed.load(Ordering::Relaxed) {
                     abort.armed = false;
