@@ -129,6 +129,14 @@ pub async fn start_on(
     let mut runtime = state::load(&state_dir)?;
     reload::prune(&mut runtime, &config);
     let audit = Arc::new(Audit::open(&state_dir)?);
+    // The last passed drill survives restarts in the audit log; so does its metric.
+    let last_drill = crate::control::check::last_drills(&state_dir.join("audit.jsonl"))
+        .into_iter()
+        .filter_map(|(_, at)| at.duration_since(std::time::UNIX_EPOCH).ok())
+        .max();
+    if let Some(at) = last_drill {
+        metrics.rollback_drill_timestamp.set(at.as_secs_f64());
+    }
     let store = Arc::new(Store::new(config, runtime, telemetry.clone(), metrics)?);
     let controller = Arc::new(Controller::new(
         store.clone(),

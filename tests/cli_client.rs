@@ -267,12 +267,31 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     // Restored, and the drill is visible to monitoring.
     let s = proxy.status_json().await;
     assert_eq!(s["routes"][0]["weights"]["canary"], 30);
+    let drilled_at = proxy
+        .metric("rollgate_rollback_drill_timestamp_seconds", &[])
+        .await;
+    assert!(drilled_at > 1.7e9);
+    // A restart on the same state_dir still knows when the last drill passed (from the
+    // audit log), so a "no drill in 30 days" alert does not fire after every restart.
+    let config =
+        rollgate::config::Config::from_str(proxy.yaml(), std::path::Path::new("restarted.yaml"))
+            .unwrap();
+    let listeners = rollgate::app::Listeners {
+        data: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        health: None,
+    };
+    let restarted = rollgate::app::start(config, listeners).await.unwrap();
+    let text = TestClient::http1()
+        .get(&format!("http://{}/metrics", restarted.admin_addr))
+        .await
+        .text();
+    let after_restart = metric_sum(&text, "rollgate_rollback_drill_timestamp_seconds", &[]);
     assert!(
-        proxy
-            .metric("rollgate_rollback_drill_timestamp_seconds", &[])
-            .await
-            > 1.7e9
+        (after_restart - drilled_at).abs() < 1.0,
+        "drill at {drilled_at}, after a restart {after_restart}"
     );
+    restarted.shutdown().await;
     proxy.shutdown().await;
 }
 

@@ -1318,6 +1318,16 @@ async fn invalid_edit_keeps_the_old_table_and_a_fixed_file_applies() {
     let before = admin.status().await;
     let g0 = before["generation"].as_u64().unwrap();
     let good = proxy.yaml().to_string();
+    // Counters exist at 0 before their first event, so `increase()` and alerts see it.
+    let text = proxy.metrics_text().await;
+    for series in [
+        "rollgate_config_reloads_total{result=\"error\"} 0",
+        "rollgate_rollback_triggered_total{route=\"chat\",trigger=\"error_rate_ratio\"} 0",
+        "rollgate_rollback_completed_total{route=\"chat\"} 0",
+        "rollgate_config_last_reload_successful 1",
+    ] {
+        assert!(text.contains(series), "missing `{series}` in\n{text}");
+    }
 
     // An editor saves a file with an unknown key.
     let broken = format!("{good}bogus_key: 1\n");
@@ -1329,6 +1339,13 @@ async fn invalid_edit_keeps_the_old_table_and_a_fixed_file_applies() {
             == 1.0,
         Duration::from_secs(3),
         "the invalid edit was not counted"
+    );
+    assert_eq!(
+        admin
+            .metric("rollgate_config_last_reload_successful", &[])
+            .await,
+        0.0,
+        "a rejected file is still in place"
     );
     let errors = reload_records(&admin, 1).await;
     let rec = &errors[0];
@@ -1432,6 +1449,12 @@ async fn invalid_edit_keeps_the_old_table_and_a_fixed_file_applies() {
             .await
             == 1.0,
         Duration::from_secs(1)
+    );
+    assert_eq!(
+        admin
+            .metric("rollgate_config_last_reload_successful", &[])
+            .await,
+        1.0
     );
     proxy.shutdown().await;
 }

@@ -115,7 +115,7 @@ pub fn report(config: Config) -> std::io::Result<String> {
 }
 
 /// `(route, time)` of every `drill` record in the audit log, if there is one.
-fn last_drills(audit: &Path) -> Vec<(String, SystemTime)> {
+pub fn last_drills(audit: &Path) -> Vec<(String, SystemTime)> {
     let Ok(text) = std::fs::read_to_string(audit) else {
         return Vec::new();
     };

@@ -166,12 +166,14 @@ impl Reloader {
     }
 
     fn count(&self, result: &str) {
-        self.controller
-            .store
-            .metrics
+        let metrics = &self.controller.store.metrics;
+        metrics
             .config_reloads
             .get_or_create(&labels(&[("result", result)]))
             .inc();
+        metrics
+            .config_last_reload_successful
+            .set(i64::from(result == "ok"));
     }
 
     /// Re-reads the certificate and key; on failure the old pair keeps serving.

@@ -24,6 +24,19 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    pub const ALL: [Trigger; 10] = [
+        Trigger::ErrorRateRatio,
+        Trigger::ErrorRateMax,
+        Trigger::LatencyP99Max,
+        Trigger::LatencyP99Ratio,
+        Trigger::HealthFailures,
+        Trigger::AccuracyDrop,
+        Trigger::Drift,
+        Trigger::SafetyViolations,
+        Trigger::Manual,
+        Trigger::Drill,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::ErrorRateRatio => "error_rate_ratio",

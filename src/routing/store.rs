@@ -224,6 +224,17 @@ impl Store {
             m.route_degraded
                 .get_or_create(&labels(&[("route", &r.name)]))
                 .set(i64::from(r.degraded));
+            // Rollback counters exist at 0 before the first rollback, so `increase()` and
+            // alert rules see that one too.
+            let _ = m
+                .rollback_completed
+                .get_or_create(&labels(&[("route", &r.name)]));
+            for trigger in crate::evaluator::rules::Trigger::ALL {
+                let _ = m.rollback_triggered.get_or_create(&labels(&[
+                    ("route", &r.name),
+                    ("trigger", trigger.as_str()),
+                ]));
+            }
         }
         m.version_quarantined.clear();
         m.version_healthy.clear();

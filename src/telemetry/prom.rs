@@ -41,6 +41,7 @@ pub struct Metrics {
     pub rollback_duration: PromHistogram,
     pub rollback_drill_timestamp: Gauge<f64, AtomicU64>,
     pub config_reloads: Family<Labels, Counter>,
+    pub config_last_reload_successful: Gauge,
     pub route_degraded: Family<Labels, Gauge>,
     pub requests_shed: Counter,
 }
@@ -73,10 +74,18 @@ impl Metrics {
             ]),
             rollback_drill_timestamp: Gauge::default(),
             config_reloads: Family::default(),
+            config_last_reload_successful: Gauge::default(),
             route_degraded: Family::default(),
             requests_shed: Counter::default(),
             registry: Registry::default(),
         };
+        // Counters exist from the start, at 0, so `increase()` sees their first event.
+        for result in ["ok", "error"] {
+            let _ = m
+                .config_reloads
+                .get_or_create(&labels(&[("result", result)]));
+        }
+        m.config_last_reload_successful.set(1);
         registry.register(
             "route_weight_ratio",
             "Effective share of a route's new traffic per version (0..1)",
@@ -121,6 +130,11 @@ impl Metrics {
             "config_reloads",
             "Config reloads, by result",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last config reload was applied, 0 while a rejected file is in place",
+            m.config_last_reload_successful.clone(),
         );
         registry.register(
             "route_degraded",
