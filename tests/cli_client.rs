@@ -267,6 +267,39 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     // Restored, and the drill is visible to monitoring.
     let s = proxy.status_json().await;
     assert_eq!(s["routes"][0]["weights"]["canary"], 30);
+    // A second drill right after the first: the resumed canary is judged on new traffic
+    // only, so the first drill's injected errors cannot roll it back again.
+    let (code, out, err) = rollgate(
+        &[
+            "drill",
+            "--version",
+            "canary",
+            "--fault",
+            "error=0.5",
+            "--timeout",
+            "20s",
+            "--load",
+            &load,
+            "--admin",
+            &admin,
+            "--json",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "second drill: {out}\n{err}");
+    let (_, events, _) = rollgate(&["events", "--admin", &admin, "--json"], None).await;
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["rollback", "resume", "drill", "rollback", "resume", "drill"]
+    );
     let drilled_at = proxy
         .metric("rollgate_rollback_drill_timestamp_seconds", &[])
         .await;

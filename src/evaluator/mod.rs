@@ -178,6 +178,9 @@ impl Controller {
             .map(|mem| mem.stats.clone())
             .collect();
         let drained: i64 = pairs.iter().map(|p| p.in_flight().max(0)).sum();
+        for p in &pairs {
+            p.new_incarnation();
+        }
         let persist = match self.persist().await {
             Ok(d) => d,
             Err(e) => {
@@ -258,6 +261,8 @@ struct Epoch {
 
 /// Everything the evaluator tracks per (route, candidate) between ticks.
 struct Track {
+    /// The candidate's incarnation this track judges (see `PairStats::new_incarnation`).
+    incarnation: u64,
     epoch: Epoch,
     /// (time, cumulative flagged) samples covering the `safety_violations` period.
     flagged: VecDeque<(Instant, u64)>,
@@ -271,6 +276,7 @@ impl Track {
     fn new(now: Instant, cand: &PairStats, base: &PairStats) -> Self {
         let c = cand.signals.counts();
         Track {
+            incarnation: cand.incarnation(),
             epoch: Epoch::start(1, now, cand, base),
             flagged: VecDeque::from([(now, c.flagged)]),
             drift_seen: c.samples,
@@ -384,6 +390,10 @@ async fn table_tick(
             let track = tracks
                 .entry(key)
                 .or_insert_with(|| Track::new(now, &m.stats, &base.stats));
+            if track.incarnation != m.stats.incarnation() {
+                // Rolled back and resumed since the last tick: start from today's traffic.
+                *track = Track::new(now, &m.stats, &base.stats);
+            }
             if now.duration_since(track.epoch.started) >= ev.window {
                 track.epoch = Epoch::start(track.epoch.number + 1, now, &m.stats, &base.stats);
             }

@@ -246,6 +246,9 @@ pub struct PairStats {
     agg: Mutex<Aggregate>,
     /// Requests begun ([`begin`](Self::begin)) and not yet recorded: what a rollback drains.
     in_flight: AtomicI64,
+    /// Bumped when the version is rolled back: the evaluator then judges it afresh once it
+    /// is live again, never on requests from before (a drill's fault, a bug since fixed).
+    incarnation: AtomicU64,
 }
 
 impl std::fmt::Debug for PairStats {
@@ -285,6 +288,7 @@ impl PairStats {
                 ring: VecDeque::with_capacity(slots as usize + 2),
             }),
             in_flight: AtomicI64::new(0),
+            incarnation: AtomicU64::new(0),
         }
     }
 
@@ -295,6 +299,15 @@ impl PairStats {
     }
 
     /// Requests begun and not yet recorded.
+    /// Starts a new incarnation (see the field); called by the rollback sequence.
+    pub fn new_incarnation(&self) {
+        self.incarnation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }
