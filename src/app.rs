@@ -21,7 +21,7 @@ use crate::control::reload::{self, Reloader};
 use crate::control::state;
 use crate::evaluator::{self, Controller};
 use crate::proxy::server::{self, CertStore};
-use crate::proxy::service::{self, ConnInfo, Shared, DEFAULT_MAX_IN_FLIGHT};
+use crate::proxy::service::{self, ConnInfo, Shared};
 use crate::routing::store::Store;
 use crate::telemetry::prom::Metrics;
 use crate::telemetry::Telemetry;
@@ -62,6 +62,9 @@ impl Listeners {
         })
     }
 }
+
+/// How long the admin and health listeners' clients may stop reading.
+const CONTROL_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the data plane's connections are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,22 +151,42 @@ pub async fn start_on(
     let (stop, stop_rx) = watch::channel(false);
     let (stop_data, stop_data_rx) = watch::channel(false);
 
-    let shared = Arc::new(Shared::new(store.clone(), DEFAULT_MAX_IN_FLIGHT));
+    let shared = Arc::new(Shared::new(store.clone(), usize::MAX));
     let handler = move |peer, tls, req| {
         let shared = shared.clone();
         async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
+    };
+    // A client that stops reading is cut off after the longest route idle timeout.
+    let write_stall: server::WriteStall = {
+        let store = store.clone();
+        Arc::new(move || {
+            let table = store.load();
+            table
+                .routes
+                .iter()
+                .map(|r| r.config.timeouts.idle)
+                .max()
+                .unwrap_or(CONTROL_WRITE_STALL)
+        })
     };
     let data_task = match plane {
         DataPlane::Inline => tokio::spawn(server::serve(
             listeners.data,
             tls,
             handler,
+            write_stall,
             stop_data_rx,
             drain,
         )),
-        DataPlane::Workers(n) => {
-            spawn_workers(n, listeners.data, tls, handler, stop_data_rx, drain)?
-        }
+        DataPlane::Workers(n) => spawn_workers(
+            n,
+            listeners.data,
+            tls,
+            handler,
+            write_stall,
+            stop_data_rx,
+            drain,
+        )?,
     };
 
     let admin = Arc::new(Admin::new(controller.clone(), reloader.clone()));
@@ -172,10 +195,11 @@ pub async fn start_on(
     control_tasks.push(tokio::spawn(server::serve(
         listeners.admin,
         None,
-        move |_peer, _tls, req| {
+        move |peer, _tls, req| {
             let admin = a.clone();
-            async move { admin::handle(&admin, req).await }
+            async move { admin::handle(&admin, peer, req).await }
         },
+        Arc::new(|| CONTROL_WRITE_STALL),
         stop_rx.clone(),
         drain,
     )));
@@ -188,6 +212,7 @@ pub async fn start_on(
                 let admin = a.clone();
                 async move { admin::handle_health(&admin, req).await }
             },
+            Arc::new(|| CONTROL_WRITE_STALL),
             stop_rx.clone(),
             drain,
         )));
@@ -252,6 +277,7 @@ fn spawn_workers<H, F>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     handler: H,
+    write_stall: server::WriteStall,
     stop: watch::Receiver<bool>,
     drain: std::time::Duration,
 ) -> io::Result<JoinHandle<()>>
@@ -270,6 +296,7 @@ where
         // reactor; the kernel hands each new connection to one of them.
         let socket = listener.try_clone()?;
         let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
+        let write_stall = write_stall.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -279,7 +306,7 @@ where
                 crate::proxy::client::enter_worker(index);
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(l) => server::serve(l, tls, handler, stop, drain).await,
+                        Ok(l) => server::serve(l, tls, handler, write_stall, stop, drain).await,
                         Err(e) => tracing::error!(error = %e, "data worker cannot listen"),
                     }
                 });

@@ -85,6 +85,9 @@ pub struct FileConfig {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default)]
     pub drain_timeout: Option<L<String>>,
+    /// Requests in flight through the data plane before new ones get 503 + Retry-After.
+    #[serde(default)]
+    pub max_in_flight: Option<u64>,
     pub versions: BTreeMap<String, L<FileVersion>>,
     pub routes: Vec<L<FileRoute>>,
     #[serde(default)]

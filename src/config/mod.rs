@@ -77,6 +77,9 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     pub state_dir: PathBuf,
     pub drain_timeout: Duration,
+    /// Requests in flight through the data plane before new ones are shed (503 +
+    /// `Retry-After`). Reloadable.
+    pub max_in_flight: usize,
     /// Sorted by name.
     pub versions: Vec<VersionConfig>,
     /// In file order: the first matching route wins.

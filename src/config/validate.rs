@@ -221,6 +221,11 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         .as_ref()
         .and_then(|l| socket_addr(&mut p, l, "health_listen"));
     let drain_timeout = p.duration(&f.drain_timeout, "drain_timeout", Duration::from_secs(25));
+    let max_in_flight = f.max_in_flight.unwrap_or(10_000);
+    if max_in_flight == 0 {
+        p.nowhere("max_in_flight", "must be at least 1");
+    }
+    let max_in_flight = usize::try_from(max_in_flight).unwrap_or(usize::MAX);
     let tls = f.tls.as_ref().map(|t| TlsFiles {
         cert: relative(origin, &t.value.cert),
         key: relative(origin, &t.value.key),
@@ -418,6 +423,7 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         health_listen,
         state_dir: relative(origin, &f.state_dir),
         drain_timeout,
+        max_in_flight,
         versions,
         routes,
         pin: PinConfig {

@@ -9,6 +9,7 @@
 //! `admin.token_file` is set (compared in constant time over SHA-256 digests; 401
 //! otherwise), and answer errors as `{"error", "detail"}` with a 4xx and nothing changed.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,10 +236,22 @@ const POSTS: &[&str] = &[
 ];
 
 /// Serves one admin request.
-pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> Response<RespBody> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let result = if POSTS.contains(&path.as_str()) {
+    // Another host (by socket address, never by forwarding headers) gets nothing but the
+    // probes without the bearer token: reads reveal routing and versions too.
+    let remote = !peer.ip().to_canonical().is_loopback();
+    let result = if remote
+        && !matches!(path.as_str(), "/healthz" | "/readyz")
+        && !(admin.reloader.admin_token.load().is_some() && admin.authorized(&req))
+    {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the admin API answers other hosts only with the bearer token",
+        ))
+    } else if POSTS.contains(&path.as_str()) {
         if method != Method::POST {
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -21,6 +21,8 @@ pub static X_GATEWAY_MODEL_NAME: HeaderName = HeaderName::from_static("x-gateway
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that describe one hop, never the message (RFC 9110 §7.6.1, plus the legacy
 /// `proxy-connection` and h2c's `http2-settings`).
@@ -115,8 +117,53 @@ fn peer_value(peer: IpAddr) -> HeaderValue {
     })
 }
 
+/// Whether a client-sent header name impersonates rollgate's own: `x-rollgate-*` (the
+/// proxy's response headers), or the pin header, in any spelling that folds `_` into `-`
+/// (as some frameworks do; Envoy's `headers_with_underscores_action`).
+fn is_control(name: &HeaderName, pin: &HeaderName) -> bool {
+    let (n, pin) = (name.as_str().as_bytes(), pin.as_str().as_bytes());
+    let folded_eq = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    };
+    (n.len() >= 11 && folded_eq(&n[..11], b"x-rollgate-")) || folded_eq(n, pin)
+}
+
+/// Cleans a client's request headers for the upstream: hop-by-hop headers (and those
+/// `Connection` nominates), rollgate's own control headers in every spelling, and
+/// `X-Real-IP` (rollgate does not vouch for it). One pass over the names when there is
+/// nothing to remove, which is the common case.
+pub fn sanitize_request(headers: &mut HeaderMap, pin: &HeaderName) {
+    let mut hop = false;
+    let mut other = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            hop = true;
+        } else if name == X_REAL_IP || is_control(name, pin) {
+            other = true;
+        }
+    }
+    if hop {
+        strip_hop_by_hop(headers);
+    }
+    if other {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| *n == X_REAL_IP || is_control(n, pin))
+            .cloned()
+            .collect();
+        for n in doomed {
+            headers.remove(&n);
+        }
+    }
+}
+
 /// Appends the socket peer to `x-forwarded-for` (existing values are kept as the client
-/// sent them, never trusted for decisions) and overwrites `x-forwarded-proto`.
+/// sent them, never trusted for decisions), appends the addressed authority to
+/// `x-forwarded-host` and an element to a client's `forwarded`, and overwrites
+/// `x-forwarded-proto`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -139,8 +186,20 @@ pub fn add_forwarded(
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(h) = host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
+        // Appended like X-Forwarded-For: the last element is the authority this hop saw.
+        headers.append(X_FORWARDED_HOST.clone(), h);
+    }
+    // RFC 7239: a proxy that forwards a `Forwarded` header appends its own element.
+    if headers.contains_key(&FORWARDED) {
+        let ip = peer_value(peer);
+        let ip = ip.to_str().unwrap_or_default();
+        let element = if peer.is_ipv6() {
+            format!("for=\"[{ip}]\";proto={proto}")
+        } else {
+            format!("for={ip};proto={proto}")
+        };
+        if let Ok(v) = HeaderValue::from_str(&element) {
+            headers.append(FORWARDED.clone(), v);
         }
     }
 }
@@ -252,6 +311,35 @@ mod tests {
         let mut h = HeaderMap::new();
         add_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
         assert_eq!(h[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn control_headers_in_any_spelling_are_removed() {
+        let pin = HeaderName::from_static("x-rollgate-version");
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_rollgate_version",
+            "x-rollgate_version",
+            "x-rollgate-degraded",
+            "x_rollgate-retried-from",
+            "x-real-ip",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        h.insert("x-rollgate", HeaderValue::from_static("kept"));
+        h.insert("x-user-id", HeaderValue::from_static("kept"));
+        sanitize_request(&mut h, &pin);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-rollgate", "x-user-id"]);
+        let custom = HeaderName::from_static("x-model-pin");
+        let mut h = HeaderMap::new();
+        h.insert("x_model_pin", HeaderValue::from_static("v2"));
+        sanitize_request(&mut h, &custom);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,8 +34,12 @@ use super::body::RespBody;
 
 /// Time a client has to send a complete request head (slowloris defence).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read buffer cap: bounds the request head to 64 KiB (431 beyond), as Envoy's 60 KiB.
-pub const MAX_BUF_SIZE: usize = 64 * 1024;
+/// Request head limit: 431 beyond (Envoy: 60 KiB). Checked by the service, because
+/// hyper's own buffer cap would answer 431 to an over-long target too, which deserves 414.
+pub const MAX_HEAD_SIZE: usize = 64 * 1024;
+/// Read buffer cap: room for a head over [`MAX_HEAD_SIZE`] to be parsed and refused with
+/// the right status (hyper answers 414 itself above 64 KiB of target).
+pub const MAX_BUF_SIZE: usize = 96 * 1024;
 /// Headers per request (431 beyond).
 pub const MAX_HEADERS: usize = 100;
 /// h2 streams per connection; further streams queue on the client.
@@ -137,13 +143,18 @@ pub async fn serve<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
+    write_stall: WriteStall,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) where
     H: Fn(SocketAddr, bool, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
-    let builder = Arc::new(http_builder());
+    let builders = Arc::new(Builders {
+        auto: http_builder(),
+        h1: http_builder().http1_only(),
+        h2: http_builder().http2_only(),
+    });
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -166,7 +177,8 @@ pub async fn serve<H, F>(
             stream,
             peer,
             tls.clone(),
-            builder.clone(),
+            builders.clone(),
+            write_stall.clone(),
             handler.clone(),
             watcher,
         ));
@@ -180,11 +192,51 @@ pub async fn serve<H, F>(
     }
 }
 
+/// Connection builders: by protocol when it is known before the first request (ALPN, or
+/// the first bytes of a cleartext connection), else hyper-util's detection.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a cleartext connection speaks h2 (prior knowledge), from its first bytes,
+/// without consuming them. `None` when the client closed or sent nothing within
+/// [`HEADER_READ_TIMEOUT`]: a silent connection is closed like a slow request head
+/// (hyper-util's own detection would wait for it forever).
+async fn sniff_h2(stream: &TcpStream) -> Option<bool> {
+    let sniff = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // Part of the preface so far: peek returns at once with the same bytes, so
+            // wait a little for the rest.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn serve_connection<H, F>(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
+    write_stall: WriteStall,
     handler: H,
     watcher: Watcher,
 ) where
@@ -211,6 +263,12 @@ async fn serve_connection<H, F>(
     });
     let result = match tls {
         None => {
+            let builder = match sniff_h2(&stream).await {
+                Some(true) => &builders.h2,
+                Some(false) => &builders.h1,
+                None => return,
+            };
+            let stream = StallGuard::new(stream, write_stall);
             watcher
                 .watch(
                     builder
@@ -220,8 +278,14 @@ async fn serve_connection<H, F>(
                 .await
         }
         Some(acceptor) => {
+            let stream = StallGuard::new(stream, write_stall);
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
+                    let builder = match tls_stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => &builders.h2,
+                        Some(b"http/1.1") => &builders.h1,
+                        _ => &builders.auto,
+                    };
                     watcher
                         .watch(
                             builder
@@ -243,5 +307,102 @@ async fn serve_connection<H, F>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// How long a client may leave the proxy's writes blocked (it stopped reading) before its
+/// connection is closed, which also cancels the upstream request it was fed by. Asked
+/// only when a write blocks, so it can follow the current routing table.
+pub type WriteStall = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// A client connection whose writes fail with `TimedOut` once they have been blocked
+    /// for the [`WriteStall`] duration: hyper has no write timeout, and a reader that stops
+    /// reading would otherwise hold its upstream stream (and the model's work) forever.
+    struct StallGuard<T> {
+        #[pin]
+        inner: T,
+        limit: WriteStall,
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<T> StallGuard<T> {
+    fn new(inner: T, limit: WriteStall) -> Self {
+        StallGuard {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for StallGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+/// `Ready` results pass through and disarm the stall timer; `Pending` arms it, and once it
+/// fires the write fails.
+fn guard<R>(
+    polled: Poll<io::Result<R>>,
+    stalled: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: &WriteStall,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<R>> {
+    if polled.is_ready() {
+        *stalled = None;
+        return polled;
+    }
+    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit())));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client stopped reading",
+        ))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        guard(this.inner.poll_write(cx, buf), this.stalled, this.limit, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        guard(
+            this.inner.poll_write_vectored(cx, bufs),
+            this.stalled,
+            this.limit,
+            cx,
+        )
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        guard(this.inner.poll_flush(cx), this.stalled, this.limit, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

@@ -32,9 +32,6 @@ use crate::routing::table::{Member, Route, Table};
 use crate::telemetry::signals::is_flagged;
 use crate::telemetry::{Class, PairStats, UpstreamErrorKind};
 
-/// Default cap on requests in flight through the data plane; beyond it, 503 + Retry-After.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
-
 /// Longest request target accepted (414 beyond), as SPEC §4.
 pub const MAX_URI: usize = 8 * 1024;
 
@@ -54,6 +51,8 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// `max_in_flight` caps requests in flight on top of the config's `max_in_flight`
+    /// (`usize::MAX`: the config alone decides).
     pub fn new(store: Arc<Store>, max_in_flight: usize) -> Self {
         Shared {
             store,
@@ -90,6 +89,10 @@ pub enum Refusal {
     BadRequest(&'static str),
     #[error("request target longer than 8 KiB")]
     UriTooLong,
+    #[error("request head larger than 64 KiB")]
+    HeadersTooLarge,
+    #[error("an HTTP/1.0 request body needs a Content-Length")]
+    LengthRequired,
     #[error("no route matches this request")]
     NoRoute,
     #[error("the pinned version is not part of this route")]
@@ -115,6 +118,8 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::LengthRequired => StatusCode::LENGTH_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::UnknownPin => StatusCode::BAD_REQUEST,
             Refusal::QuarantinedPin => StatusCode::CONFLICT,
@@ -131,6 +136,8 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::UriTooLong => "uri_too_long",
+            Refusal::HeadersTooLarge => "headers_too_large",
+            Refusal::LengthRequired => "length_required",
             Refusal::NoRoute => "no_route",
             Refusal::UnknownPin => "unknown_version",
             Refusal::QuarantinedPin => "version_quarantined",
@@ -190,13 +197,14 @@ impl Drop for AbortGuard<'_> {
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
-    if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= shared.max_in_flight {
+    let table = shared.store.load();
+    let cap = table.config.max_in_flight.min(shared.max_in_flight);
+    if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.store.metrics.requests_shed.inc();
         return Refusal::Overloaded.into_response(None, None);
     }
     let _in_flight = InFlight(&shared.in_flight);
-    let table = shared.store.load();
     proxy(&table, conn, req).await
 }
 
@@ -307,6 +315,23 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > MAX_URI {
         return Refusal::UriTooLong.into_response(None, Some(&request_id));
+    }
+    let head_len: usize = target_len
+        + parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_len > super::server::MAX_HEAD_SIZE {
+        return Refusal::HeadersTooLarge.into_response(None, Some(&request_id));
+    }
+    // HTTP/1.0 has no chunked framing: a body without Content-Length would be read to the
+    // end of the connection, which a proxy must never do (Pingora CVE-2026-2836).
+    if parts.version == http::Version::HTTP_10
+        && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Refusal::LengthRequired.into_response(None, Some(&request_id));
     }
     let host = match target_host(&parts) {
         Ok(h) => h,
@@ -452,7 +477,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             })
         });
-    hdr::strip_hop_by_hop(&mut parts.headers);
+    hdr::sanitize_request(&mut parts.headers, &table.pin_header);
     if wants_trailers {
         parts
             .headers
@@ -568,6 +593,17 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         let first_byte = route.config.timeouts.first_byte;
         let outcome = tokio::time::timeout(first_byte, ep.client().request(up)).await;
         let failure: (UpstreamErrorKind, u16, Refusal) = match outcome {
+            Ok(Ok(resp)) if bad_framing(&resp) => {
+                // Two framings (CL and TE) or a body where none may be: a desync
+                // attempt or a broken upstream. Never relayed; the connection is dropped
+                // with the response.
+                tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, status = %resp.status(), "upstream response with conflicting framing");
+                (
+                    UpstreamErrorKind::Reset,
+                    502,
+                    Refusal::UpstreamUnavailable("malformed response framing".to_string()),
+                )
+            }
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 if status.is_server_error()
@@ -649,6 +685,21 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         }
         return resp;
     }
+}
+
+/// An upstream response whose framing cannot be relayed faithfully: `Content-Length`
+/// together with `Transfer-Encoding`, or a body framing on a status that never has a body
+/// (1xx, 204; a 304 may state the representation's length, RFC 9110 §8.6).
+fn bad_framing(resp: &Response<Incoming>) -> bool {
+    let h = resp.headers();
+    let cl = h.contains_key(header::CONTENT_LENGTH);
+    let te = h.contains_key(header::TRANSFER_ENCODING);
+    let bodiless = resp.status().is_informational() || resp.status() == StatusCode::NO_CONTENT;
+    (cl && te)
+        || (bodiless
+            && (te
+                || h.get(header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0")))
 }
 
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

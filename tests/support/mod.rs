@@ -8,8 +8,10 @@
 pub mod body;
 pub mod certs;
 pub mod client;
+pub mod h2raw;
 pub mod metrics;
 pub mod proxy;
+pub mod raw_upstream;
 pub mod upstream;
 
 pub use body::ChannelBody;
