@@ -1401,7 +1401,6 @@ fn minimal_with(routes: &str, extra: &str) -> String {
 /// and ` r` are accepted as two routes both named `r`, which the admin API, weight
 /// overrides, pauses and promotions (all keyed by route name) cannot tell apart.
 #[test]
-#[ignore = "known bug KB1: duplicate route names after trimming are accepted"]
 fn kb1_route_names_are_unique_after_trimming() {
     let text = minimal_with(
         "  - {name: r, baseline: a, split: {a: 1}}\n  - {name: ' r', baseline: b, split: {b: 1}}\n",
@@ -1417,7 +1416,6 @@ fn kb1_route_names_are_unique_after_trimming() {
 /// `evaluator: {window: 50ms}` (interval defaults to 100ms) is accepted, so every window
 /// is shorter than one evaluator tick; `{interval: 100ms, window: 50ms}` is rejected.
 #[test]
-#[ignore = "known bug KB2: a window shorter than the default interval is accepted"]
 fn kb2_window_longer_than_default_interval() {
     let text = minimal_with(
         "  - {name: r, baseline: a, split: {a: 1}}\n",
@@ -1436,7 +1434,6 @@ fn kb2_window_longer_than_default_interval() {
 /// (a KS test compared against p_value 7 trips on every tick; .nan never trips), and .nan
 /// is shown as `null` by `GET /api/v1/config`.
 #[test]
-#[ignore = "known bug KB3: drift.p_value outside (0, 1) is accepted"]
 fn kb3_drift_p_value_is_a_probability() {
     for p in ["7", "0", "-1", ".nan"] {
         let text = minimal_with(

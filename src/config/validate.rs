@@ -248,7 +248,8 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
     }
     let mut route_names = BTreeSet::new();
     for (i, r) in f.routes.iter().enumerate() {
-        if !route_names.insert(r.value.name.value.clone()) {
+        // Compared as stored (trimmed): the API, overrides and state are keyed by it.
+        if !route_names.insert(r.value.name.value.trim().to_string()) {
             p.at(
                 &r.value.name,
                 format!("routes[{i}].name"),
@@ -275,9 +276,17 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         Duration::from_millis(100),
     );
     let window = p.duration(&ev.window, "evaluator.window", Duration::from_secs(30));
-    if let (Some(i), Some(w)) = (&ev.interval, &ev.window) {
-        if parse_duration(&i.value).ok() >= parse_duration(&w.value).ok() {
-            p.at(w, "evaluator.window", "window must be longer than interval");
+    // Compared with defaults filled in: a window shorter than the default interval is as
+    // wrong as one shorter than a written interval.
+    if window <= interval {
+        match (&ev.window, &ev.interval) {
+            (Some(w), _) => p.at(w, "evaluator.window", "window must be longer than interval"),
+            (None, Some(i)) => p.at(
+                i,
+                "evaluator.interval",
+                "interval must be shorter than window",
+            ),
+            (None, None) => {}
         }
     }
     if interval.is_zero() {
@@ -354,9 +363,18 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
                 );
                 return None;
             };
+            let p_value = d.value.p_value.unwrap_or(0.05);
+            if !(p_value > 0.0 && p_value < 1.0) {
+                p.at(
+                    d,
+                    "evaluator.rules.drift.p_value",
+                    "p_value must be a probability between 0 and 1 (exclusive)",
+                );
+                return None;
+            }
             Some(DriftRule {
                 signal,
-                p_value: d.value.p_value.unwrap_or(0.05),
+                p_value,
                 consecutive: d.value.consecutive.unwrap_or(3).max(1),
             })
         }),
