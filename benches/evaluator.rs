@@ -25,6 +25,7 @@ const CONFIDENCE: f64 = 0.99;
 fn rules(error_ratio: f64, latency_ratio: Option<f64>) -> Rules {
     Rules {
         error_rate_ratio: Some(error_ratio),
+        min_error_rate: Some(0.005),
         error_rate_max: None,
         latency_p99_max: None,
         latency_p99_ratio: latency_ratio,

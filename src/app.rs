@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -130,7 +131,7 @@ pub async fn start_on(
     // Quarantines and rollout progress survive restarts; a quarantine whose version changed
     // fingerprint since is lifted by `compile`.
     let mut runtime = state::load(&state_dir)?;
-    reload::prune(&mut runtime, &config);
+    let _ = crate::decision::prune(&mut runtime, &config);
     let audit = Arc::new(Audit::open(&state_dir)?);
     // The last passed drill survives restarts in the audit log; so does its metric.
     let last_drill = crate::control::check::last_drills(&state_dir.join("audit.jsonl"))
@@ -263,6 +264,9 @@ impl Running {
         self.admin.accepting.store(false, Ordering::Relaxed);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
+        // Alerts and follow-up records of the last decisions go out before the exit.
+        let drain = self.store.config().drain_timeout;
+        self.controller.finish(drain.max(Duration::from_secs(5))).await;
         let _ = self.stop.send(true);
         for t in self.control_tasks {
             let _ = t.await;

@@ -209,11 +209,12 @@ pub async fn call(
     if let Some(t) = &target.token {
         b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
+    // Every POST is JSON, even an empty one: the admin API refuses anything else (415).
+    if b.method_ref() == Some(&Method::POST) || body.is_some() {
+        b = b.header(http::header::CONTENT_TYPE, "application/json");
+    }
     let bytes = match &body {
-        Some(v) => {
-            b = b.header(http::header::CONTENT_TYPE, "application/json");
-            Bytes::from(serde_json::to_vec(v).unwrap_or_default())
-        }
+        Some(v) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
         None => Bytes::new(),
     };
     let req = b

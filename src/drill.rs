@@ -163,6 +163,24 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
     if let Some(l) = &mut load {
         l.stop().await;
     }
+    // The alerts go out after the rollback record; their results follow in the
+    // `rollback_completed` record that names it.
+    let mut completed: Option<Value> = None;
+    if let Some(id) = rollback.as_ref().and_then(|r| r["id"].as_str()) {
+        let t = Instant::now();
+        while completed.is_none() && t.elapsed() < Duration::from_secs(15) {
+            let ev = call(target, Method::GET, &path, None).await?;
+            completed = ev["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["kind"] == "rollback_completed" && e["rollback_id"] == id)
+                .cloned();
+            if completed.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 
     // Restore: clear the fault, lift the quarantine.
     let cleared = call(
@@ -196,7 +214,7 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
     // Score.
     let tripped = rollback.is_some();
     let detect = rollback.as_ref().map(|_| waited);
-    let alerts = rollback
+    let alerts = completed
         .as_ref()
         .and_then(|r| r["alerts_sent"].as_array().cloned())
         .unwrap_or_default();

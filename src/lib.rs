@@ -25,6 +25,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decision;
 pub mod demo;
 pub mod drill;
 pub mod evaluator;

@@ -229,24 +229,21 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
         .await;
     let admin = format!("http://{}", proxy.admin_addr());
     let load = proxy.url("/v1/chat/completions");
-    let (code, out, err) = rollgate(
-        &[
-            "drill",
-            "--version",
-            "canary",
-            "--fault",
-            "error=0.5",
-            "--timeout",
-            "20s",
-            "--load",
-            &load,
-            "--admin",
-            &admin,
-            "--json",
-        ],
-        None,
-    )
-    .await;
+    let drill = [
+        "drill",
+        "--version",
+        "canary",
+        "--fault",
+        "error=0.5",
+        "--timeout",
+        "20s",
+        "--load",
+        &load,
+        "--admin",
+        &admin,
+        "--json",
+    ];
+    let (code, out, err) = rollgate(&drill, None).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let rec: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rec["kind"], "drill");
@@ -269,24 +266,7 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     assert_eq!(s["routes"][0]["weights"]["canary"], 30);
     // A second drill right after the first: the resumed canary is judged on new traffic
     // only, so the first drill's injected errors cannot roll it back again.
-    let (code, out, err) = rollgate(
-        &[
-            "drill",
-            "--version",
-            "canary",
-            "--fault",
-            "error=0.5",
-            "--timeout",
-            "20s",
-            "--load",
-            &load,
-            "--admin",
-            &admin,
-            "--json",
-        ],
-        None,
-    )
-    .await;
+    let (code, out, err) = rollgate(&drill, None).await;
     assert_eq!(code, 0, "second drill: {out}\n{err}");
     let (_, events, _) = rollgate(&["events", "--admin", &admin, "--json"], None).await;
     let events: serde_json::Value = serde_json::from_str(&events).unwrap();

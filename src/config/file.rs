@@ -82,12 +82,14 @@ pub struct FileConfig {
     /// Quarantines, rollout progress and audit.jsonl live here.
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
-    /// How long in-flight requests may take to finish after SIGTERM.
+    /// How long in-flight requests may take to finish after SIGTERM (default 25s; 0s to
+    /// 1h).
     #[serde(default)]
     pub drain_timeout: Option<L<String>>,
-    /// Requests in flight through the data plane before new ones get 503 + Retry-After.
+    /// Requests in flight through the data plane before new ones get 503 + Retry-After
+    /// (default 10000; 1 to 10000000).
     #[serde(default)]
-    pub max_in_flight: Option<u64>,
+    pub max_in_flight: Option<L<u64>>,
     pub versions: BTreeMap<String, L<FileVersion>>,
     pub routes: Vec<L<FileRoute>>,
     #[serde(default)]
@@ -123,6 +125,12 @@ pub struct FileAdmin {
     /// Bearer token for mutating calls; required to bind a non-loopback address.
     #[serde(default)]
     pub token_file: Option<String>,
+    /// Extra `Host` names the admin API answers to, besides IP literals and `localhost`
+    /// (everything else gets 403, against DNS rebinding), e.g. `rollgate-admin.ml`. DNS
+    /// names without a port: letters, digits, '-' and '.', labels of 1 to 63 characters,
+    /// at most 253 characters in all; compared case-insensitively.
+    #[serde(default)]
+    pub hosts: Vec<L<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
@@ -150,15 +158,21 @@ pub struct FileVersion {
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileHealthCheck {
+    /// Path requested with GET on every endpoint; must start with `/`.
     pub path: String,
+    /// Time between two checks of an endpoint (default 5s; 10ms to 1h).
     #[serde(default)]
     pub interval: Option<L<String>>,
+    /// How long one check may take before it counts as failed (default 1s; 1ms to 1h).
     #[serde(default)]
     pub timeout: Option<L<String>>,
+    /// Consecutive failed checks that take an endpoint out of rotation (default 3; 1 to
+    /// 1000).
     #[serde(default)]
-    pub unhealthy_after: Option<u32>,
+    pub unhealthy_after: Option<L<u32>>,
+    /// Consecutive passed checks that put it back (default 2; 1 to 1000).
     #[serde(default)]
-    pub healthy_after: Option<u32>,
+    pub healthy_after: Option<L<u32>>,
 }
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
@@ -172,7 +186,8 @@ pub struct FileRoute {
     pub matcher: FileMatch,
     /// The known-good version: it receives the traffic others lose.
     pub baseline: L<String>,
-    /// Integer weights; weight-0 versions stay pinnable.
+    /// Integer weights (0 to 1000000 each, summing to more than 0); weight-0 versions stay
+    /// pinnable.
     pub split: L<BTreeMap<String, u32>>,
     #[serde(default)]
     pub sticky: Option<L<FileSticky>>,
@@ -187,6 +202,8 @@ pub struct FileRoute {
     pub timeouts: FileTimeouts,
     #[serde(default)]
     pub retry: FileRetry,
+    /// Largest request body buffered (model routing, retries, shadow copies) and accepted
+    /// (default 10MiB; 0 to 1GiB).
     #[serde(default)]
     pub max_request_body: Option<L<String>>,
 }
@@ -217,24 +234,32 @@ pub struct FileSticky {
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileShadow {
+    /// The version that gets copies of the route's requests; its answers are discarded.
     pub version: String,
-    pub percent: u32,
+    /// Share of the route's requests copied (0 to 100).
+    pub percent: L<u32>,
 }
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileRollout {
+    /// The candidate's weight, in percent, at each step: strictly increasing, each in 1 to
+    /// 100; at 100 the candidate becomes the baseline.
     pub steps: Vec<u32>,
+    /// How long each step must hold cleanly before the next (1ms to 7 days).
     pub hold: L<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileTimeouts {
+    /// Connecting to an endpoint (default 2s; 1ms to 24h).
     #[serde(default)]
     pub connect: Option<L<String>>,
+    /// Request fully sent to first response byte (default 60s; 1ms to 24h).
     #[serde(default)]
     pub first_byte: Option<L<String>>,
+    /// Longest silence inside a response body (default 60s; 1ms to 24h).
     #[serde(default)]
     pub idle: Option<L<String>>,
 }
@@ -242,10 +267,14 @@ pub struct FileTimeouts {
 #[derive(Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileRetry {
+    /// Retries allowed as a percentage of recent requests (default 20; 0 to 100).
     #[serde(default)]
-    pub budget_percent: Option<u32>,
+    pub budget_percent: Option<L<u32>>,
+    /// Retries allowed per second on top of the percentage (default 10; 0 to 100000).
     #[serde(default)]
-    pub min_per_second: Option<u32>,
+    pub min_per_second: Option<L<u32>>,
+    /// Retry a request that got a 5xx or reset before any byte reached the client
+    /// (default true: model inference is side-effect free).
     #[serde(default)]
     pub non_idempotent: Option<bool>,
 }
@@ -289,12 +318,19 @@ pub enum PinUnknown {
 #[derive(Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileEvaluator {
+    /// Time between two evaluator ticks (default 100ms; 10ms to 1h).
     #[serde(default)]
     pub interval: Option<L<String>>,
+    /// Sliding window each tick looks at (default 30s; longer than `interval`, at most
+    /// 24h).
     #[serde(default)]
     pub window: Option<L<String>>,
+    /// Requests per version per window before any statistical rule (default 50; 1 to
+    /// 1000000000).
     #[serde(default)]
-    pub min_requests: Option<u64>,
+    pub min_requests: Option<L<u64>>,
+    /// 1 - false rollbacks per healthy candidate per 24 h, per rule (default 0.99; above
+    /// 0.5, at most 0.999999). Also sets the threshold of the sequential `drift` test.
     #[serde(default)]
     pub confidence: Option<L<f64>>,
     #[serde(default)]
@@ -304,20 +340,39 @@ pub struct FileEvaluator {
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileRules {
+    /// Trips when the candidate's error rate exceeds this multiple of the baseline's
+    /// (default 2.0; above 1, at most 1000; null: off).
     #[serde(default = "d_error_rate_ratio")]
     pub error_rate_ratio: Option<L<f64>>,
+    /// `error_rate_ratio` never trips while the candidate's error rate is below this
+    /// (default 0.005; 0 or more, below 1; null: no floor).
+    #[serde(default = "d_min_error_rate")]
+    pub min_error_rate: Option<L<f64>>,
+    /// Trips when the candidate's error rate exceeds this fraction, whatever the baseline
+    /// does (default 0.05; above 0, below 1; null: off).
     #[serde(default = "d_error_rate_max")]
     pub error_rate_max: Option<L<f64>>,
+    /// Absolute SLA on the candidate's p99 time to first byte (default 500ms; 1ms to 1h;
+    /// null: off). For a non-streaming completion the first byte comes after the whole
+    /// generation: `rollgate check` warns where that applies.
     #[serde(default = "d_latency_p99_max")]
     pub latency_p99_max: Option<L<String>>,
+    /// Trips when the candidate's p99 time to first byte exceeds this multiple of the
+    /// baseline's (default 1.5; above 1, at most 1000; null: off).
     #[serde(default = "d_latency_p99_ratio")]
     pub latency_p99_ratio: Option<L<f64>>,
+    /// Rolls back once all the candidate's endpoints failed this many consecutive active
+    /// health checks (default 3; 1 to 1000; null: off). Needs `health_check` on the version.
     #[serde(default = "d_health_failures")]
-    pub health_failures: Option<u32>,
+    pub health_failures: Option<L<u32>>,
+    /// Trips when the candidate's feedback accuracy (POST /api/v1/feedback) is this much
+    /// below the baseline's (default 0.05; above 0, below 1; null: off).
     #[serde(default = "d_accuracy_drop")]
     pub accuracy_drop: Option<L<f64>>,
+    /// Distribution shift of a numeric response signal (default null: off).
     #[serde(default)]
     pub drift: Option<L<FileDrift>>,
+    /// Too many responses flagged by a guardrail (default null: off).
     #[serde(default)]
     pub safety_violations: Option<L<FileSafety>>,
 }
@@ -326,6 +381,7 @@ impl Default for FileRules {
     fn default() -> Self {
         FileRules {
             error_rate_ratio: d_error_rate_ratio(),
+            min_error_rate: d_min_error_rate(),
             error_rate_max: d_error_rate_max(),
             latency_p99_max: d_latency_p99_max(),
             latency_p99_ratio: d_latency_p99_ratio(),
@@ -340,6 +396,9 @@ impl Default for FileRules {
 fn d_error_rate_ratio() -> Option<L<f64>> {
     Some(Located::new(2.0))
 }
+fn d_min_error_rate() -> Option<L<f64>> {
+    Some(Located::new(0.005))
+}
 fn d_error_rate_max() -> Option<L<f64>> {
     Some(Located::new(0.05))
 }
@@ -349,8 +408,8 @@ fn d_latency_p99_max() -> Option<L<String>> {
 fn d_latency_p99_ratio() -> Option<L<f64>> {
     Some(Located::new(1.5))
 }
-fn d_health_failures() -> Option<u32> {
-    Some(3)
+fn d_health_failures() -> Option<L<u32>> {
+    Some(Located::new(3))
 }
 fn d_accuracy_drop() -> Option<L<f64>> {
     Some(Located::new(0.05))
@@ -361,17 +420,26 @@ fn d_accuracy_drop() -> Option<L<f64>> {
 pub struct FileDrift {
     /// `header:NAME` or `json:FIELD` (a top-level numeric field of the response body).
     pub signal: String,
+    /// Deprecated, ignored by the sequential (anytime-valid) drift test, whose threshold
+    /// comes from `evaluator.confidence`; still accepted so existing files load (default
+    /// 0.05; above 0, below 1).
     #[serde(default)]
-    pub p_value: Option<f64>,
+    pub p_value: Option<L<f64>>,
+    /// Deprecated, ignored by the sequential (anytime-valid) drift test, which needs no
+    /// run of significant checks; still accepted so existing files load (default 3; 1 to
+    /// 1000).
     #[serde(default)]
-    pub consecutive: Option<u32>,
+    pub consecutive: Option<L<u32>>,
 }
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSafety {
+    /// Response header a guardrail sets on a flagged response.
     pub header: String,
-    pub max: u64,
+    /// Flagged responses tolerated within `per` (0 to 1000000).
+    pub max: L<u64>,
+    /// The period flagged responses are counted over (1s to 7 days).
     pub per: L<String>,
 }
 

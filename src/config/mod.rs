@@ -99,6 +99,9 @@ pub struct TlsFiles {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// Extra `Host` names (lowercase, no port, valid DNS names) the admin API answers to,
+    /// besides IP literals and `localhost`.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +220,11 @@ pub struct PinConfig {
 #[derive(Debug, Clone)]
 pub struct DriftRule {
     pub signal: Signal,
+    /// Deprecated: the sequential drift test takes its threshold from
+    /// `evaluator.confidence`. Kept (validated in (0, 1)) so existing files load.
     pub p_value: f64,
+    /// Deprecated: the sequential drift test needs no run of significant checks. Kept
+    /// (validated in 1..=1000) so existing files load.
     pub consecutive: u32,
 }
 
@@ -255,6 +262,9 @@ pub struct SafetyRule {
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub error_rate_ratio: Option<f64>,
+    /// `error_rate_ratio` never trips while the candidate's error rate is below this
+    /// (in [0, 1); `None`: no floor).
+    pub min_error_rate: Option<f64>,
     pub error_rate_max: Option<f64>,
     pub latency_p99_max: Option<Duration>,
     pub latency_p99_ratio: Option<f64>,

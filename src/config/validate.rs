@@ -2,6 +2,12 @@
 //!
 //! Validation collects all problems rather than stopping at the first, so one `check`
 //! run shows everything that is wrong with a file.
+//!
+//! Every number in the file is bounded (see [`bounds`]): a value that passed validation
+//! can neither overflow nor panic later (the release profile aborts on panic), nor make a
+//! rule fire on every tick. The bounds are far from anything a real deployment writes;
+//! they are repeated in the doc comments of [`super::file`], which become the JSON
+//! schema's descriptions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -15,6 +21,148 @@ use sha2::{Digest, Sha256};
 
 use super::file::{FileConfig, FileRoute, FileVersion, Located};
 use super::*;
+
+/// The range of every number in the file, in one place.
+pub(crate) mod bounds {
+    use super::{DurSpan, Span};
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+    const SECOND: Duration = Duration::from_secs(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    pub const DRAIN_TIMEOUT: DurSpan = DurSpan::new(Duration::ZERO, HOUR);
+    pub const MAX_IN_FLIGHT: (u64, u64) = (1, 10_000_000);
+    pub const HEALTH_INTERVAL: DurSpan = DurSpan::new(Duration::from_millis(10), HOUR);
+    pub const HEALTH_TIMEOUT: DurSpan = DurSpan::new(MS, HOUR);
+    pub const HEALTH_STREAK: (u64, u64) = (1, 1000);
+    pub const WEIGHT_MAX: u32 = 1_000_000;
+    pub const SHADOW_PERCENT: (u64, u64) = (0, 100);
+    pub const ROLLOUT_HOLD: DurSpan = DurSpan::new(MS, WEEK);
+    pub const TIMEOUT: DurSpan = DurSpan::new(MS, DAY);
+    pub const RETRY_BUDGET_PERCENT: (u64, u64) = (0, 100);
+    pub const RETRY_MIN_PER_SECOND: (u64, u64) = (0, 100_000);
+    pub const MAX_REQUEST_BODY: u64 = 1 << 30;
+    pub const INTERVAL: DurSpan = DurSpan::new(Duration::from_millis(10), HOUR);
+    /// Also longer than `interval`.
+    pub const WINDOW_MAX: Duration = DAY;
+    pub const MIN_REQUESTS: (u64, u64) = (1, 1_000_000_000);
+    pub const CONFIDENCE: Span = Span::open_closed(0.5, 0.999_999);
+    pub const RATIO: Span = Span::open_closed(1.0, 1000.0);
+    pub const MIN_ERROR_RATE: Span = Span::closed_open(0.0, 1.0);
+    pub const FRACTION: Span = Span::open(0.0, 1.0);
+    pub const LATENCY_P99_MAX: DurSpan = DurSpan::new(MS, HOUR);
+    pub const HEALTH_FAILURES: (u64, u64) = (1, 1000);
+    pub const DRIFT_P_VALUE: Span = Span::open(0.0, 1.0);
+    pub const DRIFT_CONSECUTIVE: (u64, u64) = (1, 1000);
+    pub const SAFETY_MAX: (u64, u64) = (0, 1_000_000);
+    pub const SAFETY_PER: DurSpan = DurSpan::new(SECOND, WEEK);
+    pub const ADMIN_HOST_LEN: usize = 253;
+}
+
+/// A range of real numbers, each end open or closed; never contains NaN or infinities.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    lo: f64,
+    lo_open: bool,
+    hi: f64,
+    hi_open: bool,
+}
+
+impl Span {
+    const fn open(lo: f64, hi: f64) -> Self {
+        Span {
+            lo,
+            lo_open: true,
+            hi,
+            hi_open: true,
+        }
+    }
+    const fn open_closed(lo: f64, hi: f64) -> Self {
+        Span {
+            lo,
+            lo_open: true,
+            hi,
+            hi_open: false,
+        }
+    }
+    const fn closed_open(lo: f64, hi: f64) -> Self {
+        Span {
+            lo,
+            lo_open: false,
+            hi,
+            hi_open: true,
+        }
+    }
+    pub(crate) fn contains(&self, x: f64) -> bool {
+        x.is_finite()
+            && if self.lo_open { x > self.lo } else { x >= self.lo }
+            && if self.hi_open { x < self.hi } else { x <= self.hi }
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}, {}{}",
+            if self.lo_open { '(' } else { '[' },
+            self.lo,
+            self.hi,
+            if self.hi_open { ')' } else { ']' }
+        )
+    }
+}
+
+/// A closed range of durations.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DurSpan {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl DurSpan {
+    const fn new(min: Duration, max: Duration) -> Self {
+        DurSpan { min, max }
+    }
+    pub(crate) fn contains(&self, d: Duration) -> bool {
+        d >= self.min && d <= self.max
+    }
+}
+
+impl std::fmt::Display for DurSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "between {} and {}",
+            short_duration(self.min),
+            short_duration(self.max)
+        )
+    }
+}
+
+/// `250ms`, `5s`, `2m`, `24h`, `7d`: the largest unit that divides `d` exactly.
+pub(crate) fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{}ns", d.as_nanos())
+        };
+    }
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return format!("{}us", d.as_micros());
+    }
+    for (unit, len) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms % len == 0 && ms >= len {
+            return format!("{}{unit}", ms / len);
+        }
+    }
+    format!("{ms}ms")
+}
 
 struct Problems {
     list: Vec<Problem>,
@@ -39,17 +187,73 @@ impl Problems {
         });
     }
 
-    fn duration(&mut self, v: &Option<Located<String>>, key: &str, default: Duration) -> Duration {
+    /// The duration written at `v` (or `default` when absent), which must lie in `span`.
+    fn duration(
+        &mut self,
+        v: &Option<Located<String>>,
+        key: &str,
+        default: Duration,
+        span: DurSpan,
+    ) -> Duration {
         match v {
             None => default,
-            Some(l) => match parse_duration(&l.value) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.at(l, key, e);
-                    default
-                }
-            },
+            Some(l) => self.located_duration(l, key, default, span),
         }
+    }
+
+    fn located_duration(
+        &mut self,
+        l: &Located<String>,
+        key: &str,
+        default: Duration,
+        span: DurSpan,
+    ) -> Duration {
+        match parse_duration(&l.value) {
+            Ok(d) if span.contains(d) => d,
+            Ok(_) => {
+                self.at(
+                    l,
+                    key,
+                    format!("{} is out of range: must be {span}", l.value.trim()),
+                );
+                default
+            }
+            Err(e) => {
+                self.at(l, key, e);
+                default
+            }
+        }
+    }
+
+    /// The number at `l`, which must lie in `span`; `example` shows a sensible value.
+    fn number(&mut self, l: &Located<f64>, key: &str, span: Span, example: &str) -> f64 {
+        if !span.contains(l.value) {
+            self.at(
+                l,
+                key,
+                format!(
+                    "{:?} is out of range: must be a number in {span}, e.g. {example}",
+                    l.value
+                ),
+            );
+        }
+        l.value
+    }
+
+    /// The integer at `l`, which must lie in `min..=max`.
+    fn integer<T: Copy + Into<u64>>(&mut self, l: &Located<T>, key: &str, range: (u64, u64)) -> T {
+        let v: u64 = l.value.into();
+        if v < range.0 || v > range.1 {
+            self.at(
+                l,
+                key,
+                format!(
+                    "{v} is out of range: must be an integer from {} to {}",
+                    range.0, range.1
+                ),
+            );
+        }
+        l.value
     }
 
     fn header_name<T>(&mut self, loc: &Located<T>, name: &str, key: &str) -> Option<HeaderName> {
@@ -220,11 +424,16 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         .health_listen
         .as_ref()
         .and_then(|l| socket_addr(&mut p, l, "health_listen"));
-    let drain_timeout = p.duration(&f.drain_timeout, "drain_timeout", Duration::from_secs(25));
-    let max_in_flight = f.max_in_flight.unwrap_or(10_000);
-    if max_in_flight == 0 {
-        p.nowhere("max_in_flight", "must be at least 1");
-    }
+    let admin_hosts = admin_hosts(&mut p, &f.admin.hosts);
+    let drain_timeout = p.duration(
+        &f.drain_timeout,
+        "drain_timeout",
+        Duration::from_secs(25),
+        bounds::DRAIN_TIMEOUT,
+    );
+    let max_in_flight = f.max_in_flight.as_ref().map_or(10_000, |l| {
+        p.integer(l, "max_in_flight", bounds::MAX_IN_FLIGHT)
+    });
     let max_in_flight = usize::try_from(max_in_flight).unwrap_or(usize::MAX);
     let tls = f.tls.as_ref().map(|t| TlsFiles {
         cert: relative(origin, &t.value.cert),
@@ -274,8 +483,14 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         &ev.interval,
         "evaluator.interval",
         Duration::from_millis(100),
+        bounds::INTERVAL,
     );
-    let window = p.duration(&ev.window, "evaluator.window", Duration::from_secs(30));
+    let window = p.duration(
+        &ev.window,
+        "evaluator.window",
+        Duration::from_secs(30),
+        DurSpan::new(Duration::ZERO, bounds::WINDOW_MAX),
+    );
     // Compared with defaults filled in: a window shorter than the default interval is as
     // wrong as one shorter than a written interval.
     if window <= interval {
@@ -289,61 +504,46 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             (None, None) => {}
         }
     }
-    if interval.is_zero() {
-        if let Some(i) = &ev.interval {
-            p.at(i, "evaluator.interval", "interval must be above 0");
-        }
-    }
-    let confidence = match &ev.confidence {
-        None => 0.99,
-        Some(c) if c.value > 0.5 && c.value < 1.0 => c.value,
-        Some(c) => {
-            p.at(
-                c,
-                "evaluator.confidence",
-                "confidence must be in (0.5, 1), e.g. 0.99",
-            );
-            0.99
-        }
-    };
+    let min_requests = ev.min_requests.as_ref().map_or(50, |l| {
+        p.integer(l, "evaluator.min_requests", bounds::MIN_REQUESTS)
+    });
+    let confidence = ev.confidence.as_ref().map_or(0.99, |l| {
+        p.number(l, "evaluator.confidence", bounds::CONFIDENCE, "0.99")
+    });
     let r = &ev.rules;
-    let ratio = |p: &mut Problems, v: &Option<Located<f64>>, key: &str, min: f64| -> Option<f64> {
-        let l = v.as_ref()?;
-        if !(l.value.is_finite() && l.value > min) {
-            p.at(l, key, format!("must be a number above {min}"));
-        }
-        Some(l.value)
-    };
-    let rate = |p: &mut Problems, v: &Option<Located<f64>>, key: &str| -> Option<f64> {
-        let l = v.as_ref()?;
-        if !(l.value > 0.0 && l.value <= 1.0) {
-            p.at(l, key, "must be a fraction in (0, 1]");
-        }
-        Some(l.value)
+    let number = |p: &mut Problems, v: &Option<Located<f64>>, key: &str, span: Span, example: &str| {
+        v.as_ref()
+            .map(|l| p.number(l, &format!("evaluator.rules.{key}"), span, example))
     };
     let rules = Rules {
-        error_rate_ratio: ratio(
+        error_rate_ratio: number(&mut p, &r.error_rate_ratio, "error_rate_ratio", bounds::RATIO, "2.0"),
+        min_error_rate: number(
             &mut p,
-            &r.error_rate_ratio,
-            "evaluator.rules.error_rate_ratio",
-            1.0,
+            &r.min_error_rate,
+            "min_error_rate",
+            bounds::MIN_ERROR_RATE,
+            "0.005",
         ),
-        error_rate_max: rate(&mut p, &r.error_rate_max, "evaluator.rules.error_rate_max"),
+        error_rate_max: number(&mut p, &r.error_rate_max, "error_rate_max", bounds::FRACTION, "0.05"),
         latency_p99_max: r.latency_p99_max.as_ref().map(|l| {
-            p.duration(
-                &Some(l.clone()),
+            p.located_duration(
+                l,
                 "evaluator.rules.latency_p99_max",
                 Duration::from_millis(500),
+                bounds::LATENCY_P99_MAX,
             )
         }),
-        latency_p99_ratio: ratio(
+        latency_p99_ratio: number(
             &mut p,
             &r.latency_p99_ratio,
-            "evaluator.rules.latency_p99_ratio",
-            1.0,
+            "latency_p99_ratio",
+            bounds::RATIO,
+            "1.5",
         ),
-        health_failures: r.health_failures,
-        accuracy_drop: rate(&mut p, &r.accuracy_drop, "evaluator.rules.accuracy_drop"),
+        health_failures: r.health_failures.as_ref().map(|l| {
+            p.integer(l, "evaluator.rules.health_failures", bounds::HEALTH_FAILURES)
+        }),
+        accuracy_drop: number(&mut p, &r.accuracy_drop, "accuracy_drop", bounds::FRACTION, "0.05"),
         drift: r.drift.as_ref().and_then(|d| {
             let s = &d.value.signal;
             let signal = if let Some(h) = s.strip_prefix("header:") {
@@ -355,6 +555,23 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             } else {
                 None
             };
+            // Deprecated (the sequential test ignores them) but still range-checked, so a
+            // file that loads today means the same if they come back.
+            let p_value = d.value.p_value.as_ref().map_or(0.05, |l| {
+                p.number(
+                    l,
+                    "evaluator.rules.drift.p_value",
+                    bounds::DRIFT_P_VALUE,
+                    "0.05",
+                )
+            });
+            let consecutive = d.value.consecutive.as_ref().map_or(3, |l| {
+                p.integer(
+                    l,
+                    "evaluator.rules.drift.consecutive",
+                    bounds::DRIFT_CONSECUTIVE,
+                )
+            });
             let Some(signal) = signal else {
                 p.at(
                     d,
@@ -363,37 +580,30 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
                 );
                 return None;
             };
-            let p_value = d.value.p_value.unwrap_or(0.05);
-            if !(p_value > 0.0 && p_value < 1.0) {
-                p.at(
-                    d,
-                    "evaluator.rules.drift.p_value",
-                    "p_value must be a probability between 0 and 1 (exclusive)",
-                );
-                return None;
-            }
             Some(DriftRule {
                 signal,
                 p_value,
-                consecutive: d.value.consecutive.unwrap_or(3).max(1),
+                consecutive,
             })
         }),
         safety_violations: r.safety_violations.as_ref().and_then(|s| {
-            let per = p.duration(
-                &Some(s.value.per.clone()),
+            let per = p.located_duration(
+                &s.value.per,
                 "evaluator.rules.safety_violations.per",
                 Duration::from_secs(3600),
+                bounds::SAFETY_PER,
+            );
+            let max = p.integer(
+                &s.value.max,
+                "evaluator.rules.safety_violations.max",
+                bounds::SAFETY_MAX,
             );
             let header = p.header_name(
                 s,
                 &s.value.header,
                 "evaluator.rules.safety_violations.header",
             )?;
-            Some(SafetyRule {
-                header,
-                max: s.value.max,
-                per,
-            })
+            Some(SafetyRule { header, max, per })
         }),
     };
 
@@ -437,6 +647,7 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         admin: AdminConfig {
             listen: admin_listen,
             token_file: f.admin.token_file.as_ref().map(|t| relative(origin, t)),
+            hosts: admin_hosts,
         },
         health_listen,
         state_dir: relative(origin, &f.state_dir),
@@ -452,12 +663,70 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         evaluator: EvaluatorConfig {
             interval,
             window,
-            min_requests: ev.min_requests.unwrap_or(50),
+            min_requests,
             confidence,
             rules,
         },
         alerts: AlertsConfig { webhooks },
     })
+}
+
+/// `admin.hosts`: DNS names without a port, lowercased, duplicates dropped.
+fn admin_hosts(p: &mut Problems, hosts: &[Located<String>]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let name = h.value.trim().to_ascii_lowercase();
+        if let Err(why) = dns_name(&name) {
+            p.at(
+                h,
+                format!("admin.hosts[{i}]"),
+                format!(
+                    "{:?} is not a host name: {why} (write a DNS name without port, e.g. rollgate-admin.ml)",
+                    h.value
+                ),
+            );
+            continue;
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Why `name` (lowercase) is not a DNS host name, if it is not one.
+fn dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("it is empty".into());
+    }
+    if name.len() > bounds::ADMIN_HOST_LEN {
+        return Err(format!(
+            "it is longer than {} characters",
+            bounds::ADMIN_HOST_LEN
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+    {
+        return Err(if c == ':' {
+            "a port is not part of a host name".into()
+        } else {
+            format!("{c:?} is not allowed (only letters, digits, '-' and '.')")
+        });
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("it has an empty label (a leading, trailing or double '.')".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
 }
 
 fn version(
@@ -522,14 +791,20 @@ fn version(
                 &h.value.interval,
                 &format!("{hk}.interval"),
                 Duration::from_secs(5),
+                bounds::HEALTH_INTERVAL,
             ),
             timeout: p.duration(
                 &h.value.timeout,
                 &format!("{hk}.timeout"),
                 Duration::from_secs(1),
+                bounds::HEALTH_TIMEOUT,
             ),
-            unhealthy_after: h.value.unhealthy_after.unwrap_or(3).max(1),
-            healthy_after: h.value.healthy_after.unwrap_or(2).max(1),
+            unhealthy_after: h.value.unhealthy_after.as_ref().map_or(3, |l| {
+                p.integer(l, &format!("{hk}.unhealthy_after"), bounds::HEALTH_STREAK)
+            }),
+            healthy_after: h.value.healthy_after.as_ref().map_or(2, |l| {
+                p.integer(l, &format!("{hk}.healthy_after"), bounds::HEALTH_STREAK)
+            }),
         }
     });
     let ca_file = fv.ca_file.as_ref().map(|c| relative(origin, &c.value));
@@ -632,11 +907,11 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
                 format!("unknown version {v:?} (not under versions:)"),
             );
         }
-        if *w > 1_000_000 {
+        if *w > bounds::WEIGHT_MAX {
             p.at(
                 &r.split,
                 format!("{key}.split.{v}"),
-                "weight must be at most 1000000",
+                format!("weight {w} must be at most {}", bounds::WEIGHT_MAX),
             );
         }
         total += u64::from(*w);
@@ -708,12 +983,14 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
                 format!("unknown version {:?}", s.value.version),
             );
         }
-        if s.value.percent > 100 {
-            p.at(s, format!("{key}.shadow.percent"), "percent must be 0..100");
-        }
+        let percent = p.integer(
+            &s.value.percent,
+            &format!("{key}.shadow.percent"),
+            bounds::SHADOW_PERCENT,
+        );
         ShadowConfig {
             version: VersionName::from(s.value.version.as_str()),
-            percent: s.value.percent,
+            percent,
         }
     });
     let rollout = r.rollout.as_ref().map(|ro| {
@@ -723,56 +1000,62 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
             p.at(
                 ro,
                 format!("{key}.rollout.steps"),
-                "steps must be increasing percentages in 1..=100",
+                "steps must be strictly increasing percentages, each from 1 to 100",
             );
         }
         RolloutConfig {
             steps: steps.clone(),
-            hold: p.duration(
-                &Some(ro.value.hold.clone()),
+            hold: p.located_duration(
+                &ro.value.hold,
                 &format!("{key}.rollout.hold"),
                 Duration::from_secs(300),
+                bounds::ROLLOUT_HOLD,
             ),
         }
     });
     let t = &r.timeouts;
-    let timeouts = Timeouts {
-        connect: p.duration(
-            &t.connect,
-            &format!("{key}.timeouts.connect"),
-            Duration::from_secs(2),
-        ),
-        first_byte: p.duration(
-            &t.first_byte,
-            &format!("{key}.timeouts.first_byte"),
-            Duration::from_secs(60),
-        ),
-        idle: p.duration(
-            &t.idle,
-            &format!("{key}.timeouts.idle"),
-            Duration::from_secs(60),
-        ),
+    let mut timeout = |l: &Option<Located<String>>, n: &str, default: u64| {
+        p.duration(
+            l,
+            &format!("{key}.timeouts.{n}"),
+            Duration::from_secs(default),
+            bounds::TIMEOUT,
+        )
     };
-    for (d, l, n) in [
-        (timeouts.connect, &t.connect, "connect"),
-        (timeouts.first_byte, &t.first_byte, "first_byte"),
-        (timeouts.idle, &t.idle, "idle"),
-    ] {
-        if d.is_zero() {
-            if let Some(l) = l {
-                p.at(l, format!("{key}.timeouts.{n}"), "timeout must be above 0");
-            }
-        }
-    }
+    let timeouts = Timeouts {
+        connect: timeout(&t.connect, "connect", 2),
+        first_byte: timeout(&t.first_byte, "first_byte", 60),
+        idle: timeout(&t.idle, "idle", 60),
+    };
     let retry = RetryConfig {
-        budget_percent: r.retry.budget_percent.unwrap_or(20).min(100),
-        min_per_second: r.retry.min_per_second.unwrap_or(10),
+        budget_percent: r.retry.budget_percent.as_ref().map_or(20, |l| {
+            p.integer(
+                l,
+                &format!("{key}.retry.budget_percent"),
+                bounds::RETRY_BUDGET_PERCENT,
+            )
+        }),
+        min_per_second: r.retry.min_per_second.as_ref().map_or(10, |l| {
+            p.integer(
+                l,
+                &format!("{key}.retry.min_per_second"),
+                bounds::RETRY_MIN_PER_SECOND,
+            )
+        }),
         non_idempotent: r.retry.non_idempotent.unwrap_or(true),
     };
     let max_request_body = match &r.max_request_body {
         None => 10 << 20,
         Some(l) => match parse_size(&l.value) {
-            Ok(n) => n,
+            Ok(n) if n <= bounds::MAX_REQUEST_BODY => n,
+            Ok(_) => {
+                p.at(
+                    l,
+                    format!("{key}.max_request_body"),
+                    format!("{} is out of range: must be at most 1GiB", l.value.trim()),
+                );
+                10 << 20
+            }
             Err(e) => {
                 p.at(l, format!("{key}.max_request_body"), e);
                 10 << 20

@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 use super::audit::id_number;
 use super::reload::{Cause, Reloader};
 use crate::config::VersionName;
+use crate::decision::{Action, Command, Controller, Refused};
 use crate::evaluator::rules::Trigger;
-use crate::evaluator::{override_split, split_weights, Controller, DecisionContext};
 use crate::proxy::body::RespBody;
 use crate::routing::store::Store;
 use crate::routing::table::{RouteState, Table};
@@ -126,6 +126,8 @@ pub struct Status {
     pub config_hash: String,
     pub routes: Vec<RouteStatus>,
     pub versions: Vec<VersionStatus>,
+    /// Every candidate's evidence per rule against the level that rolls it back.
+    pub evidence: Vec<crate::evaluator::CandidateView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +137,10 @@ pub struct RouteStatus {
     pub baseline: String,
     pub state: RouteState,
     pub weights: std::collections::BTreeMap<String, u32>,
+    /// Where a progressive rollout stands (`waiting_for: traffic` while a hold lacks
+    /// evidence); absent without one in progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::evaluator::RolloutView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,7 +153,7 @@ pub struct VersionStatus {
 }
 
 /// The status document for `table`, with window statistics as of now.
-pub fn status(store: &Store, table: &Table) -> Status {
+pub fn status(store: &Store, view: &crate::evaluator::View, table: &Table) -> Status {
     let now = tokio::time::Instant::now();
     // Fold the request path's per-thread shards in, so the window includes the last
     // requests and not only those of the last evaluator tick.
@@ -164,6 +170,7 @@ pub fn status(store: &Store, table: &Table) -> Status {
                 baseline: table.versions[r.baseline_member().version].name.to_string(),
                 state: r.state,
                 weights: r.weights(table),
+                rollout: view.rollouts.get(&*r.name).cloned(),
             })
             .collect(),
         versions: table
@@ -177,6 +184,7 @@ pub fn status(store: &Store, table: &Table) -> Status {
                 window: store.telemetry.version_window(&v.name, now),
             })
             .collect(),
+        evidence: view.candidates.clone(),
     }
 }
 
@@ -242,7 +250,9 @@ pub async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> 
     // Another host (by socket address, never by forwarding headers) gets nothing but the
     // probes without the bearer token: reads reveal routing and versions too.
     let remote = !peer.ip().to_canonical().is_loopback();
-    let result = if remote
+    let result = if let Err(e) = browser_safe(admin, &req, POSTS.contains(&path.as_str())) {
+        Err(e)
+    } else if remote
         && !matches!(path.as_str(), "/healthz" | "/readyz")
         && !(admin.reloader.admin_token.load().is_some() && admin.authorized(&req))
     {
@@ -302,6 +312,83 @@ pub async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> 
         }
         r
     })
+}
+
+/// Is `host` (a Host header value, port allowed) one the admin API answers to: an IP
+/// literal, `localhost`, or a name in `admin.hosts`? Anything else may be a DNS-rebinding
+/// page that resolved its own name to this listener.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => return rest.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Browser safety (SPEC §6), with or without a token: a page in the operator's browser
+/// must not be able to drive or read the admin API. A mutating call needs
+/// `Content-Type: application/json` (a cross-site form or `no-cors` fetch cannot send it
+/// without a CORS preflight, which this API never answers); an `Origin` other than the
+/// listener's own, or `Sec-Fetch-Site: cross-site`, is refused; so is a `Host` that is not an
+/// IP literal, `localhost` or one of `admin.hosts` (DNS rebinding).
+fn browser_safe(admin: &Admin, req: &Request<Incoming>, mutating: bool) -> Result<(), ApiError> {
+    let forbidden = |d: String| Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", d));
+    let h = req.headers();
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if let Some(host) = &host {
+        let allowed = &admin.store.load().config.admin.hosts;
+        if !host_allowed(host, allowed) {
+            return forbidden(format!(
+                "Host {host:?} is not an IP address, localhost or a name in admin.hosts"
+            ));
+        }
+    }
+    if h
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return forbidden("cross-site requests are refused".into());
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let own = host.as_deref().map(|h| format!("http://{h}"));
+        let same = origin
+            .to_str()
+            .is_ok_and(|o| own.as_deref().is_some_and(|own| o.eq_ignore_ascii_case(own)));
+        if !same {
+            return forbidden(format!(
+                "Origin {origin:?} is not this admin listener's own"
+            ));
+        }
+    }
+    if mutating && req.method() == Method::POST {
+        let json = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "mutating calls need Content-Type: application/json",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The read-only listener for kubelet probes and Prometheus: `/healthz`, `/readyz`,
@@ -365,7 +452,10 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
         }
         "/api/v1/status" => {
             let table = admin.store.load();
-            json(StatusCode::OK, &status(&admin.store, &table))
+            json(
+                StatusCode::OK,
+                &status(&admin.store, &admin.controller.view(), &table),
+            )
         }
         "/api/v1/config" => {
             let table = admin.store.load();
@@ -456,7 +546,11 @@ struct ResumeReq {
 #[serde(deny_unknown_fields)]
 struct WeightsReq {
     route: String,
-    weights: std::collections::BTreeMap<VersionName, u32>,
+    #[serde(default)]
+    weights: Option<std::collections::BTreeMap<VersionName, u32>>,
+    /// Drop the route's runtime overrides: back to the file's split and baseline.
+    #[serde(default)]
+    reset: bool,
     reason: Option<String>,
     operator: Option<String>,
 }
@@ -494,259 +588,101 @@ fn duration(key: &str, s: &str) -> Result<Duration, ApiError> {
     })
 }
 
-/// Who asked and why: the fields every manual record carries.
-fn manual(fields: &mut Map<String, Value>, operator: Option<String>, reason: Option<String>) {
-    fields.insert("automatic".into(), json!(false));
-    fields.insert(
-        "initiated_by".into(),
-        json!(operator.unwrap_or_else(|| "admin-api".into())),
-    );
-    fields.insert("reason".into(), json!(reason));
+/// The admin API's answer to a refused command.
+fn refused(e: Refused) -> ApiError {
+    match e {
+        Refused::NotFound(d) => ApiError::not_found(d),
+        Refused::Conflict(d) | Refused::Stale(d) => ApiError::conflict(d),
+        Refused::Invalid(d) => ApiError::bad(d),
+        Refused::Failed(d) => ApiError::internal(d),
+    }
 }
 
-fn route_of<'t>(
-    table: &'t Table,
-    name: &str,
-) -> Result<&'t crate::routing::table::Route, ApiError> {
-    table
-        .routes
-        .iter()
-        .find(|r| &*r.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("no route {name:?}")))
+/// Applies a command made through the API; answers its record.
+async fn command(
+    admin: &Admin,
+    action: Action,
+    operator: Option<String>,
+    reason: Option<String>,
+) -> ApiResult {
+    let operator = Some(operator.unwrap_or_else(|| "admin-api".into()));
+    let cmd = Command::new(action, operator, reason);
+    let record = admin.controller.apply(cmd).await.map_err(refused)?;
+    Ok(json(StatusCode::OK, &record))
 }
 
-fn recorded(r: std::io::Result<Value>) -> ApiResult {
-    r.map(|rec| json(StatusCode::OK, &rec))
-        .map_err(ApiError::internal)
-}
+/// The fields a drill result may carry (what `rollgate drill` sends); anything else, and
+/// in particular `id`, `kind` or `timestamp`, is refused.
+const DRILL_FIELDS: &[&str] = &[
+    "route",
+    "version",
+    "fault",
+    "passed",
+    "score",
+    "checks",
+    "rollback_id",
+    "trigger",
+    "time_to_detect_ms",
+    "trip_to_swap_us",
+    "client_errors",
+    "requests",
+    "initiated_by",
+];
 
 async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
-    let c = &admin.controller;
     match path {
         "/api/v1/rollback" => {
             let r: RollbackReq = body(req).await?;
+            // What the operator saw, for the record.
             let table = admin.store.load();
-            let v = table
-                .version(&r.version)
-                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
-            if v.quarantined {
-                return Err(ApiError::conflict(format!(
-                    "version {} is already rolled back",
-                    r.version
-                )));
-            }
-            let member_of = |route: &crate::routing::table::Route| {
-                route
-                    .members
-                    .iter()
-                    .any(|m| table.versions[m.version].name == r.version)
-            };
-            let route = match &r.route {
-                Some(name) => {
-                    let route = route_of(&table, name)?;
-                    if !member_of(route) {
-                        return Err(ApiError::bad(format!(
-                            "version {} is not part of route {name}",
-                            r.version
-                        )));
-                    }
-                    route
-                }
-                None => table
-                    .routes
-                    .iter()
-                    .find(|rt| member_of(rt))
-                    .ok_or_else(|| {
-                        ApiError::bad(format!("version {} serves no route", r.version))
-                    })?,
-            };
-            if table.versions[route.baseline_member().version].name == r.version {
-                return Err(ApiError::conflict(format!(
-                    "version {} is the baseline of route {}: promote another version first",
-                    r.version, route.name
-                )));
-            }
             let now = tokio::time::Instant::now();
             let window = |name: &VersionName| admin.store.telemetry.version_window(name, now);
-            let base_name = table.versions[route.baseline_member().version].name.clone();
-            let ctx = DecisionContext {
-                decide: Duration::ZERO,
-                metrics: json!({"candidate": window(&r.version), "baseline": window(&base_name)}),
-            };
-            let reason = r
-                .reason
-                .unwrap_or_else(|| "manual rollback via the admin API".into());
-            let operator = r.operator.unwrap_or_else(|| "admin-api".into());
-            let route_name = route.name.to_string();
+            let baseline = r
+                .route
+                .as_deref()
+                .and_then(|n| table.routes.iter().find(|rt| &*rt.name == n))
+                .map(|rt| table.versions[rt.baseline_member().version].name.clone());
+            let metrics = json!({"candidate": window(&r.version),
+                                 "baseline": baseline.as_ref().map(window)});
             drop(table);
-            let handle = c
-                .rollback(
-                    &route_name,
-                    &r.version,
-                    Trigger::Manual,
-                    reason,
-                    Some(operator),
-                    now,
-                    ctx,
-                )
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::AlreadyExists => ApiError::conflict(e.to_string()),
-                    std::io::ErrorKind::NotFound => ApiError::not_found(e.to_string()),
-                    _ => ApiError::internal(e),
-                })?;
-            let record = handle.await.map_err(ApiError::internal)?;
-            Ok(json(StatusCode::OK, &record))
+            let action = Action::Rollback {
+                route: r.route,
+                version: r.version,
+                trigger: Trigger::Manual,
+                evidence: json!({ "metrics": metrics }),
+                expect: None,
+            };
+            command(admin, action, r.operator, r.reason).await
         }
         "/api/v1/promote" => {
             let r: PromoteReq = body(req).await?;
-            let table = admin.store.load();
-            let route = route_of(&table, &r.route)?;
-            let v = table
-                .version(&r.version)
-                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
-            if !route.config.split.iter().any(|(n, _)| n == &r.version) {
-                return Err(ApiError::bad(format!(
-                    "version {} is not part of route {}",
-                    r.version, r.route
-                )));
-            }
-            if v.quarantined {
-                return Err(ApiError::conflict(format!(
-                    "version {} is rolled back: resume it first",
-                    r.version
-                )));
-            }
-            let baseline = table.versions[route.baseline_member().version].name.clone();
-            let weights = split_weights(route, &r.version, 100, &baseline);
-            let mut f = Map::new();
-            f.insert("route".into(), json!(r.route));
-            f.insert("version".into(), json!(r.version.as_str()));
-            f.insert("from_version".into(), json!(baseline.as_str()));
-            manual(&mut f, r.operator, r.reason);
-            let route_name = r.route.clone();
-            let version = r.version.clone();
-            drop(table);
-            recorded(
-                c.change(
-                    "promote",
-                    None,
-                    |s| {
-                        s.rollouts.remove(&route_name);
-                        s.baselines.insert(route_name.clone(), version);
-                        s.weight_overrides.insert(route_name, weights);
-                    },
-                    f,
-                )
-                .await,
-            )
+            let action = Action::Promote {
+                route: r.route,
+                version: r.version,
+                expect_step: None,
+            };
+            command(admin, action, r.operator, r.reason).await
         }
         "/api/v1/resume" => {
             let r: ResumeReq = body(req).await?;
-            let table = admin.store.load();
-            let v = table
-                .version(&r.version)
-                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
-            if !v.quarantined {
-                return Err(ApiError::conflict(format!(
-                    "version {} is not rolled back",
-                    r.version
-                )));
-            }
-            drop(table);
-            let mut f = Map::new();
-            f.insert("version".into(), json!(r.version.as_str()));
-            manual(&mut f, r.operator, r.reason);
-            let version = r.version.clone();
-            recorded(
-                c.change(
-                    "resume",
-                    None,
-                    |s| {
-                        s.quarantined.remove(&version);
-                    },
-                    f,
-                )
-                .await,
-            )
+            command(admin, Action::Resume { version: r.version }, r.operator, r.reason).await
         }
         "/api/v1/weights" => {
             let r: WeightsReq = body(req).await?;
-            let table = admin.store.load();
-            let route = route_of(&table, &r.route)?;
-            for name in r.weights.keys() {
-                if !route.config.split.iter().any(|(n, _)| n == name) {
-                    return Err(ApiError::bad(format!(
-                        "version {name} is not part of route {}",
-                        r.route
-                    )));
-                }
-            }
-            if r.weights.values().all(|w| *w == 0) {
-                return Err(ApiError::bad("at least one weight must be positive"));
-            }
-            if r.weights.values().any(|w| *w > 1_000_000) {
-                return Err(ApiError::bad("weights are at most 1000000"));
-            }
-            let runtime = admin.store.runtime_state();
-            if runtime.rollouts.contains_key(&r.route) && !runtime.paused.contains(&r.route) {
-                return Err(ApiError::conflict(format!(
-                    "route {} is rolling out: pause it first, or its next step would undo this",
-                    r.route
-                )));
-            }
-            // The weights given replace the split: versions not named get 0.
-            let weights = override_split(route, r.weights.iter().map(|(k, v)| (k.clone(), *v)));
-            let mut f = Map::new();
-            f.insert("route".into(), json!(r.route));
-            f.insert(
-                "weights".into(),
-                json!(weights
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect::<std::collections::BTreeMap<_, _>>()),
-            );
-            f.insert("previous_weights".into(), json!(route.weights(&table)));
-            manual(&mut f, r.operator, r.reason);
-            let route_name = r.route.clone();
-            drop(table);
-            recorded(
-                c.change(
-                    "weights",
-                    None,
-                    |s| {
-                        s.weight_overrides.insert(route_name, weights);
-                    },
-                    f,
-                )
-                .await,
-            )
+            let action = Action::Weights {
+                route: r.route,
+                weights: r.weights.unwrap_or_default(),
+                reset: r.reset,
+            };
+            command(admin, action, r.operator, r.reason).await
         }
         "/api/v1/pause" => {
             let r: PauseReq = body(req).await?;
-            let table = admin.store.load();
-            route_of(&table, &r.route)?;
-            drop(table);
-            let mut f = Map::new();
-            f.insert("route".into(), json!(r.route));
-            f.insert("paused".into(), json!(r.paused));
-            manual(&mut f, r.operator, r.reason);
-            let (route_name, paused) = (r.route.clone(), r.paused);
-            recorded(
-                c.change(
-                    "pause",
-                    None,
-                    |s| {
-                        if paused {
-                            s.paused.insert(route_name);
-                        } else {
-                            s.paused.remove(&route_name);
-                        }
-                    },
-                    f,
-                )
-                .await,
-            )
+            let action = Action::Pause {
+                route: r.route,
+                paused: r.paused,
+            };
+            command(admin, action, r.operator, r.reason).await
         }
         "/api/v1/feedback" => {
             let r: FeedbackReq = body(req).await?;
@@ -785,29 +721,32 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
             if latency > Duration::from_secs(60) {
                 return Err(ApiError::bad("latency is at most 60s"));
             }
-            let table = admin.store.load();
-            let v = table
-                .version(&r.version)
-                .ok_or_else(|| ApiError::not_found(format!("no version {}", r.version)))?;
-            v.counters.faults.set(error_rate, latency, dur);
-            tracing::warn!(version = %r.version, error_rate, latency_ms = latency.as_millis() as u64, duration_ms = dur.as_millis() as u64, "fault injected");
-            Ok(json(
-                StatusCode::OK,
-                &json!({"version": r.version.as_str(), "error_rate": error_rate,
-                        "latency_ms": latency.as_millis() as u64,
-                        "duration_ms": dur.as_millis() as u64}),
-            ))
+            let action = Action::Fault {
+                version: r.version,
+                error_rate,
+                latency_ms: latency.as_millis() as u64,
+                duration_ms: dur.as_millis() as u64,
+            };
+            command(admin, action, None, None).await
         }
         "/api/v1/drills" => {
             // A finished drill's result (from `rollgate drill`): one `drill` record; a passed
             // drill sets rollgate_rollback_drill_timestamp_seconds.
             let r: Map<String, Value> = body(req).await?;
+            if let Some(k) = r.keys().find(|k| !DRILL_FIELDS.contains(&k.as_str())) {
+                return Err(ApiError::bad(format!(
+                    "unknown field {k:?} in a drill result (allowed: {})",
+                    DRILL_FIELDS.join(", ")
+                )));
+            }
             let table = admin.store.load();
             let route = r
                 .get("route")
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad("route is required"))?;
-            route_of(&table, route)?;
+            if !table.routes.iter().any(|rt| &*rt.name == route) {
+                return Err(ApiError::not_found(format!("no route {route:?}")));
+            }
             let version = r
                 .get("version")
                 .and_then(Value::as_str)
@@ -817,7 +756,11 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
             }
             let passed = r.get("passed").and_then(Value::as_bool).unwrap_or(false);
             drop(table);
-            let record = c.record("drill", r).await.map_err(ApiError::internal)?;
+            let record = admin
+                .controller
+                .record_drill(r)
+                .await
+                .map_err(ApiError::internal)?;
             if passed {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

@@ -23,7 +23,6 @@ use super::admin::read_token;
 use crate::config::{content_hash, Config};
 use crate::evaluator::Controller;
 use crate::proxy::server::CertStore;
-use crate::routing::table::RuntimeState;
 use crate::telemetry::prom::labels;
 
 /// How long the directory must stay quiet before a watched change is applied. Long enough
@@ -97,35 +96,6 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         keys.push("drain_timeout");
     }
     keys
-}
-
-/// Drops runtime state that names routes or versions `config` no longer has, so the table
-/// compiles, and quarantines whose version changed fingerprint (SPEC §1: a quarantine lasts
-/// until a resume or a new fingerprint; an old bundle coming back later is not re-condemned
-/// silently).
-pub fn prune(state: &mut RuntimeState, config: &Config) {
-    state.quarantined.retain(|v, fingerprint| {
-        let keep = config
-            .version(v.as_str())
-            .is_some_and(|vc| &vc.fingerprint == fingerprint);
-        if !keep {
-            tracing::info!(version = %v, "quarantine lifted: the version changed its fingerprint");
-        }
-        keep
-    });
-    let route_has = |route: &str, v: &crate::config::VersionName| {
-        config
-            .routes
-            .iter()
-            .any(|r| &*r.name == route && r.split.iter().any(|(n, _)| n == v))
-    };
-    let has_route = |route: &str| config.routes.iter().any(|r| &*r.name == route);
-    state.baselines.retain(|r, v| route_has(r, v));
-    state.rollouts.retain(|r, p| route_has(r, &p.version));
-    state
-        .weight_overrides
-        .retain(|r, w| has_route(r) && w.keys().all(|v| route_has(r, v)));
-    state.paused.retain(|r| has_route(r));
 }
 
 impl Reloader {
@@ -251,12 +221,7 @@ impl Reloader {
             fields.insert("tls_error".into(), json!(e));
         }
         let hash = new.hash.clone();
-        let pruned = new.clone();
-        match self
-            .controller
-            .change("config_reload", Some(new), |s| prune(s, &pruned), fields)
-            .await
-        {
+        match self.controller.reload(new, fields).await {
             Ok(record) => {
                 self.count("ok");
                 self.refresh_token(&self.controller.store.config());

@@ -9,12 +9,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::{Method, Request, Uri};
-use serde_json::{json, Map};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Controller;
-use crate::config::{HealthCheckConfig, Severity};
+use crate::config::HealthCheckConfig;
 use crate::proxy::body::ReqBody;
 use crate::proxy::client::EndpointRt;
 
@@ -57,7 +56,6 @@ pub fn apply(ep: &EndpointRt, hc: &HealthCheckConfig, ok: bool) -> bool {
 /// The health-check task. Runs until `stop` turns true.
 pub async fn run(c: Arc<Controller>, mut stop: watch::Receiver<bool>) {
     let mut next_due: HashMap<(String, String), Instant> = HashMap::new();
-    let mut degraded: HashMap<String, bool> = HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -91,36 +89,9 @@ pub async fn run(c: Arc<Controller>, mut stop: watch::Receiver<bool>) {
             flipped |= r.unwrap_or(false);
         }
         if flipped {
-            // Recompile: degraded routes, fallback and health gauges follow endpoint health.
-            if let Err(e) = c.store.update(None, |_| {}) {
-                tracing::error!(error = %e, "recompiling after a health change failed");
-                continue;
-            }
-            let table = c.store.load();
-            for r in table.routes.iter() {
-                let was = degraded
-                    .insert(r.name.to_string(), r.degraded)
-                    .unwrap_or(false);
-                if r.degraded && !was {
-                    let baseline = table.versions[r.baseline_member().version].name.to_string();
-                    tracing::error!(route = %r.name, %baseline, "route degraded: its baseline is unhealthy");
-                    let mut f = Map::new();
-                    f.insert("route".into(), json!(r.name.to_string()));
-                    f.insert("baseline".into(), json!(baseline));
-                    f.insert(
-                        "fallback".into(),
-                        json!(r.config.fallback.as_ref().map(|v| v.to_string())),
-                    );
-                    let alert = json!({"kind": "degraded", "severity": "critical", "route": r.name.to_string(), "baseline": baseline});
-                    let hooks = c.store.config().alerts.webhooks.clone();
-                    let sent = c.alerts.send(&hooks, Severity::Critical, &alert).await;
-                    f.insert(
-                        "alerts_sent".into(),
-                        serde_json::to_value(sent).unwrap_or_default(),
-                    );
-                    let _ = c.record("degraded", f).await;
-                }
-            }
+            // Recompile (degraded routes, fallback, health gauges); records and alerts go
+            // out without holding up the next probes.
+            c.health_changed().await;
         }
     }
 }

@@ -1,287 +1,187 @@
-//! The evaluator: every `interval`, compare each candidate with its route's baseline, and
-//! roll back what a rule condemns, in one atomic table swap.
+//! The evaluator: every `interval`, feed each candidate's new observations to its change
+//! detectors, and turn a trip into a rollback command; step progressive rollouts that held
+//! cleanly.
 //!
-//! - [`stats`]: the anytime-valid sequential tests and their guarantee.
+//! - [`detector`]: the e-detectors and their false-alarm rate guarantee.
+//! - [`stats`]: how each rule becomes a Bernoulli question.
 //! - [`rules`]: the pure `decide(evidence, rules) -> Verdict`.
 //! - [`health`]: active health checks of every endpoint.
-//! - this module: the tick task (it owns the per-pair epoch state), the rollback sequence
-//!   shared with manual actions ([`Controller::rollback`]), and progressive rollouts.
+//! - this module: the tick task. It owns one [`Track`] per (route, candidate, baseline,
+//!   fingerprints, incarnation): a baseline change, a new bundle or a resume starts fresh
+//!   detectors, never mixing evidence about two different comparisons.
 //!
-//! Rollback sequence (SPEC §5): quarantine in the runtime state and swap the table (the
-//! candidate's share goes to the baseline on every route; the swap is one `ArcSwap::store`),
-//! measure trip-to-swap, persist the state (temp, fsync, rename), count the metrics, then off
-//! the tick: wait for the candidate's in-flight requests to finish (bounded by
-//! `drain_timeout`), send alerts, and append the one `rollback` audit record.
+//! Decisions are not applied here: a trip becomes a [`Command`] with what it assumed
+//! ([`Expect`]) and goes to [`Controller::apply`], which checks it again against the state
+//! of that moment (a promote or pause in between wins).
+//!
+//! # Rollouts (SPEC §5)
+//!
+//! A route with `rollout` moves its candidate one step per clean `hold`: at least
+//! `min_requests` answered by the candidate *and* the baseline during the hold (so every
+//! comparative rule was evaluated on them), and no trip (a trip rolls back). A hold without
+//! that evidence is extended and the status says `waiting_for: traffic`. After the last step
+//! the candidate is promoted and the plan is complete ([`crate::decision::rollout_plan`]).
+//! Hold evidence lives in memory: after a restart a hold in progress needs fresh evidence.
 
+pub mod detector;
 pub mod health;
 pub mod rules;
 pub mod stats;
 
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, Severity, VersionName};
-use crate::control::alerts::Alerts;
-use crate::control::audit::Audit;
-use crate::control::state;
-use crate::routing::store::Store;
-use crate::routing::table::{RolloutProgress, RuntimeState, Table};
+pub use crate::decision::Controller;
+use crate::config::{EvaluatorConfig, VersionName};
+use crate::decision::{rollout_plan, unix_ms, Action, Command, Expect, Refused};
+use crate::routing::table::{Member, Route, Table};
 use crate::telemetry::prom::labels;
 use crate::telemetry::recorder::Cumulative;
 use crate::telemetry::signals::SignalCounts;
 use crate::telemetry::PairStats;
-use rules::{Evidence, Side, Trigger, Verdict};
+use detector::{Bernoulli, Drift, Starts};
+use rules::{Evidence, RuleProgress, Side, Trigger, Verdict};
 
-/// Decisions that change the table: shared by the evaluator and the admin API.
-#[derive(Debug)]
-pub struct Controller {
-    pub store: Arc<Store>,
-    pub audit: Arc<Audit>,
-    pub alerts: Alerts,
-    pub state_dir: PathBuf,
-    /// Serializes decisions end to end (swap + persist), so the persisted state always
-    /// matches a table that was published. Control path only.
-    decisions: tokio::sync::Mutex<()>,
+/// Seconds of per-rule evidence kept for the rollback record's trajectory.
+const TRAJECTORY: usize = 60;
+
+/// What the evaluator knows now: for status, metrics and the status page.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct View {
+    pub candidates: Vec<CandidateView>,
+    pub rollouts: BTreeMap<String, RolloutView>,
 }
 
-/// What the evaluator knew when it decided, for the audit record.
-#[derive(Debug, Clone, Default)]
-pub struct DecisionContext {
-    /// How long `decide` (and gathering its evidence) took.
-    pub decide: Duration,
-    pub metrics: Value,
+/// One candidate's evidence against its baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct CandidateView {
+    pub route: String,
+    pub version: String,
+    pub baseline: String,
+    /// Answered since its detectors began (this baseline, this incarnation).
+    pub requests: u64,
+    pub baseline_requests: u64,
+    pub rules: Vec<RuleProgress>,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Where a route's rollout stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    pub version: String,
+    pub step: usize,
+    pub weight: u32,
+    pub hold_ms: u64,
+    pub held_ms: u64,
+    /// Answered during this hold, and how many each side needs.
+    pub requests: u64,
+    pub baseline_requests: u64,
+    pub needed: u64,
+    /// `traffic` when the hold is over but its evidence is not there yet.
+    pub waiting_for: Option<&'static str>,
 }
 
-impl Controller {
-    pub fn new(store: Arc<Store>, audit: Arc<Audit>, alerts: Alerts, state_dir: PathBuf) -> Self {
-        Controller {
-            store,
-            audit,
-            alerts,
-            state_dir,
-            decisions: tokio::sync::Mutex::new(()),
+/// One side's cumulative counts at the previous tick.
+struct Prev {
+    answered: u64,
+    errors: u64,
+    ttfb: Histogram<u64>,
+    signals: SignalCounts,
+}
+
+impl Prev {
+    fn of(c: &Cumulative, signals: SignalCounts) -> Self {
+        let (answered, errors) = c.answered_and_errors();
+        Prev {
+            answered,
+            errors,
+            ttfb: c.ttfb.clone(),
+            signals,
         }
     }
-
-    async fn persist(&self) -> std::io::Result<Duration> {
-        let t = Instant::now();
-        let snapshot = self.store.runtime_state();
-        let dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || state::save(&dir, &snapshot))
-            .await
-            .map_err(std::io::Error::other)??;
-        Ok(t.elapsed())
-    }
-
-    /// Appends an audit record off the async threads.
-    pub async fn record(
-        &self,
-        kind: &'static str,
-        fields: Map<String, Value>,
-    ) -> std::io::Result<Value> {
-        let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || audit.append(kind, fields))
-            .await
-            .map_err(std::io::Error::other)?
-    }
-
-    /// A change that needs no drain: swap (with a new `config`, for a reload), persist, and
-    /// one audit record of `kind` (`fields` plus the generations). Serialized with every
-    /// other decision.
-    pub async fn change(
-        &self,
-        kind: &'static str,
-        config: Option<Config>,
-        change: impl FnOnce(&mut RuntimeState),
-        mut fields: Map<String, Value>,
-    ) -> std::io::Result<Value> {
-        let serial = self.decisions.lock().await;
-        let swap = self.store.update(config, change).inspect_err(|e| {
-            tracing::error!(kind, error = %e, "compiling the new table failed; nothing changed");
-        })?;
-        if let Err(e) = self.persist().await {
-            tracing::error!(kind, error = %e, "persisting the runtime state failed; it holds until restart");
-        }
-        drop(serial);
-        fields.insert("generation_before".into(), json!(swap.generation_before));
-        fields.insert("generation_after".into(), json!(swap.generation_after));
-        self.record(kind, fields).await
-    }
-
-    /// Rolls `version` back: it gets weight 0 on every route. `tripped_at` is when the
-    /// decision began, for trip-to-swap. Returns once the table is swapped and the state
-    /// persisted, with a handle that resolves to the audit record (after drain and alerts).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rollback(
-        self: &Arc<Self>,
-        route: &str,
-        version: &VersionName,
-        trigger: Trigger,
-        reason: String,
-        initiated_by: Option<String>,
-        tripped_at: Instant,
-        ctx: DecisionContext,
-    ) -> std::io::Result<tokio::task::JoinHandle<Option<Value>>> {
-        let _serial = self.decisions.lock().await;
-        let table = self.store.load();
-        let Some(v) = table.version(version) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("unknown version {version}"),
-            ));
-        };
-        if v.quarantined {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("version {version} is already rolled back"),
-            ));
-        }
-        let fingerprint = v.config.fingerprint.clone();
-        let to_version = table
-            .routes
-            .iter()
-            .find(|r| &*r.name == route)
-            .map(|r| table.versions[r.baseline_member().version].name.to_string());
-        let m = &self.store.metrics;
-        m.rollback_triggered
-            .get_or_create(&labels(&[("route", route), ("trigger", trigger.as_str())]))
-            .inc();
-
-        let swap = self.store.update(None, |s| {
-            s.quarantined.insert(version.clone(), fingerprint);
-            s.rollouts.retain(|_, p| &p.version != version);
-        })?;
-        let trip_to_swap = tripped_at.elapsed();
-        m.rollback_completed
-            .get_or_create(&labels(&[("route", route)]))
-            .inc();
-        m.rollback_duration.observe(trip_to_swap.as_secs_f64());
-        // In flight on the candidate at the swap: these finish on it and are counted.
-        let new_table = self.store.load();
-        let pairs: Vec<_> = new_table
-            .routes
-            .iter()
-            .flat_map(|r| r.members.iter())
-            .filter(|mem| &new_table.versions[mem.version].name == version)
-            .map(|mem| mem.stats.clone())
-            .collect();
-        let drained: i64 = pairs.iter().map(|p| p.in_flight().max(0)).sum();
-        for p in &pairs {
-            p.new_incarnation();
-        }
-        let persist = match self.persist().await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "persisting the quarantine failed; it holds until restart");
-                Duration::ZERO
-            }
-        };
-        tracing::warn!(%route, %version, trigger = trigger.as_str(), %reason, trip_to_swap_us = trip_to_swap.as_micros() as u64, generation = swap.generation_after, "rolled back");
-
-        let this = self.clone();
-        let route = route.to_string();
-        let version = version.clone();
-        let drain_timeout = table.config.drain_timeout;
-        Ok(tokio::spawn(async move {
-            let t = Instant::now();
-            while pairs.iter().map(|p| p.in_flight().max(0)).sum::<i64>() > 0
-                && t.elapsed() < drain_timeout
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let drain = t.elapsed();
-            let mut fields = Map::new();
-            fields.insert("trigger".into(), json!(trigger.as_str()));
-            fields.insert("route".into(), json!(route));
-            fields.insert("from_version".into(), json!(version.as_str()));
-            fields.insert("to_version".into(), json!(to_version));
-            fields.insert("reason".into(), json!(reason));
-            fields.insert("automatic".into(), json!(initiated_by.is_none()));
-            fields.insert("initiated_by".into(), json!(initiated_by));
-            fields.insert("generation_before".into(), json!(swap.generation_before));
-            fields.insert("generation_after".into(), json!(swap.generation_after));
-            fields.insert(
-                "trip_to_swap_us".into(),
-                json!(trip_to_swap.as_micros() as u64),
-            );
-            fields.insert(
-                "phases".into(),
-                json!([
-                    {"phase": "decide", "duration_us": ctx.decide.as_micros() as u64},
-                    {"phase": "swap", "duration_us": (swap.compile + swap.swap).as_micros() as u64},
-                    {"phase": "persist", "duration_us": persist.as_micros() as u64},
-                    {"phase": "drain", "duration_ms": drain.as_millis() as u64, "drained_requests": drained},
-                ]),
-            );
-            fields.insert("metrics".into(), ctx.metrics);
-            let alert = json!({
-                "kind": "rollback", "severity": "warning", "route": route, "version": version.as_str(),
-                "to_version": fields["to_version"], "trigger": trigger.as_str(), "reason": fields["reason"],
-                "generation": swap.generation_after,
-            });
-            let hooks = this.store.config().alerts.webhooks.clone();
-            let sent = this.alerts.send(&hooks, Severity::Warning, &alert).await;
-            fields.insert(
-                "alerts_sent".into(),
-                serde_json::to_value(sent).unwrap_or_default(),
-            );
-            match this.record("rollback", fields).await {
-                Ok(rec) => Some(rec),
-                Err(e) => {
-                    tracing::error!(error = %e, "writing the rollback audit record failed");
-                    None
-                }
-            }
-        }))
-    }
 }
 
-/// Per (route, candidate) test state: the current epoch and the cumulative counts at its
-/// start, so each epoch's test sees only that epoch's requests.
-struct Epoch {
-    number: u64,
-    started: Instant,
-    candidate: Cumulative,
-    baseline: Cumulative,
-    candidate_signals: SignalCounts,
-    baseline_signals: SignalCounts,
+/// Requests over `limit` between two cumulative histograms.
+fn over_between(now: &Histogram<u64>, prev: &Histogram<u64>, limit: Duration) -> u64 {
+    let us = limit.as_micros().min(u128::from(u64::MAX)) as u64;
+    let over = |h: &Histogram<u64>| {
+        if h.is_empty() || h.max() <= us {
+            0
+        } else {
+            h.count_between(h.next_non_equivalent(us), h.max())
+        }
+    };
+    over(now).saturating_sub(over(prev))
 }
 
-/// Everything the evaluator tracks per (route, candidate) between ticks.
+/// The detectors and counters of one (route, candidate, baseline) comparison.
 struct Track {
-    /// The candidate's incarnation this track judges (see `PairStats::new_incarnation`).
     incarnation: u64,
-    epoch: Epoch,
+    starts: Starts,
+    cand: Prev,
+    base: Prev,
+    err_max: Bernoulli,
+    err_ratio: Bernoulli,
+    err_floor: Bernoulli,
+    lat_max: Bernoulli,
+    lat_ratio: Bernoulli,
+    accuracy: Bernoulli,
+    drift: Drift,
+    cand_answered: u64,
+    base_answered: u64,
+    cand_feedback: u64,
+    cand_incorrect: u64,
+    base_feedback: u64,
+    base_incorrect: u64,
+    /// Drift samples consumed so far, per side.
+    cand_samples: u64,
+    base_samples: u64,
     /// (time, cumulative flagged) samples covering the `safety_violations` period.
     flagged: VecDeque<(Instant, u64)>,
-    /// Drift: candidate samples already tested, consecutive significant checks, last p.
-    drift_seen: u64,
-    drift_streak: u32,
-    drift_p: f64,
+    /// Per-second evidence of every rule, newest last.
+    trajectory: VecDeque<(Instant, Vec<(Trigger, f64)>)>,
+}
+
+/// The identity of a comparison: a change of any part starts a new [`Track`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TrackKey {
+    route: Arc<str>,
+    candidate: VersionName,
+    baseline: VersionName,
+    fingerprints: (String, String),
 }
 
 impl Track {
     fn new(now: Instant, cand: &PairStats, base: &PairStats) -> Self {
-        let c = cand.signals.counts();
+        let (c, b) = (cand.signals.counts(), base.signals.counts());
         Track {
             incarnation: cand.incarnation(),
-            epoch: Epoch::start(1, now, cand, base),
+            starts: Starts::default(),
+            cand: Prev::of(&cand.cumulative(), c),
+            base: Prev::of(&base.cumulative(), b),
+            err_max: Bernoulli::default(),
+            err_ratio: Bernoulli::default(),
+            err_floor: Bernoulli::default(),
+            lat_max: Bernoulli::default(),
+            lat_ratio: Bernoulli::default(),
+            accuracy: Bernoulli::default(),
+            drift: Drift::default(),
+            cand_answered: 0,
+            base_answered: 0,
+            cand_feedback: 0,
+            cand_incorrect: 0,
+            base_feedback: 0,
+            base_incorrect: 0,
+            cand_samples: c.samples,
+            base_samples: b.samples,
             flagged: VecDeque::from([(now, c.flagged)]),
-            drift_seen: c.samples,
-            drift_streak: 0,
-            drift_p: 1.0,
+            trajectory: VecDeque::new(),
         }
     }
 
@@ -299,53 +199,145 @@ impl Track {
         while self.flagged.len() > 1 && now.duration_since(self.flagged[1].0) >= per {
             self.flagged.pop_front();
         }
-        flagged - self.flagged.front().map_or(flagged, |(_, f)| *f)
+        flagged.saturating_sub(self.flagged.front().map_or(flagged, |(_, f)| *f))
     }
 
-    /// One drift check when the candidate has `min` new samples since the last one: a
-    /// Kolmogorov-Smirnov test of those against the baseline's most recent samples.
-    fn drift_check(
+    /// Feeds one tick's new observations to every enabled rule's detector. Returns the
+    /// answered requests of the tick on both sides.
+    fn observe(
         &mut self,
-        rule: &crate::config::DriftRule,
-        min: u64,
+        ev: &EvaluatorConfig,
         cand: &PairStats,
         base: &PairStats,
-    ) {
-        let min = min.max(20);
-        if cand.signals.counts().samples < self.drift_seen + min
-            || base.signals.counts().samples < min
-        {
-            return;
+        base_p99: Option<Duration>,
+        scratch: &mut (Vec<f64>, Vec<f64>),
+    ) -> (u64, u64) {
+        let start = self.starts.tick(ev.interval);
+        let r = &ev.rules;
+        let (c_cum, b_cum) = (cand.cumulative(), base.cumulative());
+        let (c_sig, b_sig) = (cand.signals.counts(), base.signals.counts());
+        let c_now = Prev::of(&c_cum, c_sig);
+        let b_now = Prev::of(&b_cum, b_sig);
+        let dca = c_now.answered.saturating_sub(self.cand.answered);
+        let dce = c_now.errors.saturating_sub(self.cand.errors);
+        let dba = b_now.answered.saturating_sub(self.base.answered);
+        let dbe = b_now.errors.saturating_sub(self.base.errors);
+        self.cand_answered += dca;
+        self.base_answered += dba;
+
+        if let Some(max) = r.error_rate_max {
+            self.err_max.observe(start, dce, dca, max);
         }
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        self.drift_seen = cand.signals.samples_since(self.drift_seen, &mut a);
-        base.signals.samples_since(0, &mut b);
-        let (_, p) = stats::ks_two_sample(&mut a, &mut b);
-        self.drift_p = p;
-        if p < rule.p_value {
-            self.drift_streak += 1;
-        } else {
-            self.drift_streak = 0;
+        if let Some(k) = r.error_rate_ratio {
+            match stats::ratio_theta0(k, dca, dba) {
+                Some(theta0) => self.err_ratio.observe(start, dce, dce + dbe, theta0),
+                None => self.err_ratio.observe(start, 0, 0, 0.5),
+            }
+            if let Some(floor) = r.min_error_rate {
+                self.err_floor.observe(start, dce, dca, floor);
+            }
+        }
+        if let Some(sla) = r.latency_p99_max {
+            let over = over_between(&c_now.ttfb, &self.cand.ttfb, sla);
+            self.lat_max.observe(start, over, dca, 0.01);
+        }
+        if let Some(k) = r.latency_p99_ratio {
+            match base_p99 {
+                Some(p99) if !p99.is_zero() => {
+                    let q = Duration::from_secs_f64((p99.as_secs_f64() * k).min(86_400.0));
+                    let over = over_between(&c_now.ttfb, &self.cand.ttfb, q);
+                    self.lat_ratio.observe(start, over, dca, 0.01);
+                }
+                _ => self.lat_ratio.observe(start, 0, 0, 0.01),
+            }
+        }
+        if let Some(drop) = r.accuracy_drop {
+            let dfc = c_sig.feedback.saturating_sub(self.cand.signals.feedback);
+            let dic = c_sig.incorrect.saturating_sub(self.cand.signals.incorrect);
+            // The baseline's incorrect rate from its feedback *before* this tick: fixed
+            // before the tick's observations, as the test needs.
+            if self.base_feedback >= ev.min_requests {
+                let wrong = self.base_incorrect as f64 / self.base_feedback as f64;
+                self.accuracy
+                    .observe(start, dic, dfc, (wrong + drop).min(0.999));
+            } else {
+                self.accuracy.observe(start, 0, 0, 0.5);
+            }
+            self.cand_feedback += dfc;
+            self.cand_incorrect += dic;
+            self.base_feedback += b_sig.feedback.saturating_sub(self.base.signals.feedback);
+            self.base_incorrect += b_sig.incorrect.saturating_sub(self.base.signals.incorrect);
+        }
+        if r.drift.is_some() {
+            self.drift_tick(start, cand, base, scratch);
+        }
+        self.cand = c_now;
+        self.base = b_now;
+        (dca, dba)
+    }
+
+    /// Pairs this tick's new candidate samples with the baseline's new samples of the same
+    /// tick, and bets at cut points from the baseline's earlier samples.
+    fn drift_tick(
+        &mut self,
+        start: bool,
+        cand: &PairStats,
+        base: &PairStats,
+        (c, b): &mut (Vec<f64>, Vec<f64>),
+    ) {
+        let cand_seen = self.cand_samples;
+        let base_seen = self.base_samples;
+        self.cand_samples = cand.signals.samples_since(cand_seen, c);
+        let new_c = c.len();
+        let base_written = base.signals.samples_since(0, b);
+        self.base_samples = base_written;
+        let new_b = (base_written.saturating_sub(base_seen) as usize).min(b.len());
+        let split = b.len() - new_b;
+        let (history, fresh) = b.split_at_mut(split);
+        let fresh: Vec<f64> = fresh.to_vec();
+        let cuts = detector::drift_cuts(history);
+        let n = new_c.min(fresh.len());
+        let pairs: Vec<(f64, f64)> = (0..n)
+            .map(|i| (c[i * new_c / n.max(1)], fresh[i * fresh.len() / n.max(1)]))
+            .collect();
+        self.drift.observe(start, &pairs, cuts.as_ref());
+    }
+
+    /// Every rule's statistic, in logs.
+    fn statistics(&self) -> rules::Statistics {
+        rules::Statistics {
+            error_rate_max: self.err_max.log_statistic(),
+            error_rate_ratio: self.err_ratio.log_statistic(),
+            min_error_rate: self.err_floor.log_statistic(),
+            latency_p99_max: self.lat_max.log_statistic(),
+            latency_p99_ratio: self.lat_ratio.log_statistic(),
+            accuracy_drop: self.accuracy.log_statistic(),
+            drift: self.drift.log_statistic(),
         }
     }
 }
 
-impl Epoch {
-    fn start(number: u64, now: Instant, cand: &PairStats, base: &PairStats) -> Self {
-        Epoch {
-            number,
-            started: now,
-            candidate: cand.cumulative(),
-            baseline: base.cumulative(),
-            candidate_signals: cand.signals.counts(),
-            baseline_signals: base.signals.counts(),
-        }
-    }
+/// Evidence about a rollout's current hold, by route.
+#[derive(Debug, Clone, PartialEq)]
+struct Hold {
+    version: VersionName,
+    step: usize,
+    candidate: u64,
+    baseline: u64,
+}
+
+/// The evaluator's memory between ticks.
+#[derive(Default)]
+pub struct Evaluator {
+    tracks: HashMap<TrackKey, Track>,
+    holds: HashMap<String, Hold>,
+    scratch: (Vec<f64>, Vec<f64>),
+    gauges: Vec<[String; 3]>,
 }
 
 /// The evaluator task. Runs until `stop` turns true.
 pub async fn run(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
-    let mut tracks: HashMap<(Arc<str>, VersionName), Track> = HashMap::new();
+    let mut ev = Evaluator::default();
     let interval = controller.store.config().evaluator.interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -354,273 +346,382 @@ pub async fn run(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
             now = tick.tick() => now,
         };
-        let table = controller.store.load();
-        table_tick(&controller, &table, &mut tracks, now).await;
-        rollout_tick(&controller, &table).await;
+        ev.tick(&controller, now).await;
     }
 }
 
-async fn table_tick(
-    c: &Arc<Controller>,
-    table: &Table,
-    tracks: &mut HashMap<(Arc<str>, VersionName), Track>,
-    now: Instant,
-) {
-    let ev = &table.config.evaluator;
-    let alpha = (1.0 - ev.confidence).max(1e-12);
-    c.store.telemetry.flush(now);
-    let runtime = c.store.runtime_state();
-    let mut live = Vec::new();
-    for route in table.routes.iter() {
-        if runtime.paused.contains(&*route.name) {
-            continue;
+fn p99(h: &Histogram<u64>) -> Option<Duration> {
+    (!h.is_empty()).then(|| Duration::from_micros(h.value_at_quantile(0.99)))
+}
+
+impl Evaluator {
+    /// One evaluator tick: judge every candidate, then step rollouts on the table as it is
+    /// after any rollback this tick made.
+    pub async fn tick(&mut self, c: &Arc<Controller>, now: Instant) {
+        c.store.telemetry.flush(now);
+        let table = c.store.load();
+        let mut view = View::default();
+        self.judge(c, &table, now, &mut view).await;
+        let table = c.store.load();
+        self.rollouts(c, &table, &mut view).await;
+        self.publish(c, &view);
+        c.set_view(view);
+    }
+
+    async fn judge(&mut self, c: &Arc<Controller>, table: &Table, now: Instant, view: &mut View) {
+        let ev = &table.config.evaluator;
+        let log_threshold = detector::log_threshold(ev.confidence, ev.interval);
+        let runtime = c.store.runtime_state();
+        let mut live = Vec::new();
+        let mut trip = None;
+        for route in table.routes.iter() {
+            let paused = runtime.paused.contains(&*route.name);
+            let base = route.baseline_member();
+            let base_version = &table.versions[base.version];
+            let base_window = base.stats.window(now);
+            let base_p99 = (base_window.stats().requests >= ev.min_requests)
+                .then(|| p99(&base_window.ttfb))
+                .flatten();
+            for (i, m) in route.members.iter().enumerate() {
+                let v = &table.versions[m.version];
+                if i == route.baseline || v.quarantined || v.name == base_version.name {
+                    continue;
+                }
+                let t0 = Instant::now();
+                let key = TrackKey {
+                    route: route.name.clone(),
+                    candidate: v.name.clone(),
+                    baseline: base_version.name.clone(),
+                    fingerprints: (
+                        v.config.fingerprint.clone(),
+                        base_version.config.fingerprint.clone(),
+                    ),
+                };
+                live.push(key.clone());
+                let track = self
+                    .tracks
+                    .entry(key)
+                    .or_insert_with(|| Track::new(now, &m.stats, &base.stats));
+                if track.incarnation != m.stats.incarnation() {
+                    // Rolled back and resumed since the last tick: judged on new traffic only.
+                    *track = Track::new(now, &m.stats, &base.stats);
+                }
+                let (dc, db) = track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
+                if let Some(h) = self.holds.get_mut(&*route.name) {
+                    if h.version == v.name {
+                        h.candidate += dc;
+                        h.baseline += db;
+                    }
+                }
+                let e = evidence(track, table, v, m, &base_window, base_p99, now, log_threshold);
+                let progress = rules::progress(&e, &ev.rules, ev.min_requests);
+                if track.starts_since_trajectory(now) {
+                    track.trajectory.push_back((
+                        now,
+                        progress.iter().map(|p| (p.rule, p.ratio)).collect(),
+                    ));
+                    if track.trajectory.len() > TRAJECTORY {
+                        track.trajectory.pop_front();
+                    }
+                }
+                view.candidates.push(CandidateView {
+                    route: route.name.to_string(),
+                    version: v.name.to_string(),
+                    baseline: base_version.name.to_string(),
+                    requests: track.cand_answered,
+                    baseline_requests: track.base_answered,
+                    rules: progress.clone(),
+                });
+                if paused || trip.is_some() {
+                    continue;
+                }
+                if let Verdict::Trip { trigger, reason } =
+                    rules::decide(&e, &ev.rules, ev.min_requests, ev.confidence)
+                {
+                    let record = rollback_evidence(track, &e, trigger, &progress, now);
+                    let cmd = Command::new(
+                        Action::Rollback {
+                            route: Some(route.name.to_string()),
+                            version: v.name.clone(),
+                            trigger,
+                            evidence: record,
+                            expect: Some(Expect {
+                                baseline: base_version.name.clone(),
+                                incarnation: track.incarnation,
+                            }),
+                        },
+                        None,
+                        Some(reason),
+                    );
+                    trip = Some((cmd, t0));
+                }
+            }
         }
-        let base = route.baseline_member();
-        let base_version = &table.versions[base.version];
-        for (i, m) in route.members.iter().enumerate() {
-            let v = &table.versions[m.version];
-            if i == route.baseline || v.quarantined || v.name == base_version.name {
+        self.tracks.retain(|k, _| live.contains(k));
+        if let Some((cmd, t0)) = trip {
+            match c.apply_at(cmd, t0).await {
+                Ok(_) => {}
+                Err(Refused::Stale(why)) => tracing::info!(%why, "automatic rollback dropped"),
+                Err(e) => tracing::error!(error = %e, "automatic rollback failed"),
+            }
+        }
+    }
+
+    /// Progressive rollouts: one step per clean `hold`, `promote` after the last.
+    async fn rollouts(&mut self, c: &Arc<Controller>, table: &Table, view: &mut View) {
+        let runtime = c.store.runtime_state();
+        let min = table.config.evaluator.min_requests;
+        let mut live = Vec::new();
+        for route in table.routes.iter() {
+            let (Some(rollout), Some(plan)) = (&route.config.rollout, rollout_plan(&route.config))
+            else {
+                continue;
+            };
+            let name = route.name.to_string();
+            if rollout.steps.is_empty()
+                || runtime.rollouts_done.get(&name) == Some(&plan)
+                || runtime.paused.contains(&name)
+                || route.degraded
+            {
                 continue;
             }
-            let t0 = Instant::now();
-            let key = (route.name.clone(), v.name.clone());
-            live.push(key.clone());
-            let cand_now = m.stats.cumulative();
-            let base_now = base.stats.cumulative();
-            let track = tracks
-                .entry(key)
-                .or_insert_with(|| Track::new(now, &m.stats, &base.stats));
-            if track.incarnation != m.stats.incarnation() {
-                // Rolled back and resumed since the last tick: start from today's traffic.
-                *track = Track::new(now, &m.stats, &base.stats);
-            }
-            if now.duration_since(track.epoch.started) >= ev.window {
-                track.epoch = Epoch::start(track.epoch.number + 1, now, &m.stats, &base.stats);
-            }
-            let cand_sig = m.stats.signals.counts();
-            let safety_flagged = match &ev.rules.safety_violations {
-                Some(rule) => track.flagged_within(now, rule.per, cand_sig.flagged),
-                None => 0,
+            let baseline = &table.versions[route.baseline_member().version].name;
+            let progress = runtime.rollouts.get(&name).filter(|p| p.plan == plan);
+            let Some(candidate) = progress.map(|p| p.version.clone()).or_else(|| {
+                first_candidate(route, table, baseline)
+            }) else {
+                continue;
             };
-            if let Some(rule) = &ev.rules.drift {
-                track.drift_check(rule, ev.min_requests, &m.stats, &base.stats);
+            if table.version(&candidate).is_none_or(|v| v.quarantined) {
+                continue;
             }
-            let epoch = &track.epoch;
-            let side =
-                |now: &Cumulative, start: &Cumulative, sig: SignalCounts, sig0: SignalCounts| {
-                    let (n1, e1) = now.answered_and_errors();
-                    let (n0, e0) = start.answered_and_errors();
-                    Side {
-                        requests: n1 - n0,
-                        errors: e1 - e0,
-                        feedback: sig.feedback - sig0.feedback,
-                        incorrect: sig.incorrect - sig0.incorrect,
+            live.push(name.clone());
+            let cmd = match progress {
+                None => Action::RolloutStep {
+                    route: name.clone(),
+                    version: candidate.clone(),
+                    step: 0,
+                    weight: rollout.steps[0].min(100),
+                    expect_step: None,
+                },
+                Some(p) => {
+                    let hold = self.holds.entry(name.clone()).or_insert_with(|| Hold {
+                        version: p.version.clone(),
+                        step: p.step,
+                        candidate: 0,
+                        baseline: 0,
+                    });
+                    if hold.version != p.version || hold.step != p.step {
+                        *hold = Hold {
+                            version: p.version.clone(),
+                            step: p.step,
+                            candidate: 0,
+                            baseline: 0,
+                        };
                     }
-                };
-            let candidate = side(
-                &cand_now,
-                &epoch.candidate,
-                cand_sig,
-                epoch.candidate_signals,
-            );
-            let baseline = side(
-                &base_now,
-                &epoch.baseline,
-                base.stats.signals.counts(),
-                epoch.baseline_signals,
-            );
-            let base_window = base.stats.window(now);
-            let cand_window = m.stats.window(now);
-            let p99 = |h: &hdrhistogram::Histogram<u64>| {
-                if h.is_empty() {
-                    Duration::ZERO
-                } else {
-                    Duration::from_micros(h.value_at_quantile(0.99))
-                }
-            };
-            let base_p99 = p99(&base_window.ttfb);
-            let base_answered = base_window.stats().requests;
-            let mut e = Evidence {
-                candidate,
-                baseline,
-                candidate_p99: p99(&cand_window.ttfb),
-                baseline_p99: base_p99,
-                alpha: stats::epoch_alpha(alpha, epoch.number),
-                ..Evidence::default()
-            };
-            e.safety_flagged = safety_flagged;
-            e.drift_streak = track.drift_streak;
-            e.drift_p = track.drift_p;
-            if let Some(sla) = ev.rules.latency_p99_max {
-                e.over_sla = cand_now.ttfb_over(sla) - epoch.candidate.ttfb_over(sla);
-            }
-            if let Some(k) = ev.rules.latency_p99_ratio {
-                if base_answered >= ev.min_requests && !base_p99.is_zero() {
-                    let q = base_p99.mul_f64(k);
-                    e.over_baseline_p99 =
-                        Some(cand_now.ttfb_over(q) - epoch.candidate.ttfb_over(q));
-                }
-            }
-            if v.config.health_check.is_some() {
-                e.health_failing_streak = v
-                    .upstream
-                    .endpoints
-                    .iter()
-                    .map(|ep| ep.failures.load(std::sync::atomic::Ordering::Relaxed))
-                    .min();
-            }
-            let verdict = rules::decide(&e, &ev.rules, ev.min_requests, ev.confidence);
-            let decided = t0.elapsed();
-            if let Verdict::Trip { trigger, reason } = verdict {
-                let rate = |s: &Side| {
-                    if s.requests == 0 {
-                        0.0
+                    let held = unix_ms().saturating_sub(p.since_ms);
+                    let hold_ms = rollout.hold.as_millis() as u64;
+                    let evidence = hold.candidate >= min && hold.baseline >= min;
+                    let waiting = held >= hold_ms && !evidence;
+                    view.rollouts.insert(
+                        name.clone(),
+                        RolloutView {
+                            version: p.version.to_string(),
+                            step: p.step,
+                            weight: rollout.steps.get(p.step).copied().unwrap_or(100).min(100),
+                            hold_ms,
+                            held_ms: held,
+                            requests: hold.candidate,
+                            baseline_requests: hold.baseline,
+                            needed: min,
+                            waiting_for: waiting.then_some("traffic"),
+                        },
+                    );
+                    if held < hold_ms || !evidence {
+                        continue;
+                    }
+                    let next = p.step + 1;
+                    if next >= rollout.steps.len() || rollout.steps[next] >= 100 {
+                        Action::Promote {
+                            route: name.clone(),
+                            version: candidate.clone(),
+                            expect_step: Some(p.step),
+                        }
                     } else {
-                        s.errors as f64 / s.requests as f64
+                        Action::RolloutStep {
+                            route: name.clone(),
+                            version: candidate.clone(),
+                            step: next,
+                            weight: rollout.steps[next],
+                            expect_step: Some(p.step),
+                        }
                     }
-                };
-                let ctx = DecisionContext {
-                    decide: decided,
-                    metrics: json!({
-                        "candidate": {"requests": e.candidate.requests, "error_rate": rate(&e.candidate), "p99_ms": e.candidate_p99.as_secs_f64() * 1000.0},
-                        "baseline": {"requests": e.baseline.requests, "error_rate": rate(&e.baseline), "p99_ms": e.baseline_p99.as_secs_f64() * 1000.0},
-                    }),
-                };
-                if let Err(err) = c
-                    .rollback(&route.name, &v.name, trigger, reason, None, t0, ctx)
-                    .await
-                {
-                    tracing::error!(route = %route.name, version = %v.name, error = %err, "rollback failed");
                 }
-                // The table changed: the rest of this tick would judge a stale one.
-                return;
+            };
+            let reason = match &cmd {
+                Action::Promote { .. } => format!(
+                    "rollout completed {} steps, each held {:?} with at least {min} requests on both sides and no rule tripped",
+                    rollout.steps.len(),
+                    rollout.hold
+                ),
+                _ => format!("rollout step after a clean hold of {:?}", rollout.hold),
+            };
+            match c.apply(Command::new(cmd, None, Some(reason))).await {
+                Ok(rec) => tracing::info!(route = %name, version = %candidate, kind = %rec["kind"], "rollout advanced"),
+                Err(Refused::Stale(why)) => tracing::info!(route = %name, %why, "rollout step dropped"),
+                Err(e) => tracing::error!(route = %name, error = %e, "rollout step failed"),
             }
         }
+        self.holds.retain(|k, _| live.contains(k));
     }
-    tracks.retain(|k, _| live.contains(k));
+
+    /// `rollgate_evidence_ratio{route,version,rule}`: set for live candidates, removed for
+    /// those that are gone.
+    fn publish(&mut self, c: &Controller, view: &View) {
+        let family = &c.store.metrics.evidence_ratio;
+        let mut now = Vec::new();
+        for cand in &view.candidates {
+            for p in &cand.rules {
+                let key = [
+                    cand.route.clone(),
+                    cand.version.clone(),
+                    p.rule.as_str().to_string(),
+                ];
+                family
+                    .get_or_create(&labels(&[
+                        ("route", &key[0]),
+                        ("version", &key[1]),
+                        ("rule", &key[2]),
+                    ]))
+                    .set(p.ratio);
+                now.push(key);
+            }
+        }
+        for gone in self.gauges.iter().filter(|k| !now.contains(k)) {
+            family.remove(&labels(&[
+                ("route", &gone[0]),
+                ("version", &gone[1]),
+                ("rule", &gone[2]),
+            ]));
+        }
+        self.gauges = now;
+    }
 }
 
-/// Weight overrides for `route` that replace its split: every version of the split at 0,
-/// then `given`.
-pub(crate) fn override_split(
-    route: &crate::routing::table::Route,
-    given: impl IntoIterator<Item = (VersionName, u32)>,
-) -> std::collections::BTreeMap<VersionName, u32> {
-    let mut w: std::collections::BTreeMap<VersionName, u32> = route
+impl Track {
+    /// True once per second: when the trajectory takes its next sample.
+    fn starts_since_trajectory(&self, now: Instant) -> bool {
+        self.trajectory
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+    }
+}
+
+/// The candidate a route's rollout moves: the first version of the file's split, other
+/// than the baseline, that the file gives weight and that is not rolled back.
+fn first_candidate(route: &Route, table: &Table, baseline: &VersionName) -> Option<VersionName> {
+    route
         .config
         .split
         .iter()
-        .map(|(n, _)| (n.clone(), 0))
-        .collect();
-    w.extend(given);
-    w
+        .find(|(n, w)| n != baseline && w.0 > 0 && !table.version(n).is_some_and(|v| v.quarantined))
+        .map(|(n, _)| n.clone())
 }
 
-/// Weight overrides giving `candidate` `weight` and `baseline` the rest; every other
-/// version of the route's split gets 0.
-pub(crate) fn split_weights(
-    route: &crate::routing::table::Route,
-    candidate: &VersionName,
-    weight: u32,
-    baseline: &VersionName,
-) -> std::collections::BTreeMap<VersionName, u32> {
-    override_split(
-        route,
-        [
-            (baseline.clone(), 100 - weight),
-            (candidate.clone(), weight),
-        ],
-    )
-}
-
-/// Progressive rollouts: one step per clean `hold`, `promote` at 100.
-async fn rollout_tick(c: &Arc<Controller>, table: &Table) {
-    let runtime = c.store.runtime_state();
-    for route in table.routes.iter() {
-        let Some(plan) = &route.config.rollout else {
-            continue;
-        };
-        if plan.steps.is_empty() || runtime.paused.contains(&*route.name) || route.degraded {
-            continue;
+#[allow(clippy::too_many_arguments)]
+fn evidence(
+    track: &mut Track,
+    table: &Table,
+    v: &crate::routing::table::Version,
+    m: &Member,
+    base_window: &crate::telemetry::recorder::WindowSnapshot,
+    base_p99: Option<Duration>,
+    now: Instant,
+    log_threshold: f64,
+) -> Evidence {
+    let ev = &table.config.evaluator;
+    let cand_window = m.stats.window(now);
+    let side = |w: &crate::telemetry::recorder::WindowSnapshot| {
+        let s = w.stats();
+        Side {
+            requests: s.requests,
+            errors: s.errors,
+            feedback: 0,
+            incorrect: 0,
         }
-        let baseline = &table.versions[route.baseline_member().version].name;
-        let progress = runtime.rollouts.get(&*route.name);
-        let candidate = match progress {
-            Some(p) => p.version.clone(),
-            None => {
-                // The candidate: the first version of the split other than the baseline that
-                // the file gives weight and that is not rolled back.
-                let Some((name, _)) = route.config.split.iter().find(|(n, w)| {
-                    n != baseline && w.0 > 0 && !table.version(n).is_some_and(|v| v.quarantined)
-                }) else {
-                    continue;
-                };
-                name.clone()
-            }
-        };
-        if table.version(&candidate).is_none_or(|v| v.quarantined) {
-            continue;
+    };
+    let mut candidate = side(&cand_window);
+    let mut baseline = side(base_window);
+    candidate.feedback = track.cand_feedback;
+    baseline.feedback = track.base_feedback;
+    baseline.incorrect = track.base_incorrect;
+    candidate.incorrect = track.cand_incorrect;
+    let safety_flagged = match &ev.rules.safety_violations {
+        Some(rule) => {
+            let flagged = m.stats.signals.counts().flagged;
+            track.flagged_within(now, rule.per, flagged)
         }
-        let (next_step, due) = match progress {
-            None => (0, true),
-            Some(p) => (
-                p.step + 1,
-                unix_ms().saturating_sub(p.since_ms) >= plan.hold.as_millis() as u64,
-            ),
-        };
-        if !due {
-            continue;
-        }
-        let route_name = route.name.to_string();
-        if next_step >= plan.steps.len() || plan.steps[next_step] >= 100 {
-            // The last step below 100 held cleanly: the candidate becomes the baseline.
-            let mut f = Map::new();
-            f.insert("route".into(), json!(route_name));
-            f.insert("version".into(), json!(candidate.as_str()));
-            f.insert("from_version".into(), json!(baseline.as_str()));
-            f.insert("automatic".into(), json!(true));
-            f.insert("initiated_by".into(), Value::Null);
-            f.insert(
-                "reason".into(),
-                json!(format!(
-                    "rollout completed {} steps of {:?} each",
-                    plan.steps.len(),
-                    plan.hold
-                )),
-            );
-            let change = |s: &mut RuntimeState| {
-                s.rollouts.remove(&route_name);
-                s.baselines.insert(route_name.clone(), candidate.clone());
-                s.weight_overrides.insert(
-                    route_name.clone(),
-                    split_weights(route, &candidate, 100, baseline),
-                );
-            };
-            if c.change("promote", None, change, f).await.is_ok() {
-                tracing::info!(route = %route_name, version = %candidate, "rollout complete: promoted");
-            }
-            continue;
-        }
-        let weight = plan.steps[next_step].min(100);
-        let mut f = Map::new();
-        f.insert("route".into(), json!(route_name));
-        f.insert("version".into(), json!(candidate.as_str()));
-        f.insert("step".into(), json!(next_step));
-        f.insert("weight".into(), json!(weight));
-        let change = |s: &mut RuntimeState| {
-            let progress = RolloutProgress {
-                version: candidate.clone(),
-                step: next_step,
-                since_ms: unix_ms(),
-            };
-            s.rollouts.insert(route_name.clone(), progress);
-            s.weight_overrides.insert(
-                route_name.clone(),
-                split_weights(route, &candidate, weight, baseline),
-            );
-        };
-        if c.change("rollout_step", None, change, f).await.is_ok() {
-            tracing::info!(route = %route_name, version = %candidate, weight, "rollout step");
-        }
+        None => 0,
+    };
+    let health_failing_streak = v.config.health_check.is_some().then(|| {
+        v.upstream
+            .endpoints
+            .iter()
+            .map(|ep| ep.failures.load(std::sync::atomic::Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    });
+    Evidence {
+        candidate,
+        baseline,
+        candidate_p99: p99(&cand_window.ttfb).unwrap_or_default(),
+        baseline_p99: base_p99.unwrap_or_default(),
+        candidate_answered: track.cand_answered,
+        baseline_answered: track.base_answered,
+        candidate_feedback: track.cand_feedback,
+        baseline_feedback: track.base_feedback,
+        drift_pairs: track.drift.pairs,
+        health_failing_streak,
+        safety_flagged,
+        stats: track.statistics(),
+        log_threshold,
     }
+}
+
+/// What a rollback record carries from the evaluator: the window's numbers, and how the
+/// tripping rule's evidence built up over the last minute.
+fn rollback_evidence(
+    track: &Track,
+    e: &Evidence,
+    trigger: Trigger,
+    progress: &[RuleProgress],
+    now: Instant,
+) -> serde_json::Value {
+    let side = |s: &Side, p99: Duration| {
+        json!({"requests": s.requests, "error_rate": s.error_rate(),
+               "p99_ms": p99.as_secs_f64() * 1000.0})
+    };
+    let tripped = progress.iter().find(|p| p.rule == trigger);
+    let trajectory: Vec<_> = track
+        .trajectory
+        .iter()
+        .filter_map(|(t, rules)| {
+            let ratio = rules.iter().find(|(r, _)| *r == trigger)?.1;
+            Some(json!({"t_ms": -(now.duration_since(*t).as_millis() as i64), "ratio": ratio}))
+        })
+        .collect();
+    json!({
+        "metrics": {
+            "candidate": side(&e.candidate, e.candidate_p99),
+            "baseline": side(&e.baseline, e.baseline_p99),
+        },
+        "evidence": {
+            "rule": trigger.as_str(),
+            "statistic": tripped.map(|p| p.statistic),
+            "threshold": tripped.map(|p| p.threshold),
+            "requests": e.candidate_answered,
+            "baseline_requests": e.baseline_answered,
+            "trajectory": trajectory,
+        },
+    })
 }

@@ -4,11 +4,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::stats;
 use crate::config::Rules;
 
 /// Rule names: the trigger names of audit records and metrics (SPEC §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     ErrorRateRatio,
@@ -53,8 +52,8 @@ impl Trigger {
     }
 }
 
-/// One side's counts over the current test epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// One side's counts over the sliding window (for reasons and records).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Side {
     /// Answered requests (success, error, 4xx); aborts and refusals never count.
     pub requests: u64,
@@ -64,28 +63,53 @@ pub struct Side {
     pub incorrect: u64,
 }
 
+impl Side {
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+/// `ln` of each statistical rule's detector statistic ([`super::detector`]); 0 (no
+/// evidence either way) for rules that have not run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Statistics {
+    pub error_rate_max: f64,
+    pub error_rate_ratio: f64,
+    /// The effect floor of `error_rate_ratio`: candidate rate above `min_error_rate`.
+    pub min_error_rate: f64,
+    pub latency_p99_max: f64,
+    pub latency_p99_ratio: f64,
+    pub accuracy_drop: f64,
+    pub drift: f64,
+}
+
 /// Everything [`decide`] looks at for one (candidate, baseline) pair.
 #[derive(Debug, Clone, Default)]
 pub struct Evidence {
+    /// Sliding-window counts, for reasons.
     pub candidate: Side,
     pub baseline: Side,
-    /// Candidate requests of the epoch whose time to first byte exceeded `latency_p99_max`.
-    pub over_sla: u64,
-    /// Candidate requests of the epoch above `latency_p99_ratio × baseline p99`, when the
-    /// baseline has enough requests to estimate its p99.
-    pub over_baseline_p99: Option<u64>,
-    /// Window p99 of time to first byte, for the reason text.
+    /// Window p99 of time to first byte, for reasons.
     pub candidate_p99: Duration,
     pub baseline_p99: Duration,
+    /// Since this candidate's detectors began (this baseline, this incarnation): answered
+    /// requests, feedback items, drift pairs. The gates of `min_requests`.
+    pub candidate_answered: u64,
+    pub baseline_answered: u64,
+    pub candidate_feedback: u64,
+    pub baseline_feedback: u64,
+    pub drift_pairs: u64,
     /// Smallest consecutive-failure count over the candidate's endpoints (all failing ≥ this).
     pub health_failing_streak: Option<u32>,
-    /// Consecutive drift checks with p below the rule's p-value, and the last p.
-    pub drift_streak: u32,
-    pub drift_p: f64,
     /// Guardrail-flagged responses over the rule's period.
     pub safety_flagged: u64,
-    /// Level of this epoch's tests ([`stats::epoch_alpha`]).
-    pub alpha: f64,
+    pub stats: Statistics,
+    /// `ln A`, the level every statistic is compared with ([`super::detector::log_threshold`]).
+    pub log_threshold: f64,
 }
 
 /// What [`decide`] concluded.
@@ -95,29 +119,114 @@ pub enum Verdict {
     Trip { trigger: Trigger, reason: String },
 }
 
+/// How close one rule is to tripping: `ratio` is statistic / threshold (1 trips), for
+/// status, the `rollgate_evidence_ratio` gauge and the status page.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RuleProgress {
+    pub rule: Trigger,
+    pub ratio: f64,
+    /// The rule's statistic and the level that trips it (log e-value for statistical
+    /// rules; counts for health and safety).
+    pub statistic: f64,
+    pub threshold: f64,
+    /// False while a gate (`min_requests`, a baseline) keeps the rule from tripping.
+    pub ready: bool,
+}
+
+/// Every enabled rule's progress toward a trip, in [`decide`]'s order.
+pub fn progress(e: &Evidence, rules: &Rules, min_requests: u64) -> Vec<RuleProgress> {
+    let mut out = Vec::with_capacity(8);
+    let thr = e.log_threshold.max(f64::MIN_POSITIVE);
+    let both = e.candidate_answered >= min_requests && e.baseline_answered >= min_requests;
+    let mut stat = |rule, statistic: f64, ready| {
+        out.push(RuleProgress {
+            rule,
+            ratio: statistic.max(0.0) / thr,
+            statistic,
+            threshold: thr,
+            ready,
+        })
+    };
+    if rules.error_rate_max.is_some() {
+        stat(
+            Trigger::ErrorRateMax,
+            e.stats.error_rate_max,
+            e.candidate_answered >= min_requests,
+        );
+    }
+    if rules.error_rate_ratio.is_some() {
+        // Both the ratio and the effect floor must be shown: the weaker one decides.
+        let s = match rules.min_error_rate {
+            Some(_) => e.stats.error_rate_ratio.min(e.stats.min_error_rate),
+            None => e.stats.error_rate_ratio,
+        };
+        stat(Trigger::ErrorRateRatio, s, both);
+    }
+    if rules.latency_p99_max.is_some() {
+        stat(
+            Trigger::LatencyP99Max,
+            e.stats.latency_p99_max,
+            e.candidate_answered >= min_requests,
+        );
+    }
+    if rules.latency_p99_ratio.is_some() {
+        stat(Trigger::LatencyP99Ratio, e.stats.latency_p99_ratio, both);
+    }
+    if rules.accuracy_drop.is_some() {
+        stat(
+            Trigger::AccuracyDrop,
+            e.stats.accuracy_drop,
+            e.candidate_feedback >= min_requests && e.baseline_feedback >= min_requests,
+        );
+    }
+    if rules.drift.is_some() {
+        stat(Trigger::Drift, e.stats.drift, e.drift_pairs >= min_requests);
+    }
+    if let (Some(n), Some(streak)) = (rules.health_failures, e.health_failing_streak) {
+        out.push(RuleProgress {
+            rule: Trigger::HealthFailures,
+            ratio: f64::from(streak) / f64::from(n.max(1)),
+            statistic: f64::from(streak),
+            threshold: f64::from(n),
+            ready: true,
+        });
+    }
+    if let Some(s) = &rules.safety_violations {
+        let limit = (s.max + 1) as f64;
+        out.push(RuleProgress {
+            rule: Trigger::SafetyViolations,
+            ratio: e.safety_flagged as f64 / limit,
+            statistic: e.safety_flagged as f64,
+            threshold: limit,
+            ready: true,
+        });
+    }
+    out
+}
+
 /// Applies every enabled rule in a fixed order; the first that trips decides.
+///
+/// A statistical rule trips when its detector's statistic reaches the threshold and its
+/// gates are open: the candidate answered `min_requests` since its detectors began, and for
+/// comparative rules the baseline did too; `error_rate_ratio` also needs its effect floor
+/// (`min_error_rate`) established by a detector of its own. Gates only withhold trips, so
+/// they keep the false-alarm guarantee of [`super::detector`].
 pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -> Verdict {
     let trip = |trigger, reason: String| Verdict::Trip { trigger, reason };
     let c = &e.candidate;
     let b = &e.baseline;
-    let rate = |s: &Side| {
-        if s.requests == 0 {
-            0.0
-        } else {
-            s.errors as f64 / s.requests as f64
-        }
-    };
-    let n_note = |out: &mut String| {
+    let thr = e.log_threshold;
+    let note = |out: &mut String, stat: f64| {
         let _ = write!(
             out,
-            ", n={}/{}, confidence {confidence})",
+            ", evidence ln {stat:.1} >= {thr:.1}, n={}/{}, confidence {confidence})",
             c.requests, b.requests
         );
     };
 
     // Rules that need no statistics.
     if let (Some(n), Some(streak)) = (rules.health_failures, e.health_failing_streak) {
-        if streak >= n {
+        if streak >= n.max(1) {
             return trip(
                 Trigger::HealthFailures,
                 format!("every endpoint failed {streak} consecutive health checks (limit {n})"),
@@ -136,37 +245,37 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
         }
     }
     if let Some(d) = &rules.drift {
-        if e.drift_streak >= d.consecutive {
+        if e.drift_pairs >= min_requests && e.stats.drift >= thr {
             return trip(
                 Trigger::Drift,
                 format!(
-                    "{} differs from the baseline (Kolmogorov-Smirnov p={:.2e} < {} for {} consecutive checks)",
-                    d.signal, e.drift_p, d.p_value, e.drift_streak
+                    "{} is distributed differently from the baseline's (sequential two-sample test on {} time-aligned pairs, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
+                    d.signal, e.drift_pairs, e.stats.drift
                 ),
             );
         }
     }
 
-    if c.requests < min_requests {
+    if e.candidate_answered < min_requests {
         return Verdict::Healthy;
     }
-    let both = b.requests >= min_requests;
+    let both = e.baseline_answered >= min_requests;
 
     if let Some(max) = rules.error_rate_max {
-        if stats::rejects(c.errors, c.requests, max, e.alpha) {
+        if e.stats.error_rate_max >= thr {
             let mut r = format!(
                 "error rate {:.1}% > max {:.1}% (sequential test",
-                100.0 * rate(c),
+                100.0 * c.error_rate(),
                 100.0 * max
             );
-            n_note(&mut r);
+            note(&mut r, e.stats.error_rate_max);
             return trip(Trigger::ErrorRateMax, r);
         }
     }
     if let (Some(k), true) = (rules.error_rate_ratio, both) {
-        let theta0 = stats::ratio_theta0(k, c.requests, b.requests);
-        if stats::rejects(c.errors, c.errors + b.errors, theta0, e.alpha) {
-            let (rc, rb) = (rate(c), rate(b));
+        let floor = rules.min_error_rate.is_none_or(|_| e.stats.min_error_rate >= thr);
+        if e.stats.error_rate_ratio >= thr && floor {
+            let (rc, rb) = (c.error_rate(), b.error_rate());
             let x = if rb > 0.0 {
                 format!("{:.1}x", rc / rb)
             } else {
@@ -177,55 +286,60 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
                 100.0 * rc,
                 100.0 * rb
             );
-            n_note(&mut r);
+            if let Some(m) = rules.min_error_rate {
+                let _ = write!(r, ", above the {:.1}% floor", 100.0 * m);
+            }
+            note(&mut r, e.stats.error_rate_ratio);
             return trip(Trigger::ErrorRateRatio, r);
         }
     }
     if let Some(max) = rules.latency_p99_max {
-        if stats::rejects(e.over_sla, c.requests, 0.01, e.alpha) {
+        if e.stats.latency_p99_max >= thr {
             let mut r = format!(
-                "time-to-first-byte p99 {:.0}ms > max {:.0}ms ({} of {} requests over",
+                "time-to-first-byte p99 {:.0}ms > max {:.0}ms (more than 1% of requests over",
                 ms(e.candidate_p99),
                 ms(max),
-                e.over_sla,
-                c.requests
             );
-            n_note(&mut r);
+            note(&mut r, e.stats.latency_p99_max);
             return trip(Trigger::LatencyP99Max, r);
         }
     }
-    if let (Some(k), Some(over), true) = (rules.latency_p99_ratio, e.over_baseline_p99, both) {
-        if stats::rejects(over, c.requests, 0.01, e.alpha) {
+    if let (Some(k), true) = (rules.latency_p99_ratio, both) {
+        if e.stats.latency_p99_ratio >= thr {
             let mut r = format!(
-                "time-to-first-byte p99 {:.0}ms vs baseline {:.0}ms (> {k}x; {over} of {} requests over {:.0}ms",
+                "time-to-first-byte p99 {:.0}ms vs baseline {:.0}ms (> {k}x: more than 1% of requests over {:.0}ms",
                 ms(e.candidate_p99),
                 ms(e.baseline_p99),
-                c.requests,
                 ms(e.baseline_p99) * k
             );
-            n_note(&mut r);
+            note(&mut r, e.stats.latency_p99_ratio);
             return trip(Trigger::LatencyP99Ratio, r);
         }
     }
     if let Some(drop) = rules.accuracy_drop {
-        if c.feedback >= min_requests && b.feedback >= min_requests {
-            // Plug-in null: candidate incorrect rate ≤ baseline's + drop.
-            let base_wrong = b.incorrect as f64 / b.feedback as f64;
-            let theta0 = (base_wrong + drop).min(0.999);
-            if stats::rejects(c.incorrect, c.feedback, theta0, e.alpha) {
-                let acc = |s: &Side| 1.0 - s.incorrect as f64 / s.feedback as f64;
-                return trip(
-                    Trigger::AccuracyDrop,
-                    format!(
-                        "accuracy {:.1}% vs baseline {:.1}% (drop > {:.1} points, feedback n={}/{}, confidence {confidence})",
-                        100.0 * acc(c),
-                        100.0 * acc(b),
-                        100.0 * drop,
-                        c.feedback,
-                        b.feedback
-                    ),
-                );
-            }
+        if e.candidate_feedback >= min_requests
+            && e.baseline_feedback >= min_requests
+            && e.stats.accuracy_drop >= thr
+        {
+            let acc = |s: &Side| {
+                if s.feedback == 0 {
+                    f64::NAN
+                } else {
+                    1.0 - s.incorrect as f64 / s.feedback as f64
+                }
+            };
+            return trip(
+                Trigger::AccuracyDrop,
+                format!(
+                    "accuracy {:.1}% vs baseline {:.1}% since the comparison began (drop > {:.1} points, feedback n={}/{} since start, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
+                    100.0 * acc(c),
+                    100.0 * acc(b),
+                    100.0 * drop,
+                    e.candidate_feedback,
+                    e.baseline_feedback,
+                    e.stats.accuracy_drop
+                ),
+            );
         }
     }
     Verdict::Healthy
@@ -240,9 +354,12 @@ mod tests {
     use super::*;
     use crate::config::{DriftRule, SafetyRule};
 
+    const THR: f64 = 16.0;
+
     fn rules() -> Rules {
         Rules {
             error_rate_ratio: Some(2.0),
+            min_error_rate: Some(0.005),
             error_rate_max: Some(0.05),
             latency_p99_max: Some(Duration::from_millis(500)),
             latency_p99_ratio: Some(1.5),
@@ -253,20 +370,21 @@ mod tests {
         }
     }
 
-    fn evidence(c: (u64, u64), b: (u64, u64)) -> Evidence {
+    fn evidence(answered: (u64, u64)) -> Evidence {
         Evidence {
             candidate: Side {
-                requests: c.0,
-                errors: c.1,
+                requests: 412,
+                errors: 33,
                 ..Side::default()
             },
             baseline: Side {
-                requests: b.0,
-                errors: b.1,
+                requests: 7830,
+                errors: 157,
                 ..Side::default()
             },
-            over_baseline_p99: Some(0),
-            alpha: 0.01,
+            candidate_answered: answered.0,
+            baseline_answered: answered.1,
+            log_threshold: THR,
             ..Evidence::default()
         }
     }
@@ -279,71 +397,84 @@ mod tests {
     }
 
     #[test]
+    fn statistics_below_the_threshold_stay_healthy() {
+        let mut e = evidence((10_000, 10_000));
+        e.stats.error_rate_ratio = THR - 0.1;
+        e.stats.min_error_rate = 100.0;
+        assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
+    }
+
+    #[test]
     fn too_few_requests_never_trip_statistical_rules() {
-        let e = evidence((49, 49), (10_000, 0));
+        let mut e = evidence((49, 10_000));
+        e.stats.error_rate_max = 100.0;
+        e.stats.error_rate_ratio = 100.0;
+        e.stats.min_error_rate = 100.0;
+        assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
+        // The ratio rule needs the baseline's min_requests too.
+        let mut e = evidence((10_000, 49));
+        e.stats.error_rate_ratio = 100.0;
+        e.stats.min_error_rate = 100.0;
         assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
     }
 
     #[test]
-    fn equal_rates_stay_healthy() {
-        let e = evidence((500, 10), (9500, 190));
+    fn the_ratio_rule_needs_its_effect_floor_and_says_why_it_tripped() {
+        let mut e = evidence((10_000, 10_000));
+        e.stats.error_rate_ratio = 20.0;
+        e.stats.min_error_rate = 3.0; // not shown to be above 0.5 % yet
         assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
-    }
-
-    #[test]
-    fn quadrupled_error_rate_trips_the_ratio_rule_with_a_reason() {
-        let mut r = rules();
-        r.error_rate_max = None;
-        // SPEC §7's example at 412 requests sits right at the 0.99 boundary (ln L = 4.56 vs
-        // ln 100 = 4.61); a little more traffic at the same rates settles it.
-        let e = evidence((600, 48), (7830, 157));
-        match decide(&e, &r, 50, 0.99) {
+        let p = progress(&e, &rules(), 50);
+        let ratio = p.iter().find(|p| p.rule == Trigger::ErrorRateRatio).unwrap();
+        assert!((ratio.ratio - 3.0 / THR).abs() < 1e-9, "{ratio:?}");
+        e.stats.min_error_rate = 30.0;
+        match decide(&e, &rules(), 50, 0.99) {
             Verdict::Trip { trigger, reason } => {
                 assert_eq!(trigger, Trigger::ErrorRateRatio);
                 assert!(
-                    reason.contains("vs baseline 2.0%") && reason.contains("n=600/7830"),
+                    reason.contains("8.0% vs baseline 2.0%") && reason.contains("n=412/7830"),
                     "{reason}"
                 );
             }
             v => panic!("{v:?}"),
         }
-    }
-
-    #[test]
-    fn absolute_error_rate_needs_no_baseline() {
-        let e = evidence((400, 80), (0, 0));
-        assert_eq!(
-            trigger(decide(&e, &rules(), 50, 0.99)),
-            Some(Trigger::ErrorRateMax)
-        );
-        // The ratio rule needs the baseline's min_requests too.
         let mut r = rules();
-        r.error_rate_max = None;
-        assert_eq!(trigger(decide(&e, &r, 50, 0.99)), None);
+        r.min_error_rate = None;
+        e.stats.min_error_rate = 0.0;
+        assert_eq!(
+            trigger(decide(&e, &r, 50, 0.99)),
+            Some(Trigger::ErrorRateRatio)
+        );
     }
 
     #[test]
-    fn latency_rules() {
-        let mut e = evidence((400, 0), (4000, 0));
-        e.over_sla = 40; // 10 % over the SLA
-        e.candidate_p99 = Duration::from_millis(900);
+    fn each_statistical_rule_trips_on_its_own_statistic() {
+        for (set, want) in [
+            (
+                (|s: &mut Statistics| s.error_rate_max = THR) as fn(&mut Statistics),
+                Trigger::ErrorRateMax,
+            ),
+            (|s| s.latency_p99_max = THR, Trigger::LatencyP99Max),
+            (|s| s.latency_p99_ratio = THR, Trigger::LatencyP99Ratio),
+        ] {
+            let mut e = evidence((1000, 1000));
+            set(&mut e.stats);
+            assert_eq!(trigger(decide(&e, &rules(), 50, 0.99)), Some(want));
+        }
+        let mut e = evidence((1000, 1000));
+        e.stats.accuracy_drop = THR;
+        assert_eq!(trigger(decide(&e, &rules(), 50, 0.99)), None, "no feedback yet");
+        e.candidate_feedback = 50;
+        e.baseline_feedback = 50;
         assert_eq!(
             trigger(decide(&e, &rules(), 50, 0.99)),
-            Some(Trigger::LatencyP99Max)
+            Some(Trigger::AccuracyDrop)
         );
-        e.over_sla = 0;
-        e.over_baseline_p99 = Some(60);
-        assert_eq!(
-            trigger(decide(&e, &rules(), 50, 0.99)),
-            Some(Trigger::LatencyP99Ratio)
-        );
-        e.over_baseline_p99 = Some(4); // 1 %: what a p99 means
-        assert_eq!(trigger(decide(&e, &rules(), 50, 0.99)), None);
     }
 
     #[test]
-    fn health_safety_and_drift_need_no_traffic() {
-        let mut e = evidence((0, 0), (0, 0));
+    fn health_safety_and_drift_need_no_requests() {
+        let mut e = evidence((0, 0));
         e.health_failing_streak = Some(3);
         assert_eq!(
             trigger(decide(&e, &rules(), 50, 0.99)),
@@ -369,8 +500,9 @@ mod tests {
             p_value: 0.05,
             consecutive: 3,
         });
-        e.drift_streak = 3;
-        e.drift_p = 1e-5;
+        e.stats.drift = THR;
+        assert_eq!(trigger(decide(&e, &r, 50, 0.99)), None, "too few pairs");
+        e.drift_pairs = 50;
         assert_eq!(trigger(decide(&e, &r, 50, 0.99)), Some(Trigger::Drift));
     }
 
@@ -378,6 +510,7 @@ mod tests {
     fn disabled_rules_never_trip() {
         let off = Rules {
             error_rate_ratio: None,
+            min_error_rate: None,
             error_rate_max: None,
             latency_p99_max: None,
             latency_p99_ratio: None,
@@ -386,24 +519,18 @@ mod tests {
             drift: None,
             safety_violations: None,
         };
-        let mut e = evidence((1000, 1000), (1000, 0));
+        let mut e = evidence((1000, 1000));
         e.health_failing_streak = Some(100);
-        e.over_sla = 1000;
+        e.stats = Statistics {
+            error_rate_max: 99.0,
+            error_rate_ratio: 99.0,
+            min_error_rate: 99.0,
+            latency_p99_max: 99.0,
+            latency_p99_ratio: 99.0,
+            accuracy_drop: 99.0,
+            drift: 99.0,
+        };
         assert_eq!(decide(&e, &off, 50, 0.99), Verdict::Healthy);
-    }
-
-    #[test]
-    fn accuracy_drop_compares_feedback() {
-        let mut e = evidence((1000, 0), (1000, 0));
-        e.candidate.feedback = 400;
-        e.candidate.incorrect = 120; // 70 % accurate
-        e.baseline.feedback = 400;
-        e.baseline.incorrect = 40; // 90 % accurate
-        assert_eq!(
-            trigger(decide(&e, &rules(), 50, 0.99)),
-            Some(Trigger::AccuracyDrop)
-        );
-        e.candidate.incorrect = 44;
-        assert_eq!(trigger(decide(&e, &rules(), 50, 0.99)), None);
+        assert!(progress(&e, &off, 50).is_empty());
     }
 }

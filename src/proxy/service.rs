@@ -483,8 +483,8 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    // (The pin header went with the control headers in `sanitize_request`.)
     parts.headers.remove(header::HOST);
-    parts.headers.remove(&table.pin_header);
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());

@@ -240,6 +240,19 @@ pub struct RuntimeState {
     pub baselines: BTreeMap<String, VersionName>,
     /// Progressive rollouts in progress, by route.
     pub rollouts: BTreeMap<String, RolloutProgress>,
+    /// The file's split and baseline each route's overrides were made against: when the
+    /// file changes either, the file wins ([`crate::decision::prune`]).
+    pub basis: BTreeMap<String, RouteBasis>,
+    /// Routes whose rollout plan ([`crate::decision::rollout_plan`]) completed: it is not
+    /// run again until the file gives the route a new plan.
+    pub rollouts_done: BTreeMap<String, String>,
+}
+
+/// What the file said of a route when a runtime override was made.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RouteBasis {
+    pub split: BTreeMap<VersionName, u32>,
+    pub baseline: VersionName,
 }
 
 /// Where a route's progressive rollout stands.
@@ -250,6 +263,9 @@ pub struct RolloutProgress {
     pub step: usize,
     /// Unix time in milliseconds when that step began.
     pub since_ms: u64,
+    /// The plan ([`crate::decision::rollout_plan`]) this progress belongs to.
+    #[serde(default)]
+    pub plan: String,
 }
 
 /// What `compile` needs from outside: upstreams and statistics handles.

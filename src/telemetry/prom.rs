@@ -44,6 +44,8 @@ pub struct Metrics {
     pub config_last_reload_successful: Gauge,
     pub route_degraded: Family<Labels, Gauge>,
     pub requests_shed: Counter,
+    /// Each candidate's evidence per rule as a fraction of what trips it (1 trips).
+    pub evidence_ratio: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,6 +79,7 @@ impl Metrics {
             config_last_reload_successful: Gauge::default(),
             route_degraded: Family::default(),
             requests_shed: Counter::default(),
+            evidence_ratio: Family::default(),
             registry: Registry::default(),
         };
         // Counters exist from the start, at 0, so `increase()` sees their first event.
@@ -90,6 +93,11 @@ impl Metrics {
             "route_weight_ratio",
             "Effective share of a route's new traffic per version (0..1)",
             m.route_weight_ratio.clone(),
+        );
+        registry.register(
+            "evidence_ratio",
+            "A candidate's evidence against it per rule, as a fraction of the level that rolls it back (1 trips; log e-value over log threshold for statistical rules)",
+            m.evidence_ratio.clone(),
         );
         registry.register(
             "version_quarantined",

@@ -1,0 +1,949 @@
+//! The one owner of runtime state: every change of what the routing table serves is a typed
+//! [`Command`], applied here and nowhere else.
+//!
+//! Who issues commands: the evaluator (automatic rollbacks, rollout steps and promotes), the
+//! admin API (manual rollback, promote, resume, weights, pause, faults), the reloader (a new
+//! config file, [`Controller::reload`]) and the health checker (a recompile when endpoint
+//! health flips, [`Controller::health_changed`]). A command received from another replica
+//! would take exactly the same path: [`Controller::apply`] does not know or care who made it.
+//!
+//! # Invariants
+//!
+//! 1. **One order.** Commands are applied one at a time under one lock (`decisions`, a
+//!    tokio mutex held across the persist and audit I/O on purpose: the persisted state and
+//!    the audit log must follow the order of the swaps). The request path never takes it.
+//! 2. **Validated against the current state.** A command is checked under that lock against
+//!    the table and runtime state *as they are now*, not as they were when it was made. An
+//!    automatic decision carries what it assumed ([`Expect`]): the baseline, the candidate's
+//!    incarnation, the rollout step. If a manual promote, a pause or a reload landed in
+//!    between, the command is refused as [`Refused::Stale`] and changes nothing.
+//! 3. **Swap, persist, record, in that order, before anyone hears back.** The table swap is
+//!    one `ArcSwap::store`; the runtime state is persisted (temp, fsync, rename); the audit
+//!    record is appended and fsync'd. Only then does the caller get the record, and only
+//!    then do drain and alerts begin, in a tracked follow-up task that writes a second
+//!    record naming the first (`rollback_completed`, `rollback_id`). A SIGTERM right after
+//!    a rollback therefore finds the quarantine on disk *and* its record; shutdown waits
+//!    for the follow-ups ([`Controller::finish`]) so the alert goes out too.
+//! 4. **Failures are evidence.** A persist failure does not undo a rollback (serving the bad
+//!    version again would be worse); it is written into the record (`persist_error`) and
+//!    sent as a critical alert, never only logged.
+//! 5. **The file is the source of truth** (SPEC §5). A weight override or promoted baseline
+//!    remembers the file's split and baseline it was made against ([`RouteBasis`]); a reload
+//!    that changes either drops the route's overrides and names them in its record.
+//!    A completed rollout remembers its plan, so the former baseline is never rolled out
+//!    again until the file gives the route a new plan.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{Config, RouteConfig, Severity, VersionName};
+use crate::control::alerts::Alerts;
+use crate::control::audit::Audit;
+use crate::control::state;
+use crate::evaluator::rules::Trigger;
+use crate::routing::store::{Store, Swap};
+use crate::routing::table::{RolloutProgress, Route, RouteBasis, RuntimeState, Table};
+use crate::telemetry::prom::labels;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One change of runtime state, as made by its issuer. Serializable, with an id, so a
+/// stream of them can be replicated and replayed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per command (`cmd-` and 64 random bits in hex).
+    pub id: String,
+    /// When it was issued (Unix ms).
+    pub issued_ms: u64,
+    /// Who asked: `None` for rollgate's own decisions.
+    pub operator: Option<String>,
+    pub reason: Option<String>,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// What a command does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Quarantine `version`: weight 0 on every route.
+    Rollback {
+        route: Option<String>,
+        version: VersionName,
+        trigger: Trigger,
+        /// What the evaluator measured, for the record (`metrics`, `evidence`).
+        #[serde(default)]
+        evidence: Value,
+        #[serde(default)]
+        expect: Option<Expect>,
+    },
+    /// `version` becomes the route's baseline at 100.
+    Promote {
+        route: String,
+        version: VersionName,
+        /// For a rollout's promote: the step it completes.
+        #[serde(default)]
+        expect_step: Option<usize>,
+    },
+    /// Lift `version`'s quarantine.
+    Resume { version: VersionName },
+    /// Replace the route's split at runtime (`reset`: back to the file's).
+    Weights {
+        route: String,
+        #[serde(default)]
+        weights: BTreeMap<VersionName, u32>,
+        #[serde(default)]
+        reset: bool,
+    },
+    /// Freeze or unfreeze automatic decisions for a route.
+    Pause { route: String, paused: bool },
+    /// A progressive rollout moves `version` to `steps[step]`.
+    RolloutStep {
+        route: String,
+        version: VersionName,
+        step: usize,
+        weight: u32,
+        /// The step in force when the decision was made (None: not started).
+        expect_step: Option<usize>,
+    },
+    /// Inject a drill fault into `version`'s requests.
+    Fault {
+        version: VersionName,
+        error_rate: f64,
+        latency_ms: u64,
+        duration_ms: u64,
+    },
+}
+
+/// What an automatic decision assumed; checked again under the lock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Expect {
+    /// The route's baseline when the candidate was judged.
+    pub baseline: VersionName,
+    /// The candidate's statistics incarnation that was judged.
+    pub incarnation: u64,
+}
+
+impl Command {
+    /// A new command with a fresh id.
+    pub fn new(action: Action, operator: Option<String>, reason: Option<String>) -> Self {
+        Command {
+            id: format!("cmd-{:016x}", fastrand::u64(..)),
+            issued_ms: unix_ms(),
+            operator,
+            reason,
+            action,
+        }
+    }
+
+    fn automatic(&self) -> bool {
+        self.operator.is_none()
+    }
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The state the decision assumed is gone (a promote, pause or reload came first).
+    #[error("stale decision: {0}")]
+    Stale(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A validated command, ready to apply: the next runtime state and its record.
+struct Plan {
+    kind: &'static str,
+    next: RuntimeState,
+    fields: Map<String, Value>,
+    rollback: Option<RollbackPlan>,
+}
+
+struct RollbackPlan {
+    route: String,
+    version: VersionName,
+    to_version: String,
+    trigger: Trigger,
+}
+
+/// Applies every change of runtime state. See the module docs for its invariants.
+pub struct Controller {
+    pub store: Arc<Store>,
+    pub audit: Arc<Audit>,
+    pub alerts: Alerts,
+    pub state_dir: PathBuf,
+    decisions: tokio::sync::Mutex<()>,
+    /// Drain-and-alert tasks still running; awaited on shutdown. Control path only.
+    followups: Mutex<Vec<JoinHandle<()>>>,
+    /// The evaluator's latest evidence, for status and the status page.
+    view: arc_swap::ArcSwap<crate::evaluator::View>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+/// The identity of a rollout plan as the file gives it: rollout block, split and baseline.
+/// A completed plan is not run again; a changed one is a new rollout.
+pub fn rollout_plan(rc: &RouteConfig) -> Option<String> {
+    let r = rc.rollout.as_ref()?;
+    let text = format!("{:?}|{:?}|{:?}|{}", r.steps, r.hold, rc.split, rc.baseline);
+    Some(format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+    ))
+}
+
+/// The file's split and baseline of `rc`, as overrides remember them.
+fn basis_of(rc: &RouteConfig) -> RouteBasis {
+    RouteBasis {
+        split: rc.split.iter().map(|(n, w)| (n.clone(), w.0)).collect(),
+        baseline: rc.baseline.clone(),
+    }
+}
+
+/// Weight overrides for `route` that replace its split: every version of the split at 0,
+/// then `given`.
+pub fn override_split(
+    route: &Route,
+    given: impl IntoIterator<Item = (VersionName, u32)>,
+) -> BTreeMap<VersionName, u32> {
+    let mut w: BTreeMap<VersionName, u32> = route
+        .config
+        .split
+        .iter()
+        .map(|(n, _)| (n.clone(), 0))
+        .collect();
+    w.extend(given);
+    w
+}
+
+/// Weight overrides giving `candidate` `weight` and `baseline` the rest; every other
+/// version of the route's split gets 0.
+pub fn split_weights(
+    route: &Route,
+    candidate: &VersionName,
+    weight: u32,
+    baseline: &VersionName,
+) -> BTreeMap<VersionName, u32> {
+    let weight = weight.min(100);
+    override_split(
+        route,
+        [
+            (baseline.clone(), 100 - weight),
+            (candidate.clone(), weight),
+        ],
+    )
+}
+
+/// Drops runtime state the new `config` makes void, returning what was dropped:
+///
+/// - routes and versions it no longer has (a quarantine of an absent version is *kept*:
+///   the version may come back with the same bundle, SPEC §1);
+/// - quarantines whose version changed fingerprint;
+/// - overrides (weights, promoted baseline, rollout progress) of a route whose split or
+///   baseline the file changed: the file wins (SPEC §5).
+pub fn prune(state: &mut RuntimeState, config: &Config) -> Vec<String> {
+    let mut dropped = Vec::new();
+    state.quarantined.retain(|v, fingerprint| {
+        let keep = config
+            .version(v.as_str())
+            .is_none_or(|vc| &vc.fingerprint == fingerprint);
+        if !keep {
+            tracing::info!(version = %v, "quarantine lifted: the version changed its fingerprint");
+            dropped.push(format!("quarantine of {v} (new fingerprint)"));
+        }
+        keep
+    });
+    let route = |name: &str| config.routes.iter().find(|r| &*r.name == name);
+    let route_has = |name: &str, v: &VersionName| {
+        route(name).is_some_and(|r| r.split.iter().any(|(n, _)| n == v))
+    };
+    // The file wins over overrides made against a split or baseline it no longer says.
+    let changed: Vec<String> = state
+        .basis
+        .iter()
+        .filter(|(r, basis)| route(r).is_none_or(|rc| basis_of(rc) != **basis))
+        .map(|(r, _)| r.clone())
+        .collect();
+    for r in changed {
+        state.basis.remove(&r);
+        if let Some(w) = state.weight_overrides.remove(&r) {
+            dropped.push(format!("weights of route {r} ({w:?})"));
+        }
+        if let Some(b) = state.baselines.remove(&r) {
+            dropped.push(format!("baseline {b} of route {r}"));
+        }
+        if let Some(p) = state.rollouts.remove(&r) {
+            dropped.push(format!("rollout of {} on route {r} at step {}", p.version, p.step));
+        }
+    }
+    let before = (
+        state.baselines.len(),
+        state.rollouts.len(),
+        state.weight_overrides.len(),
+    );
+    state.baselines.retain(|r, v| route_has(r, v));
+    state
+        .rollouts
+        .retain(|r, p| route_has(r, &p.version) && route(r).and_then(rollout_plan) == Some(p.plan.clone()));
+    state
+        .weight_overrides
+        .retain(|r, w| route(r).is_some() && w.keys().all(|v| route_has(r, v)));
+    if before
+        != (
+            state.baselines.len(),
+            state.rollouts.len(),
+            state.weight_overrides.len(),
+        )
+    {
+        dropped.push("overrides naming routes or versions the file no longer has".into());
+    }
+    state.paused.retain(|r| route(r).is_some());
+    state.basis.retain(|r, _| route(r).is_some());
+    state.rollouts_done.retain(|r, _| route(r).is_some());
+    // State files from before overrides remembered their basis: the file as it is now.
+    for rc in config.routes.iter() {
+        let name = rc.name.to_string();
+        let overridden =
+            state.weight_overrides.contains_key(&name) || state.baselines.contains_key(&name);
+        if overridden && !state.basis.contains_key(&name) {
+            state.basis.insert(name, basis_of(rc));
+        }
+    }
+    dropped
+}
+
+fn err_kind(kind: std::io::ErrorKind, e: impl std::fmt::Display) -> Refused {
+    match kind {
+        std::io::ErrorKind::NotFound => Refused::NotFound(e.to_string()),
+        _ => Refused::Failed(e.to_string()),
+    }
+}
+
+fn route_of<'t>(table: &'t Table, name: &str) -> Result<&'t Route, Refused> {
+    table
+        .routes
+        .iter()
+        .find(|r| &*r.name == name)
+        .ok_or_else(|| Refused::NotFound(format!("no route {name:?}")))
+}
+
+impl Controller {
+    pub fn new(store: Arc<Store>, audit: Arc<Audit>, alerts: Alerts, state_dir: PathBuf) -> Self {
+        Controller {
+            store,
+            audit,
+            alerts,
+            state_dir,
+            decisions: tokio::sync::Mutex::new(()),
+            followups: Mutex::new(Vec::new()),
+            view: Default::default(),
+        }
+    }
+
+    /// The evaluator's latest evidence per candidate and rollout.
+    pub fn view(&self) -> Arc<crate::evaluator::View> {
+        self.view.load_full()
+    }
+
+    pub(crate) fn set_view(&self, view: crate::evaluator::View) {
+        self.view.store(Arc::new(view));
+    }
+
+    async fn persist(&self) -> std::io::Result<Duration> {
+        let t = Instant::now();
+        let snapshot = self.store.runtime_state();
+        let dir = self.state_dir.clone();
+        tokio::task::spawn_blocking(move || state::save(&dir, &snapshot))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(t.elapsed())
+    }
+
+    /// Appends an audit record off the async threads.
+    pub async fn record(
+        &self,
+        kind: &'static str,
+        fields: Map<String, Value>,
+    ) -> std::io::Result<Value> {
+        let audit = self.audit.clone();
+        tokio::task::spawn_blocking(move || audit.append(kind, fields))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Runs `f` after the current command, tracked so shutdown can wait for it.
+    fn follow_up(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.followups.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(f));
+    }
+
+    /// Sends an alert in a tracked follow-up task (never on the caller's path).
+    fn alert_later(self: &Arc<Self>, severity: Severity, payload: Value) {
+        let this = self.clone();
+        self.follow_up(async move {
+            let hooks = this.store.config().alerts.webhooks.clone();
+            this.alerts.send(&hooks, severity, &payload).await;
+        });
+    }
+
+    /// Waits, up to `timeout`, for follow-ups (drains, alerts, their records) to finish.
+    pub async fn finish(&self, timeout: Duration) {
+        let tasks = std::mem::take(&mut *self.followups.lock().unwrap_or_else(|e| e.into_inner()));
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            tracing::warn!("shutdown: alert or drain follow-ups still running; giving up on them");
+        }
+    }
+
+    /// Applies `cmd` (see the module docs). Returns the audit record, durable.
+    pub async fn apply(self: &Arc<Self>, cmd: Command) -> Result<Value, Refused> {
+        self.apply_at(cmd, Instant::now()).await
+    }
+
+    /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap.
+    pub async fn apply_at(self: &Arc<Self>, cmd: Command, began: Instant) -> Result<Value, Refused> {
+        let decide = began.elapsed();
+        let serial = self.decisions.lock().await;
+        let table = self.store.load();
+        let state = self.store.runtime_state();
+        if let Action::Fault {
+            version,
+            error_rate,
+            latency_ms,
+            duration_ms,
+        } = &cmd.action
+        {
+            // Faults live in the version's counters, not in the table: nothing to swap.
+            let v = table
+                .version(version)
+                .ok_or_else(|| Refused::NotFound(format!("no version {version}")))?;
+            let (latency, dur) = (
+                Duration::from_millis(*latency_ms),
+                Duration::from_millis(*duration_ms),
+            );
+            v.counters.faults.set(*error_rate, latency, dur);
+            tracing::warn!(%version, error_rate, latency_ms, duration_ms, command = %cmd.id, "fault injected");
+            return Ok(json!({"version": version.as_str(), "error_rate": error_rate,
+                             "latency_ms": latency_ms, "duration_ms": duration_ms,
+                             "command_id": cmd.id}));
+        }
+        let plan = self.plan(&cmd, &table, &state)?;
+        let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
+            table
+                .routes
+                .iter()
+                .flat_map(|r| r.members.iter())
+                .filter(|m| table.versions[m.version].name == rb.version)
+                .map(|m| m.stats.clone())
+                .collect::<Vec<_>>()
+        });
+        drop(table);
+        let next = plan.next;
+        let swap = self
+            .store
+            .update(None, move |s| *s = next)
+            .map_err(|e| err_kind(e.kind(), format!("compiling the new table failed: {e}")))?;
+        let trip_to_swap = began.elapsed();
+        if let (Some(rb), Some(pairs)) = (&plan.rollback, &in_flight_pairs) {
+            let m = &self.store.metrics;
+            m.rollback_triggered
+                .get_or_create(&labels(&[("route", &rb.route), ("trigger", rb.trigger.as_str())]))
+                .inc();
+            m.rollback_completed
+                .get_or_create(&labels(&[("route", &rb.route)]))
+                .inc();
+            m.rollback_duration.observe(trip_to_swap.as_secs_f64());
+            // Judged afresh if it is ever resumed: never on the requests of before.
+            for p in pairs {
+                p.new_incarnation();
+            }
+        }
+        let persisted = self.persist().await;
+        let mut fields = plan.fields;
+        fields.insert("command_id".into(), json!(cmd.id));
+        fields.insert("generation_before".into(), json!(swap.generation_before));
+        fields.insert("generation_after".into(), json!(swap.generation_after));
+        if let Err(e) = &persisted {
+            tracing::error!(kind = plan.kind, error = %e, "persisting the runtime state failed; it holds until restart");
+            fields.insert("persist_error".into(), json!(e.to_string()));
+        }
+        if let Some(rb) = &plan.rollback {
+            fields.insert(
+                "trip_to_swap_us".into(),
+                json!(trip_to_swap.as_micros() as u64),
+            );
+            fields.insert(
+                "phases".into(),
+                json!([
+                    {"phase": "decide", "duration_us": decide.as_micros() as u64},
+                    {"phase": "swap", "duration_us": (swap.compile + swap.swap).as_micros() as u64},
+                    {"phase": "persist", "duration_us": persisted.as_ref().map_or(0, |d| d.as_micros() as u64)},
+                ]),
+            );
+            tracing::warn!(route = %rb.route, version = %rb.version, trigger = rb.trigger.as_str(), trip_to_swap_us = trip_to_swap.as_micros() as u64, generation = swap.generation_after, "rolled back");
+        }
+        let record = self.record(plan.kind, fields).await;
+        drop(serial);
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(kind = plan.kind, error = %e, "writing the audit record failed");
+                self.alert_later(
+                    Severity::Critical,
+                    json!({"kind": "audit_failed", "severity": "critical", "record_kind": plan.kind,
+                           "command_id": cmd.id, "error": e.to_string()}),
+                );
+                return Err(Refused::Failed(format!(
+                    "applied (generation {}) but the audit record could not be written: {e}",
+                    swap.generation_after
+                )));
+            }
+        };
+        if let Err(e) = &persisted {
+            self.alert_later(
+                Severity::Critical,
+                json!({"kind": "persist_failed", "severity": "critical", "record": record["id"],
+                       "error": e.to_string(),
+                       "detail": "the change is live but will not survive a restart"}),
+            );
+        }
+        if let (Some(rb), Some(pairs)) = (plan.rollback, in_flight_pairs) {
+            self.rollback_followup(rb, pairs, record.clone(), swap);
+        }
+        Ok(record)
+    }
+
+    /// After a rollback's record: alert at once, then wait for the candidate's in-flight
+    /// requests (bounded by `drain_timeout`) and record both results.
+    fn rollback_followup(
+        self: &Arc<Self>,
+        rb: RollbackPlan,
+        pairs: Vec<Arc<crate::telemetry::PairStats>>,
+        record: Value,
+        swap: Swap,
+    ) {
+        let this = self.clone();
+        let drained: i64 = pairs.iter().map(|p| p.in_flight().max(0)).sum();
+        self.follow_up(async move {
+            let config = this.store.config();
+            let alert = json!({
+                "kind": "rollback", "severity": "warning", "id": record["id"],
+                "route": rb.route, "version": rb.version.as_str(), "to_version": rb.to_version,
+                "trigger": rb.trigger.as_str(), "reason": record["reason"],
+                "generation": swap.generation_after,
+            });
+            let sent = this
+                .alerts
+                .send(&config.alerts.webhooks, Severity::Warning, &alert)
+                .await;
+            let t = Instant::now();
+            while pairs.iter().map(|p| p.in_flight().max(0)).sum::<i64>() > 0
+                && t.elapsed() < config.drain_timeout
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut f = Map::new();
+            f.insert("rollback_id".into(), record["id"].clone());
+            f.insert("route".into(), json!(rb.route));
+            f.insert("from_version".into(), json!(rb.version.as_str()));
+            f.insert(
+                "phases".into(),
+                json!([{"phase": "drain", "duration_ms": t.elapsed().as_millis() as u64,
+                        "drained_requests": drained}]),
+            );
+            f.insert(
+                "alerts_sent".into(),
+                serde_json::to_value(sent).unwrap_or_default(),
+            );
+            if let Err(e) = this.record("rollback_completed", f).await {
+                tracing::error!(error = %e, "writing the rollback_completed record failed");
+            }
+        });
+    }
+
+    /// Validates `cmd` against the current table and state; the next state and its record.
+    fn plan(&self, cmd: &Command, table: &Table, state: &RuntimeState) -> Result<Plan, Refused> {
+        let mut next = state.clone();
+        let mut f = Map::new();
+        f.insert("automatic".into(), json!(cmd.automatic()));
+        f.insert("initiated_by".into(), json!(cmd.operator));
+        f.insert("reason".into(), json!(cmd.reason));
+        let version_of = |name: &VersionName| {
+            table
+                .version(name)
+                .ok_or_else(|| Refused::NotFound(format!("no version {name}")))
+        };
+        let baseline_of = |r: &Route| table.versions[r.baseline_member().version].name.clone();
+        let in_split = |r: &Route, v: &VersionName| r.config.split.iter().any(|(n, _)| n == v);
+        let kind = match &cmd.action {
+            Action::Rollback {
+                route,
+                version,
+                trigger,
+                evidence,
+                expect,
+            } => {
+                let v = version_of(version)?;
+                if v.quarantined {
+                    return Err(Refused::Conflict(format!(
+                        "version {version} is already rolled back"
+                    )));
+                }
+                let member = |r: &Route| {
+                    r.members
+                        .iter()
+                        .any(|m| &table.versions[m.version].name == version)
+                };
+                let route = match route {
+                    Some(name) => {
+                        let r = route_of(table, name)?;
+                        if !member(r) {
+                            return Err(Refused::Invalid(format!(
+                                "version {version} is not part of route {name}"
+                            )));
+                        }
+                        r
+                    }
+                    // The first route where the version is a candidate, not the baseline.
+                    None => table
+                        .routes
+                        .iter()
+                        .filter(|r| member(r))
+                        .find(|r| &baseline_of(r) != version)
+                        .or_else(|| table.routes.iter().find(|r| member(r)))
+                        .ok_or_else(|| {
+                            Refused::Invalid(format!("version {version} serves no route"))
+                        })?,
+                };
+                let baseline = baseline_of(route);
+                if &baseline == version {
+                    return Err(Refused::Conflict(format!(
+                        "version {version} is the baseline of route {}: promote another version first",
+                        route.name
+                    )));
+                }
+                if let Some(e) = expect {
+                    if state.paused.contains(&*route.name) {
+                        return Err(Refused::Stale(format!("route {} is paused", route.name)));
+                    }
+                    if e.baseline != baseline {
+                        return Err(Refused::Stale(format!(
+                            "the baseline of route {} is now {baseline}, not {}",
+                            route.name, e.baseline
+                        )));
+                    }
+                    let pair = route
+                        .members
+                        .iter()
+                        .find(|m| &table.versions[m.version].name == version);
+                    if pair.is_some_and(|m| m.stats.incarnation() != e.incarnation) {
+                        return Err(Refused::Stale(format!(
+                            "{version} was rolled back and resumed since it was judged"
+                        )));
+                    }
+                }
+                next.quarantined
+                    .insert(version.clone(), v.config.fingerprint.clone());
+                next.rollouts.retain(|_, p| &p.version != version);
+                f.insert("trigger".into(), json!(trigger.as_str()));
+                f.insert("route".into(), json!(&*route.name));
+                f.insert("from_version".into(), json!(version.as_str()));
+                f.insert("to_version".into(), json!(baseline.as_str()));
+                if cmd.reason.is_none() {
+                    f.insert("reason".into(), json!("manual rollback via the admin API"));
+                }
+                if let Value::Object(ev) = evidence {
+                    for (k, v) in ev {
+                        f.insert(k.clone(), v.clone());
+                    }
+                }
+                return Ok(Plan {
+                    kind: "rollback",
+                    next,
+                    fields: f,
+                    rollback: Some(RollbackPlan {
+                        route: route.name.to_string(),
+                        version: version.clone(),
+                        to_version: baseline.to_string(),
+                        trigger: *trigger,
+                    }),
+                });
+            }
+            Action::Promote {
+                route,
+                version,
+                expect_step,
+            } => {
+                let r = route_of(table, route)?;
+                let v = version_of(version)?;
+                if !in_split(r, version) {
+                    return Err(Refused::Invalid(format!(
+                        "version {version} is not part of route {route}"
+                    )));
+                }
+                if v.quarantined {
+                    return Err(Refused::Conflict(format!(
+                        "version {version} is rolled back: resume it first"
+                    )));
+                }
+                let baseline = baseline_of(r);
+                if cmd.automatic() {
+                    let progress = state.rollouts.get(route);
+                    if state.paused.contains(route)
+                        || progress.map(|p| (&p.version, p.step))
+                            != expect_step.map(|s| (version, s))
+                    {
+                        return Err(Refused::Stale(format!(
+                            "the rollout of route {route} changed since the promote was decided"
+                        )));
+                    }
+                }
+                next.rollouts.remove(route);
+                next.baselines.insert(route.clone(), version.clone());
+                next.weight_overrides
+                    .insert(route.clone(), split_weights(r, version, 100, &baseline));
+                next.basis.insert(route.clone(), basis_of(&r.config));
+                // A promote completes the route's rollout plan, manual or not: the former
+                // baseline is not rolled out again until the file gives a new plan.
+                if let Some(plan) = rollout_plan(&r.config) {
+                    next.rollouts_done.insert(route.clone(), plan);
+                }
+                f.insert("route".into(), json!(route));
+                f.insert("version".into(), json!(version.as_str()));
+                f.insert("from_version".into(), json!(baseline.as_str()));
+                "promote"
+            }
+            Action::Resume { version } => {
+                let v = version_of(version)?;
+                if !v.quarantined {
+                    return Err(Refused::Conflict(format!(
+                        "version {version} is not rolled back"
+                    )));
+                }
+                next.quarantined.remove(version);
+                f.insert("version".into(), json!(version.as_str()));
+                "resume"
+            }
+            Action::Weights {
+                route,
+                weights,
+                reset,
+            } => {
+                let r = route_of(table, route)?;
+                let rolling = state.rollouts.contains_key(route) && !state.paused.contains(route);
+                if *reset {
+                    if !weights.is_empty() {
+                        return Err(Refused::Invalid(
+                            "give either weights or reset: true, not both".into(),
+                        ));
+                    }
+                    next.weight_overrides.remove(route);
+                    next.baselines.remove(route);
+                    next.basis.remove(route);
+                    next.rollouts.remove(route);
+                    f.insert("reset".into(), json!(true));
+                } else {
+                    for name in weights.keys() {
+                        if !in_split(r, name) {
+                            return Err(Refused::Invalid(format!(
+                                "version {name} is not part of route {route}"
+                            )));
+                        }
+                    }
+                    if weights.is_empty() || weights.values().all(|w| *w == 0) {
+                        return Err(Refused::Invalid(
+                            "at least one weight must be positive".into(),
+                        ));
+                    }
+                    if weights.values().any(|w| *w > 1_000_000) {
+                        return Err(Refused::Invalid("weights are at most 1000000".into()));
+                    }
+                    if rolling {
+                        return Err(Refused::Conflict(format!(
+                            "route {route} is rolling out: pause it first, or its next step would undo this"
+                        )));
+                    }
+                    // The weights given replace the split: versions not named get 0.
+                    let w = override_split(r, weights.iter().map(|(k, v)| (k.clone(), *v)));
+                    f.insert(
+                        "weights".into(),
+                        json!(w
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), *v))
+                            .collect::<BTreeMap<_, _>>()),
+                    );
+                    next.weight_overrides.insert(route.clone(), w);
+                    next.basis.insert(route.clone(), basis_of(&r.config));
+                }
+                f.insert("route".into(), json!(route));
+                f.insert("previous_weights".into(), json!(r.weights(table)));
+                "weights"
+            }
+            Action::Pause { route, paused } => {
+                route_of(table, route)?;
+                if *paused {
+                    next.paused.insert(route.clone());
+                } else {
+                    next.paused.remove(route);
+                }
+                f.insert("route".into(), json!(route));
+                f.insert("paused".into(), json!(paused));
+                "pause"
+            }
+            Action::RolloutStep {
+                route,
+                version,
+                step,
+                weight,
+                expect_step,
+            } => {
+                let r = route_of(table, route)?;
+                let v = version_of(version)?;
+                let plan = rollout_plan(&r.config).ok_or_else(|| {
+                    Refused::Stale(format!("route {route} has no rollout any more"))
+                })?;
+                let progress = state.rollouts.get(route);
+                let current = progress.map(|p| (&p.version, p.step));
+                if v.quarantined
+                    || state.paused.contains(route)
+                    || state.rollouts_done.get(route) == Some(&plan)
+                    || current != expect_step.map(|s| (version, s))
+                    || &baseline_of(r) == version
+                {
+                    return Err(Refused::Stale(format!(
+                        "the rollout of route {route} changed since step {step} was decided"
+                    )));
+                }
+                let baseline = baseline_of(r);
+                next.rollouts.insert(
+                    route.clone(),
+                    RolloutProgress {
+                        version: version.clone(),
+                        step: *step,
+                        since_ms: unix_ms(),
+                        plan,
+                    },
+                );
+                next.weight_overrides
+                    .insert(route.clone(), split_weights(r, version, *weight, &baseline));
+                next.basis.insert(route.clone(), basis_of(&r.config));
+                f.insert("route".into(), json!(route));
+                f.insert("version".into(), json!(version.as_str()));
+                f.insert("step".into(), json!(step));
+                f.insert("weight".into(), json!(weight));
+                "rollout_step"
+            }
+            Action::Fault { .. } => unreachable!("faults are applied before planning"),
+        };
+        Ok(Plan {
+            kind,
+            next,
+            fields: f,
+            rollback: None,
+        })
+    }
+
+    /// A new config file: prune the runtime state it voids, swap, persist, record. `fields`
+    /// are the reload's own (cause, hashes); the record adds the overrides it dropped.
+    pub async fn reload(
+        &self,
+        config: Config,
+        mut fields: Map<String, Value>,
+    ) -> std::io::Result<Value> {
+        let serial = self.decisions.lock().await;
+        let mut next = self.store.runtime_state();
+        let dropped = prune(&mut next, &config);
+        let swap = self.store.update(Some(config), move |s| *s = next)?;
+        if let Err(e) = self.persist().await {
+            tracing::error!(error = %e, "persisting the runtime state failed; it holds until restart");
+            fields.insert("persist_error".into(), json!(e.to_string()));
+        }
+        if !dropped.is_empty() {
+            tracing::warn!(?dropped, "config reload: the file changed what runtime overrides were made against; the file wins");
+            fields.insert("overrides_dropped".into(), json!(dropped));
+        }
+        fields.insert("generation_before".into(), json!(swap.generation_before));
+        fields.insert("generation_after".into(), json!(swap.generation_after));
+        let record = self.record("config_reload", fields).await;
+        drop(serial);
+        record
+    }
+
+    /// Endpoint health flipped: recompile (degraded routes, fallback, gauges), record each
+    /// route that became degraded, and alert off this path.
+    pub async fn health_changed(self: &Arc<Self>) {
+        let serial = self.decisions.lock().await;
+        let before = self.store.load();
+        if let Err(e) = self.store.update(None, |_| {}) {
+            tracing::error!(error = %e, "recompiling after a health change failed");
+            return;
+        }
+        let after = self.store.load();
+        for r in after.routes.iter() {
+            let was = before
+                .routes
+                .iter()
+                .find(|b| b.name == r.name)
+                .is_some_and(|b| b.degraded);
+            if !r.degraded || was {
+                continue;
+            }
+            let baseline = after.versions[r.baseline_member().version].name.to_string();
+            tracing::error!(route = %r.name, %baseline, "route degraded: its baseline is unhealthy");
+            let mut f = Map::new();
+            f.insert("route".into(), json!(r.name.to_string()));
+            f.insert("baseline".into(), json!(baseline));
+            f.insert(
+                "fallback".into(),
+                json!(r.config.fallback.as_ref().map(|v| v.to_string())),
+            );
+            f.insert("generation".into(), json!(after.generation));
+            let rec = self.record("degraded", f).await;
+            if let Err(e) = &rec {
+                tracing::error!(error = %e, "writing the degraded record failed");
+            }
+            self.alert_later(
+                Severity::Critical,
+                json!({"kind": "degraded", "severity": "critical", "route": r.name.to_string(),
+                       "baseline": baseline, "id": rec.ok().map(|r| r["id"].clone())}),
+            );
+        }
+        drop(serial);
+    }
+
+    /// A finished drill's result (from `rollgate drill`): one `drill` record of the fields
+    /// the drill reports, nothing a client could use to forge another kind of record.
+    pub async fn record_drill(&self, fields: Map<String, Value>) -> std::io::Result<Value> {
+        let _serial = self.decisions.lock().await;
+        self.record("drill", fields).await
+    }
+}
