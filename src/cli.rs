@@ -81,6 +81,8 @@ pub enum Action {
     Weights {
         route: String,
         weights: BTreeMap<String, u32>,
+        /// Drop the route's overrides instead.
+        reset: bool,
         reason: Option<String>,
         operator: Option<String>,
     },
@@ -162,13 +164,19 @@ pub async fn run(target: &Target, action: Action) -> Result<String, String> {
         Action::Weights {
             route,
             weights,
+            reset,
             reason,
             operator: o,
         } => (
             Method::POST,
             "/api/v1/weights".into(),
-            Some(json!({"route": route, "weights": weights, "reason": reason,
-                        "operator": operator(o.clone())})),
+            Some(if *reset {
+                json!({"route": route, "reset": true, "reason": reason,
+                       "operator": operator(o.clone())})
+            } else {
+                json!({"route": route, "weights": weights, "reason": reason,
+                       "operator": operator(o.clone())})
+            }),
         ),
         Action::Pause {
             route,

@@ -161,13 +161,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Override a route's weights: `rollgate weights --route chat v2.4=90 v2.5=10`.
+    /// Override a route's weights: `rollgate weights --route chat v2.4=90 v2.5=10`; or
+    /// `--reset` to drop the route's runtime overrides and serve the file's split again.
     Weights {
         #[arg(long)]
         route: String,
         /// VERSION=WEIGHT pairs; versions not named get 0.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "reset", conflicts_with = "reset")]
         weights: Vec<String>,
+        /// Back to the config file's split and baseline for this route.
+        #[arg(long)]
+        reset: bool,
         #[command(flatten)]
         why: Why,
         #[command(flatten)]
@@ -418,6 +422,7 @@ fn main() -> ExitCode {
         Command::Weights {
             route,
             weights,
+            reset,
             why,
             admin,
         } => match rollgate::cli::parse_weights(&weights) {
@@ -426,6 +431,7 @@ fn main() -> ExitCode {
                 Action::Weights {
                     route,
                     weights,
+                    reset,
                     reason: why.reason,
                     operator: why.operator,
                 },

@@ -73,6 +73,28 @@ async fn quarantined(proxy: &TestProxy, version: &str) -> bool {
         .any(|v| v["name"] == version && v["quarantined"] == true)
 }
 
+/// A manual rollback of `version` through the one decision path; its record.
+async fn manual_rollback(
+    proxy: &TestProxy,
+    version: &str,
+    reason: &str,
+    operator: &str,
+) -> serde_json::Value {
+    use rollgate::decision::{Action, Command};
+    let cmd = Command::new(
+        Action::Rollback {
+            route: Some("chat".into()),
+            version: version.into(),
+            trigger: rollgate::evaluator::rules::Trigger::Manual,
+            evidence: serde_json::Value::Null,
+            expect: None,
+        },
+        Some(operator.into()),
+        Some(reason.into()),
+    );
+    proxy.running().controller.apply(cmd).await.unwrap()
+}
+
 fn audit_records(proxy: &TestProxy, kind: &str) -> Vec<serde_json::Value> {
     let state_dir = proxy
         .yaml()
@@ -151,7 +173,23 @@ async fn failing_canary_is_rolled_back_with_zero_client_errors_and_one_record() 
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["decide", "swap", "persist", "drain"]);
+    assert_eq!(phases, ["decide", "swap", "persist"]);
+    // Drain and alerts follow in a second record that names the first.
+    assert_eventually!(
+        audit_records(&proxy, "rollback_completed").len() == 1,
+        Duration::from_secs(10)
+    );
+    let done = &audit_records(&proxy, "rollback_completed")[0];
+    assert_eq!(done["rollback_id"], rec["id"]);
+    assert_eq!(done["phases"][0]["phase"], "drain");
+    // The evidence that tripped it, with how it built up.
+    assert_eq!(rec["evidence"]["rule"], rec["trigger"]);
+    assert!(
+        rec["evidence"]["statistic"].as_f64().unwrap()
+            >= rec["evidence"]["threshold"].as_f64().unwrap(),
+        "{rec}"
+    );
+    assert!(!rec["evidence"]["trajectory"].as_array().unwrap().is_empty());
     assert!(rec["metrics"]["candidate"]["requests"].as_u64().unwrap() >= 50);
     assert!(
         rec["reason"].as_str().unwrap().contains("confidence 0.99"),
@@ -297,20 +335,7 @@ async fn quarantine_survives_restart_and_reload_until_the_fingerprint_changes() 
         )
     };
     let proxy = TestProxy::from_yaml(&yaml("p1")).await;
-    let c = proxy.running().controller.clone();
-    let handle = c
-        .rollback(
-            "chat",
-            &"canary".into(),
-            rollgate::evaluator::rules::Trigger::Manual,
-            "test".into(),
-            Some("tester".into()),
-            tokio::time::Instant::now(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let rec = handle.await.unwrap().unwrap();
+    let rec = manual_rollback(&proxy, "canary", "test", "tester").await;
     assert_eq!(rec["initiated_by"], "tester");
     assert_eq!(rec["automatic"], false);
     assert!(quarantined(&proxy, "canary").await);
@@ -385,7 +410,7 @@ async fn unhealthy_baseline_degrades_the_route_to_its_fallback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progressive_rollout_steps_each_hold_and_promotes() {
+async fn progressive_rollout_steps_each_clean_hold_promotes_and_stays_promoted() {
     let stable = TestUpstream::start("stable").await;
     let next = TestUpstream::start("next").await;
     let proxy = TestProxy::new()
@@ -396,8 +421,10 @@ async fn progressive_rollout_steps_each_hold_and_promotes() {
                 .split(&[("stable", 95), ("next", 5)])
                 .with("rollout: {steps: [10, 50, 100], hold: 300ms}"),
         )
+        .top("evaluator: {interval: 100ms, window: 30s, min_requests: 20}")
         .start()
         .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
     let weights = |s: &serde_json::Value| {
         (
             s["routes"][0]["weights"]["next"].as_u64(),
@@ -414,30 +441,81 @@ async fn progressive_rollout_steps_each_hold_and_promotes() {
     );
     assert_eventually!(
         proxy.status_json().await["routes"][0]["weights"]["next"] == 50,
-        Duration::from_secs(5)
+        Duration::from_secs(10)
     );
     assert_eventually!(
         proxy.status_json().await["routes"][0]["baseline"] == "next",
-        Duration::from_secs(5)
+        Duration::from_secs(10)
     );
     let s = proxy.status_json().await;
     assert_eq!(weights(&s), (Some(100), serde_json::json!("next")));
     assert_eq!(s["routes"][0]["weights"]["stable"], 0);
     assert_eq!(audit_records(&proxy, "rollout_step").len(), 2);
-    // The record follows the swap.
-    assert_eventually!(
-        audit_records(&proxy, "promote").len() == 1,
-        Duration::from_secs(5)
-    );
     let promote = audit_records(&proxy, "promote");
+    assert_eq!(promote.len(), 1);
     assert_eq!(promote[0]["version"], "next");
     assert_eq!(promote[0]["from_version"], "stable");
+    // The step after the promote, and many holds later: the former baseline (95 in the
+    // file's split) is never rolled out again. Twenty holds of traffic, checked each tick.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        let s = proxy.status_json().await;
+        assert_eq!(weights(&s), (Some(100), serde_json::json!("next")), "{s}");
+        assert_eq!(audit_records(&proxy, "rollout_step").len(), 2);
+        assert_eq!(audit_records(&proxy, "promote").len(), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
     for _ in 0..10 {
         assert_eq!(
             TestClient::http1().get(&proxy.url("/")).await.version(),
             Some("next")
         );
     }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_without_traffic_waits_for_evidence_and_is_never_promoted() {
+    let stable = TestUpstream::start("stable").await;
+    let next = TestUpstream::start("next").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("next", &next)
+        .route(
+            Route::new("chat", "stable")
+                .split(&[("stable", 95), ("next", 5)])
+                .with("rollout: {steps: [10, 50, 100], hold: 200ms}"),
+        )
+        .top("evaluator: {interval: 100ms, window: 30s, min_requests: 20}")
+        .start()
+        .await;
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["weights"]["next"] == 10,
+        Duration::from_secs(5)
+    );
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["rollout"]["waiting_for"] == "traffic",
+        Duration::from_secs(5)
+    );
+    // Fifteen holds without a request: still at the first step.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let s = proxy.status_json().await;
+        assert_eq!(s["routes"][0]["weights"]["next"], 10, "{s}");
+        assert_eq!(s["routes"][0]["baseline"], "stable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(audit_records(&proxy, "promote").is_empty());
+    assert_eq!(audit_records(&proxy, "rollout_step").len(), 1);
+    // Traffic arrives: the hold gets its evidence and the rollout moves on.
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["weights"]["next"] == 50,
+        Duration::from_secs(10)
+    );
+    load.stop().await;
     proxy.shutdown().await;
 }
 
@@ -458,22 +536,14 @@ async fn rollback_alerts_reach_webhooks_and_their_results_are_recorded() {
         ))
         .start()
         .await;
-    let handle = proxy
-        .running()
-        .controller
-        .rollback(
-            "chat",
-            &"canary".into(),
-            rollgate::evaluator::rules::Trigger::Manual,
-            "bad prompt".into(),
-            Some("oncall".into()),
-            tokio::time::Instant::now(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let rec = handle.await.unwrap().unwrap();
-    let sent = rec["alerts_sent"].as_array().unwrap();
+    let rec = manual_rollback(&proxy, "canary", "bad prompt", "oncall").await;
+    assert_eventually!(
+        !audit_records(&proxy, "rollback_completed").is_empty(),
+        Duration::from_secs(15)
+    );
+    let done = audit_records(&proxy, "rollback_completed").remove(0);
+    assert_eq!(done["rollback_id"], rec["id"]);
+    let sent = done["alerts_sent"].as_array().unwrap();
     assert_eq!(
         sent.len(),
         2,

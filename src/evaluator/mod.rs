@@ -120,12 +120,32 @@ fn over_between(now: &Histogram<u64>, prev: &Histogram<u64>, limit: Duration) ->
     over(now).saturating_sub(over(prev))
 }
 
-/// The detectors and counters of one (route, candidate, baseline) comparison.
-struct Track {
-    incarnation: u64,
+/// One tick's new observations of a (candidate, baseline) pair: what [`Comparison`]
+/// learns from. The evaluator reads them from the live statistics; the simulation bench
+/// (`benches/evaluator.rs`) makes them up, and both run the same detectors and `decide`.
+#[derive(Debug, Clone, Default)]
+pub struct Tick<'a> {
+    pub candidate_answered: u64,
+    pub candidate_errors: u64,
+    pub baseline_answered: u64,
+    pub baseline_errors: u64,
+    /// Candidate requests of the tick with time to first byte over `latency_p99_max`.
+    pub over_sla: u64,
+    /// ... over `latency_p99_ratio × baseline p99`, when the baseline's p99 is known.
+    pub over_baseline_p99: Option<u64>,
+    pub candidate_feedback: u64,
+    pub candidate_incorrect: u64,
+    pub baseline_feedback: u64,
+    pub baseline_incorrect: u64,
+    /// Time-aligned (candidate, baseline) drift samples, and the cut points to bet at.
+    pub drift_pairs: &'a [(f64, f64)],
+    pub drift_cuts: Option<[f64; detector::DRIFT_QUANTILES.len()]>,
+}
+
+/// The detectors of one (candidate, baseline) comparison and what they have seen.
+#[derive(Debug, Clone, Default)]
+pub struct Comparison {
     starts: Starts,
-    cand: Prev,
-    base: Prev,
     err_max: Bernoulli,
     err_ratio: Bernoulli,
     err_floor: Bernoulli,
@@ -133,12 +153,110 @@ struct Track {
     lat_ratio: Bernoulli,
     accuracy: Bernoulli,
     drift: Drift,
-    cand_answered: u64,
-    base_answered: u64,
-    cand_feedback: u64,
-    cand_incorrect: u64,
-    base_feedback: u64,
-    base_incorrect: u64,
+    pub candidate_answered: u64,
+    pub baseline_answered: u64,
+    pub candidate_feedback: u64,
+    pub candidate_incorrect: u64,
+    pub baseline_feedback: u64,
+    pub baseline_incorrect: u64,
+}
+
+impl Comparison {
+    /// Feeds one tick to every enabled rule's detector.
+    pub fn observe(&mut self, ev: &EvaluatorConfig, t: &Tick<'_>) {
+        let start = self.starts.tick(ev.interval);
+        let r = &ev.rules;
+        let (dca, dce) = (t.candidate_answered, t.candidate_errors.min(t.candidate_answered));
+        let (dba, dbe) = (t.baseline_answered, t.baseline_errors.min(t.baseline_answered));
+        self.candidate_answered += dca;
+        self.baseline_answered += dba;
+        if let Some(max) = r.error_rate_max {
+            self.err_max.observe(start, dce, dca, max);
+        }
+        if let Some(k) = r.error_rate_ratio {
+            match stats::ratio_theta0(k, dca, dba) {
+                Some(theta0) => self.err_ratio.observe(start, dce, dce + dbe, theta0),
+                None => self.err_ratio.observe(start, 0, 0, 0.5),
+            }
+            if let Some(floor) = r.min_error_rate {
+                self.err_floor.observe(start, dce, dca, floor);
+            }
+        }
+        if r.latency_p99_max.is_some() {
+            self.lat_max.observe(start, t.over_sla, dca, 0.01);
+        }
+        if r.latency_p99_ratio.is_some() {
+            match t.over_baseline_p99 {
+                Some(over) => self.lat_ratio.observe(start, over, dca, 0.01),
+                None => self.lat_ratio.observe(start, 0, 0, 0.01),
+            }
+        }
+        if let Some(drop) = r.accuracy_drop {
+            // The baseline's incorrect rate from its feedback *before* this tick: fixed
+            // before the tick's observations, as the test needs.
+            if self.baseline_feedback >= ev.min_requests {
+                let wrong = self.baseline_incorrect as f64 / self.baseline_feedback as f64;
+                self.accuracy.observe(
+                    start,
+                    t.candidate_incorrect,
+                    t.candidate_feedback,
+                    (wrong + drop).min(0.999),
+                );
+            } else {
+                self.accuracy.observe(start, 0, 0, 0.5);
+            }
+        }
+        self.candidate_feedback += t.candidate_feedback;
+        self.candidate_incorrect += t.candidate_incorrect;
+        self.baseline_feedback += t.baseline_feedback;
+        self.baseline_incorrect += t.baseline_incorrect;
+        if r.drift.is_some() {
+            self.drift
+                .observe(start, t.drift_pairs, t.drift_cuts.as_ref());
+        }
+    }
+
+    /// Every rule's statistic, in logs.
+    pub fn statistics(&self) -> rules::Statistics {
+        rules::Statistics {
+            error_rate_max: self.err_max.log_statistic(),
+            error_rate_ratio: self.err_ratio.log_statistic(),
+            min_error_rate: self.err_floor.log_statistic(),
+            latency_p99_max: self.lat_max.log_statistic(),
+            latency_p99_ratio: self.lat_ratio.log_statistic(),
+            accuracy_drop: self.accuracy.log_statistic(),
+            drift: self.drift.log_statistic(),
+        }
+    }
+
+    /// Drift pairs tested so far.
+    pub fn drift_pairs(&self) -> u64 {
+        self.drift.pairs
+    }
+
+    /// The evidence `decide` needs from the detectors (the rest, windows and reasons, is
+    /// filled in by the caller).
+    pub fn evidence(&self, log_threshold: f64) -> Evidence {
+        Evidence {
+            candidate_answered: self.candidate_answered,
+            baseline_answered: self.baseline_answered,
+            candidate_feedback: self.candidate_feedback,
+            baseline_feedback: self.baseline_feedback,
+            drift_pairs: self.drift.pairs,
+            stats: self.statistics(),
+            log_threshold,
+            ..Evidence::default()
+        }
+    }
+}
+
+/// A live comparison: its detectors, and where the cumulative statistics stood at the
+/// previous tick.
+struct Track {
+    incarnation: u64,
+    cmp: Comparison,
+    cand: Prev,
+    base: Prev,
     /// Drift samples consumed so far, per side.
     cand_samples: u64,
     base_samples: u64,
@@ -162,22 +280,9 @@ impl Track {
         let (c, b) = (cand.signals.counts(), base.signals.counts());
         Track {
             incarnation: cand.incarnation(),
-            starts: Starts::default(),
+            cmp: Comparison::default(),
             cand: Prev::of(&cand.cumulative(), c),
             base: Prev::of(&base.cumulative(), b),
-            err_max: Bernoulli::default(),
-            err_ratio: Bernoulli::default(),
-            err_floor: Bernoulli::default(),
-            lat_max: Bernoulli::default(),
-            lat_ratio: Bernoulli::default(),
-            accuracy: Bernoulli::default(),
-            drift: Drift::default(),
-            cand_answered: 0,
-            base_answered: 0,
-            cand_feedback: 0,
-            cand_incorrect: 0,
-            base_feedback: 0,
-            base_incorrect: 0,
             cand_samples: c.samples,
             base_samples: b.samples,
             flagged: VecDeque::from([(now, c.flagged)]),
@@ -202,8 +307,8 @@ impl Track {
         flagged.saturating_sub(self.flagged.front().map_or(flagged, |(_, f)| *f))
     }
 
-    /// Feeds one tick's new observations to every enabled rule's detector. Returns the
-    /// answered requests of the tick on both sides.
+    /// Reads one tick's new observations from the live statistics and feeds them to the
+    /// comparison. Returns the answered requests of the tick on both sides.
     fn observe(
         &mut self,
         ev: &EvaluatorConfig,
@@ -212,108 +317,64 @@ impl Track {
         base_p99: Option<Duration>,
         scratch: &mut (Vec<f64>, Vec<f64>),
     ) -> (u64, u64) {
-        let start = self.starts.tick(ev.interval);
         let r = &ev.rules;
-        let (c_cum, b_cum) = (cand.cumulative(), base.cumulative());
         let (c_sig, b_sig) = (cand.signals.counts(), base.signals.counts());
-        let c_now = Prev::of(&c_cum, c_sig);
-        let b_now = Prev::of(&b_cum, b_sig);
-        let dca = c_now.answered.saturating_sub(self.cand.answered);
-        let dce = c_now.errors.saturating_sub(self.cand.errors);
-        let dba = b_now.answered.saturating_sub(self.base.answered);
-        let dbe = b_now.errors.saturating_sub(self.base.errors);
-        self.cand_answered += dca;
-        self.base_answered += dba;
-
-        if let Some(max) = r.error_rate_max {
-            self.err_max.observe(start, dce, dca, max);
-        }
-        if let Some(k) = r.error_rate_ratio {
-            match stats::ratio_theta0(k, dca, dba) {
-                Some(theta0) => self.err_ratio.observe(start, dce, dce + dbe, theta0),
-                None => self.err_ratio.observe(start, 0, 0, 0.5),
-            }
-            if let Some(floor) = r.min_error_rate {
-                self.err_floor.observe(start, dce, dca, floor);
-            }
-        }
-        if let Some(sla) = r.latency_p99_max {
-            let over = over_between(&c_now.ttfb, &self.cand.ttfb, sla);
-            self.lat_max.observe(start, over, dca, 0.01);
-        }
-        if let Some(k) = r.latency_p99_ratio {
-            match base_p99 {
-                Some(p99) if !p99.is_zero() => {
-                    let q = Duration::from_secs_f64((p99.as_secs_f64() * k).min(86_400.0));
-                    let over = over_between(&c_now.ttfb, &self.cand.ttfb, q);
-                    self.lat_ratio.observe(start, over, dca, 0.01);
-                }
-                _ => self.lat_ratio.observe(start, 0, 0, 0.01),
-            }
-        }
-        if let Some(drop) = r.accuracy_drop {
-            let dfc = c_sig.feedback.saturating_sub(self.cand.signals.feedback);
-            let dic = c_sig.incorrect.saturating_sub(self.cand.signals.incorrect);
-            // The baseline's incorrect rate from its feedback *before* this tick: fixed
-            // before the tick's observations, as the test needs.
-            if self.base_feedback >= ev.min_requests {
-                let wrong = self.base_incorrect as f64 / self.base_feedback as f64;
-                self.accuracy
-                    .observe(start, dic, dfc, (wrong + drop).min(0.999));
-            } else {
-                self.accuracy.observe(start, 0, 0, 0.5);
-            }
-            self.cand_feedback += dfc;
-            self.cand_incorrect += dic;
-            self.base_feedback += b_sig.feedback.saturating_sub(self.base.signals.feedback);
-            self.base_incorrect += b_sig.incorrect.saturating_sub(self.base.signals.incorrect);
-        }
-        if r.drift.is_some() {
-            self.drift_tick(start, cand, base, scratch);
-        }
+        let c_now = Prev::of(&cand.cumulative(), c_sig);
+        let b_now = Prev::of(&base.cumulative(), b_sig);
+        let pairs = match r.drift {
+            Some(_) => self.drift_pairs(cand, base, scratch),
+            None => (Vec::new(), None),
+        };
+        let over = |limit| over_between(&c_now.ttfb, &self.cand.ttfb, limit);
+        let over_baseline_p99 = match (r.latency_p99_ratio, base_p99) {
+            (Some(k), Some(p99)) if !p99.is_zero() => Some(over(Duration::from_secs_f64(
+                (p99.as_secs_f64() * k).min(86_400.0),
+            ))),
+            _ => None,
+        };
+        let tick = Tick {
+            candidate_answered: c_now.answered.saturating_sub(self.cand.answered),
+            candidate_errors: c_now.errors.saturating_sub(self.cand.errors),
+            baseline_answered: b_now.answered.saturating_sub(self.base.answered),
+            baseline_errors: b_now.errors.saturating_sub(self.base.errors),
+            over_sla: r.latency_p99_max.map_or(0, over),
+            over_baseline_p99,
+            candidate_feedback: c_sig.feedback.saturating_sub(self.cand.signals.feedback),
+            candidate_incorrect: c_sig.incorrect.saturating_sub(self.cand.signals.incorrect),
+            baseline_feedback: b_sig.feedback.saturating_sub(self.base.signals.feedback),
+            baseline_incorrect: b_sig.incorrect.saturating_sub(self.base.signals.incorrect),
+            drift_pairs: &pairs.0,
+            drift_cuts: pairs.1,
+        };
+        self.cmp.observe(ev, &tick);
+        let answered = (tick.candidate_answered, tick.baseline_answered);
         self.cand = c_now;
         self.base = b_now;
-        (dca, dba)
+        answered
     }
 
     /// Pairs this tick's new candidate samples with the baseline's new samples of the same
-    /// tick, and bets at cut points from the baseline's earlier samples.
-    fn drift_tick(
+    /// tick; the cut points come from the baseline's earlier samples.
+    #[allow(clippy::type_complexity)]
+    fn drift_pairs(
         &mut self,
-        start: bool,
         cand: &PairStats,
         base: &PairStats,
         (c, b): &mut (Vec<f64>, Vec<f64>),
-    ) {
-        let cand_seen = self.cand_samples;
+    ) -> (Vec<(f64, f64)>, Option<[f64; detector::DRIFT_QUANTILES.len()]>) {
         let base_seen = self.base_samples;
-        self.cand_samples = cand.signals.samples_since(cand_seen, c);
-        let new_c = c.len();
+        self.cand_samples = cand.signals.samples_since(self.cand_samples, c);
         let base_written = base.signals.samples_since(0, b);
         self.base_samples = base_written;
         let new_b = (base_written.saturating_sub(base_seen) as usize).min(b.len());
         let split = b.len() - new_b;
         let (history, fresh) = b.split_at_mut(split);
-        let fresh: Vec<f64> = fresh.to_vec();
         let cuts = detector::drift_cuts(history);
-        let n = new_c.min(fresh.len());
-        let pairs: Vec<(f64, f64)> = (0..n)
-            .map(|i| (c[i * new_c / n.max(1)], fresh[i * fresh.len() / n.max(1)]))
+        let n = c.len().min(fresh.len());
+        let pairs = (0..n)
+            .map(|i| (c[i * c.len() / n], fresh[i * fresh.len() / n]))
             .collect();
-        self.drift.observe(start, &pairs, cuts.as_ref());
-    }
-
-    /// Every rule's statistic, in logs.
-    fn statistics(&self) -> rules::Statistics {
-        rules::Statistics {
-            error_rate_max: self.err_max.log_statistic(),
-            error_rate_ratio: self.err_ratio.log_statistic(),
-            min_error_rate: self.err_floor.log_statistic(),
-            latency_p99_max: self.lat_max.log_statistic(),
-            latency_p99_ratio: self.lat_ratio.log_statistic(),
-            accuracy_drop: self.accuracy.log_statistic(),
-            drift: self.drift.log_statistic(),
-        }
+        (pairs, cuts)
     }
 }
 
@@ -428,8 +489,8 @@ impl Evaluator {
                     route: route.name.to_string(),
                     version: v.name.to_string(),
                     baseline: base_version.name.to_string(),
-                    requests: track.cand_answered,
-                    baseline_requests: track.base_answered,
+                    requests: track.cmp.candidate_answered,
+                    baseline_requests: track.cmp.baseline_answered,
                     rules: progress.clone(),
                 });
                 if paused || trip.is_some() {
@@ -652,10 +713,10 @@ fn evidence(
     };
     let mut candidate = side(&cand_window);
     let mut baseline = side(base_window);
-    candidate.feedback = track.cand_feedback;
-    baseline.feedback = track.base_feedback;
-    baseline.incorrect = track.base_incorrect;
-    candidate.incorrect = track.cand_incorrect;
+    candidate.feedback = track.cmp.candidate_feedback;
+    baseline.feedback = track.cmp.baseline_feedback;
+    baseline.incorrect = track.cmp.baseline_incorrect;
+    candidate.incorrect = track.cmp.candidate_incorrect;
     let safety_flagged = match &ev.rules.safety_violations {
         Some(rule) => {
             let flagged = m.stats.signals.counts().flagged;
@@ -676,15 +737,9 @@ fn evidence(
         baseline,
         candidate_p99: p99(&cand_window.ttfb).unwrap_or_default(),
         baseline_p99: base_p99.unwrap_or_default(),
-        candidate_answered: track.cand_answered,
-        baseline_answered: track.base_answered,
-        candidate_feedback: track.cand_feedback,
-        baseline_feedback: track.base_feedback,
-        drift_pairs: track.drift.pairs,
         health_failing_streak,
         safety_flagged,
-        stats: track.statistics(),
-        log_threshold,
+        ..track.cmp.evidence(log_threshold)
     }
 }
 

@@ -249,7 +249,7 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
             return trip(
                 Trigger::Drift,
                 format!(
-                    "{} is distributed differently from the baseline's (sequential two-sample test on {} time-aligned pairs, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
+                    "{} is distributed differently from the baseline's (sequential two-sample test betting on the Kolmogorov-Smirnov distance, {} time-aligned pairs, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
                     d.signal, e.drift_pairs, e.stats.drift
                 ),
             );

@@ -414,23 +414,20 @@ mod tests {
         assert_eq!(d.take_at(b"a", 10 + 30 * 60), None);
         d.remember_at(b"b", 2, 10);
         assert_eq!(d.take_at(b"b", 10 + 30 * 60 - 1), Some(2));
-        // An expired way is reused before a live one is evicted.
-        let s = RecentRequests::with_capacity_and_ttl(WAYS, Duration::from_secs(60));
-        for i in 0..WAYS as u64 {
-            s.remember_at(&id(i), 1, 0);
+    }
+
+    #[test]
+    fn a_full_bucket_evicts_its_oldest_ids() {
+        // One bucket of 8 ways: 4 ids at second 0, 4 at 10, then 4 at 20 replace the first 4.
+        let s = RecentRequests::with_capacity(WAYS);
+        for i in 0..12u64 {
+            s.remember_at(&id(i), i as u32 + 1, i / 4 * 10);
         }
-        for i in WAYS as u64..2 * WAYS as u64 {
-            s.remember_at(&id(i), 2, 30);
+        for i in 0..4u64 {
+            assert_eq!(s.take_at(&id(i), 20), None, "id {i} was the oldest");
         }
-        for i in 2 * WAYS as u64..3 * WAYS as u64 {
-            s.remember_at(&id(i), 3, 70); // ids 0..8 (70 s old) expired: their ways go
-        }
-        for i in WAYS as u64..3 * WAYS as u64 {
-            assert_eq!(
-                s.take_at(&id(i), 80),
-                Some(i as u32 / WAYS as u32 + 1),
-                "id {i}"
-            );
+        for i in 4..12u64 {
+            assert_eq!(s.take_at(&id(i), 20), Some(i as u32 + 1), "id {i}");
         }
     }
 
