@@ -645,12 +645,6 @@ impl Controller {
                         })?,
                 };
                 let baseline = baseline_of(route);
-                if &baseline == version {
-                    return Err(Refused::Conflict(format!(
-                        "version {version} is the baseline of route {}: promote another version first",
-                        route.name
-                    )));
-                }
                 if let Some(e) = expect {
                     if state.paused.contains(&*route.name) {
                         return Err(Refused::Stale(format!("route {} is paused", route.name)));
@@ -670,6 +664,12 @@ impl Controller {
                             "{version} was rolled back and resumed since it was judged"
                         )));
                     }
+                }
+                if &baseline == version {
+                    return Err(Refused::Conflict(format!(
+                        "version {version} is the baseline of route {}: promote another version first",
+                        route.name
+                    )));
                 }
                 next.quarantined
                     .insert(version.clone(), v.config.fingerprint.clone());

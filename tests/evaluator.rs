@@ -724,3 +724,163 @@ async fn feedback_showing_an_accuracy_drop_rolls_the_version_back() {
     assert!(!quarantined(&proxy, "stable").await);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_right_after_an_automatic_rollback_keeps_its_record_and_its_alert() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let hook = TestUpstream::start("hook").await;
+    // A state_dir of the test's own, to read after the proxy is gone.
+    let state = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::from_yaml(&format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\n\
+         evaluator: {{interval: 100ms, window: 30s, min_requests: 30}}\n\
+         alerts: {{webhooks: [{{url: \"{}/hook\"}}]}}\n\
+         versions:\n  stable: {{endpoints: [\"{}\"]}}\n  canary: {{endpoints: [\"{}\"]}}\n\
+         routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: stable, split: {{stable: 80, canary: 20}}}}\n",
+        state.path().display(),
+        hook.http_url(),
+        stable.http_url(),
+        canary.http_url()
+    ))
+    .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    canary.set(Reply::FailFraction(0.5));
+    assert_eventually!(quarantined(&proxy, "canary").await, Duration::from_secs(15));
+    // SIGTERM's path at once: the data plane drains, then the process would exit.
+    let audit = proxy.running().controller.audit.path().to_path_buf();
+    let shut = tokio::spawn(proxy.shutdown());
+    load.stop().await;
+    shut.await.unwrap();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rb: Vec<_> = records.iter().filter(|r| r["kind"] == "rollback").collect();
+    assert_eq!(rb.len(), 1, "{records:?}");
+    let got = hook.requests();
+    assert_eq!(got.len(), 1, "the alert went out before the exit");
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["id"], rb[0]["id"]);
+    // Nothing recorded before the rollback carries a later id than it.
+    let ids: Vec<u64> = records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().rsplit('-').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_landing_between_a_verdict_and_its_application_wins() {
+    use rollgate::decision::{Action, Command, Expect, Refused};
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 50), ("canary", 50)]))
+        .top("evaluator: {min_requests: 1000000}")
+        .start()
+        .await;
+    let c = proxy.running().controller.clone();
+    // The verdict was formed against baseline `stable`...
+    let verdict = Command::new(
+        Action::Rollback {
+            route: Some("chat".into()),
+            version: "canary".into(),
+            trigger: rollgate::evaluator::rules::Trigger::ErrorRateRatio,
+            evidence: serde_json::Value::Null,
+            expect: Some(Expect {
+                baseline: "stable".into(),
+                incarnation: 0,
+            }),
+        },
+        None,
+        Some("error rate 8% vs 2%".into()),
+    );
+    // ...an operator promotes the canary first...
+    let promote = Command::new(
+        Action::Promote {
+            route: "chat".into(),
+            version: "canary".into(),
+            expect_step: None,
+        },
+        Some("oncall".into()),
+        None,
+    );
+    c.apply(promote).await.unwrap();
+    // ...so the verdict is stale, and changes nothing.
+    match c.apply(verdict).await {
+        Err(Refused::Stale(why)) => assert!(why.contains("baseline"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!quarantined(&proxy, "canary").await);
+    assert_eq!(proxy.status_json().await["routes"][0]["baseline"], "canary");
+    assert!(audit_records(&proxy, "rollback").is_empty());
+    // A pause in between refuses an automatic decision the same way.
+    let pause = Command::new(
+        Action::Pause {
+            route: "chat".into(),
+            paused: true,
+        },
+        Some("oncall".into()),
+        None,
+    );
+    c.apply(pause).await.unwrap();
+    let auto = Command::new(
+        Action::Rollback {
+            route: Some("chat".into()),
+            version: "stable".into(),
+            trigger: rollgate::evaluator::rules::Trigger::ErrorRateRatio,
+            evidence: serde_json::Value::Null,
+            expect: Some(Expect {
+                baseline: "canary".into(),
+                incarnation: 0,
+            }),
+        },
+        None,
+        None,
+    );
+    assert!(matches!(c.apply(auto).await, Err(Refused::Stale(_))));
+    assert!(!quarantined(&proxy, "stable").await);
+    proxy.shutdown().await;
+}
+
+/// A canary failing at `rate` against a clean baseline, under load for `secs`: was it
+/// rolled back?
+async fn canary_at_error_rate(rate: f64, secs: u64) -> (bool, usize) {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    canary.set(Reply::FailFraction(rate));
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(Route::new("chat", "stable").split(&[("stable", 50), ("canary", 50)]))
+        .top("evaluator: {interval: 100ms, window: 30s, min_requests: 50, rules: {error_rate_max: null}}")
+        .start()
+        .await;
+    let load = Load::start(proxy.url("/v1/chat/completions"), 4);
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut rolled_back = false;
+    while std::time::Instant::now() < until && !rolled_back {
+        rolled_back = quarantined(&proxy, "canary").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.stop().await;
+    let served = canary.request_count();
+    proxy.shutdown().await;
+    (rolled_back, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_below_the_effect_floor_is_never_rolled_back_and_one_above_it_is() {
+    // 0.3 % errors against a baseline with none: a real difference, but below
+    // min_error_rate (0.5 %): clients barely notice, and a pod restart looks like this.
+    let (rolled_back, served) = canary_at_error_rate(0.003, 12).await;
+    assert!(served > 3000, "not enough traffic to mean anything: {served}");
+    assert!(!rolled_back, "0.3 % errors rolled back ({served} canary requests)");
+    // 5 %: rolled back.
+    let (rolled_back, served) = canary_at_error_rate(0.05, 20).await;
+    assert!(rolled_back, "5 % errors not rolled back after {served} requests");
+}

@@ -136,6 +136,7 @@ impl TestProxyBuilder {
                     file.display()
                 ));
             }
+            None if self.top.iter().any(|t| t.starts_with("admin:")) => {}
             None => y.push_str("admin: {listen: \"127.0.0.1:0\"}\n"),
         }
         y.push_str(&format!("state_dir: \"{}\"\n", state_dir.display()));
