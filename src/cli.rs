@@ -362,6 +362,63 @@ pub fn render_status(s: &Value) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    // Distance to rollback: each candidate's evidence per rule against what trips it.
+    let mut rows = vec![vec![
+        "CANDIDATE".to_string(),
+        "ROUTE".into(),
+        "VS".into(),
+        "REQUESTS".into(),
+        "RULE".into(),
+        "EVIDENCE".into(),
+        "".into(),
+    ]];
+    for c in s["evidence"].as_array().into_iter().flatten() {
+        for r in c["rules"].as_array().into_iter().flatten() {
+            let ratio = r["ratio"].as_f64().unwrap_or(0.0);
+            let filled = ((ratio.clamp(0.0, 1.0)) * 20.0).round() as usize;
+            let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(20 - filled));
+            rows.push(vec![
+                c["version"].as_str().unwrap_or("?").into(),
+                c["route"].as_str().unwrap_or("?").into(),
+                c["baseline"].as_str().unwrap_or("?").into(),
+                c["requests"].to_string(),
+                r["rule"].as_str().unwrap_or("?").into(),
+                format!("{:.0}%", 100.0 * ratio),
+                if r["ready"] == false {
+                    format!("{bar} waiting for min_requests")
+                } else {
+                    bar
+                },
+            ]);
+        }
+    }
+    if rows.len() > 1 {
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
+    for r in s["routes"].as_array().into_iter().flatten() {
+        let ro = &r["rollout"];
+        if ro.is_object() {
+            let _ = writeln!(
+                out,
+                "\nrollout {}: {} at step {} ({}%), held {:.0}s of {:.0}s, {}/{} requests (baseline {}){}",
+                r["name"].as_str().unwrap_or("?"),
+                ro["version"].as_str().unwrap_or("?"),
+                ro["step"],
+                ro["weight"],
+                ro["held_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                ro["hold_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                ro["requests"],
+                ro["needed"],
+                ro["baseline_requests"],
+                if ro["waiting_for"].is_string() {
+                    "; waiting for traffic"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     out
 }
 

@@ -236,7 +236,10 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
         40,
         if tripped { 40 } else { 0 },
         match &rollback {
-            Some(r) => format!("{} tripped", r["trigger"].as_str().unwrap_or("?")),
+            Some(r) => format!(
+                "{} tripped",
+                r["rule"].as_str().or(r["trigger"].as_str()).unwrap_or("?")
+            ),
             None => "no rollback within the timeout".into(),
         },
     );
@@ -310,6 +313,7 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
         "passed": passed, "score": score, "checks": checks,
         "rollback_id": rollback.as_ref().map(|r| r["id"].clone()),
         "trigger": rollback.as_ref().map(|r| r["trigger"].clone()),
+        "rule": rollback.as_ref().map(|r| r.get("rule").unwrap_or(&r["trigger"]).clone()),
         "time_to_detect_ms": detect.map(|d| d.as_millis() as u64),
         "trip_to_swap_us": rollback.as_ref().map(|r| r["trip_to_swap_us"].clone()),
         "client_errors": client_errors,

@@ -190,8 +190,9 @@ async fn rollback_resume_weights_and_events_through_the_cli() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["rollback", "resume", "weights"]);
-    let first = ev["events"][0]["id"].as_str().unwrap().to_string();
+    // The rollback's drain and alert results follow it in a record of their own.
+    assert_eq!(kinds, ["rollback", "rollback_completed", "resume", "weights"]);
+    let first = ev["events"][1]["id"].as_str().unwrap().to_string();
     let (code, out, _) = rollgate(&["events", "--since", &first, "--admin", &admin], None).await;
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 2, "{out}");
@@ -256,9 +257,13 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     let events: serde_json::Value = serde_json::from_str(&events).unwrap();
     let events = events["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["rollback", "resume", "drill"]);
+    assert_eq!(kinds, ["rollback", "rollback_completed", "resume", "drill"]);
     assert_eq!(rec["rollback_id"], events[0]["id"]);
+    assert_eq!(events[1]["rollback_id"], events[0]["id"]);
+    // A drill's rollback counts as a drill, never as an incident, and names the rule.
+    assert_eq!(events[0]["trigger"], "drill");
     assert_eq!(rec["trigger"], events[0]["trigger"]);
+    assert_eq!(rec["rule"], events[0]["rule"]);
     assert_eq!(rec["trip_to_swap_us"], events[0]["trip_to_swap_us"]);
     assert_eq!(hook.request_count(), 1);
     // Restored, and the drill is visible to monitoring.
@@ -278,7 +283,16 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
         .collect();
     assert_eq!(
         kinds,
-        ["rollback", "resume", "drill", "rollback", "resume", "drill"]
+        [
+            "rollback",
+            "rollback_completed",
+            "resume",
+            "drill",
+            "rollback",
+            "rollback_completed",
+            "resume",
+            "drill"
+        ]
     );
     let drilled_at = proxy
         .metric("rollgate_rollback_drill_timestamp_seconds", &[])

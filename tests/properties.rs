@@ -442,7 +442,8 @@ fn gen_config() -> impl Strategy<Value = GenConfig> {
                     PinQuarantined::Reject,
                 ]),
                 prop::sample::select(vec![PinUnknown::Reject, PinUnknown::Ignore]),
-                prop::option::of(1u32..1000),
+                // evaluator.interval: 10ms to 1h.
+                prop::option::of(10u32..1000),
                 prop::option::of(1u32..600),
                 prop::option::of(0.51f64..0.999),
             )

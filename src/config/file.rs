@@ -1,9 +1,11 @@
 //! Raw config structs, exactly as written in the file.
 //!
 //! Every struct denies unknown keys. Leaf values whose meaning is checked later (durations,
-//! addresses, version references) are wrapped in [`Located`], so `validate` can point at the
-//! line and column they came from. Nothing here is trusted: [`super::validate`] turns a
-//! [`FileConfig`] into a [`super::Config`] or a list of located problems.
+//! addresses, version references, numbers with a range) are wrapped in [`Located`], so
+//! `validate` can point at the line and column they came from. Nothing here is trusted:
+//! `validate` turns a [`FileConfig`] into a [`super::Config`] or a list of located problems.
+//! The range of every number is stated in its field's doc comment (the JSON schema's
+//! description).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -186,8 +188,8 @@ pub struct FileRoute {
     pub matcher: FileMatch,
     /// The known-good version: it receives the traffic others lose.
     pub baseline: L<String>,
-    /// Integer weights (0 to 1000000 each, summing to more than 0); weight-0 versions stay
-    /// pinnable.
+    /// Integer weights, 0 to 1000000 each, summing to more than 0 and at most 1000000000;
+    /// weight-0 versions stay pinnable.
     pub split: L<BTreeMap<String, u32>>,
     #[serde(default)]
     pub sticky: Option<L<FileSticky>>,

@@ -1,8 +1,9 @@
 //! Configuration: the file format, its validation, and the validated [`Config`].
 //!
-//! Two stages, as in sozu and pingora: [`file`] holds raw serde structs that deny unknown
-//! keys; [`validate`] turns them into a [`Config`] whose every value has been checked, or
-//! into a [`ConfigError`] naming file, line, column and key of every problem found.
+//! Two stages, as in sozu and pingora: [`mod@file`] holds raw serde structs that deny
+//! unknown keys; `validate` turns them into a [`Config`] whose every value has been checked
+//! (every number bounded), or into a [`ConfigError`] naming file, line, column and key of
+//! every problem found.
 //! `rollgate check`, startup and reload all call [`Config::load`], so what `check` accepts
 //! is exactly what the proxy will serve.
 

@@ -39,6 +39,8 @@ pub(crate) mod bounds {
     pub const HEALTH_TIMEOUT: DurSpan = DurSpan::new(MS, HOUR);
     pub const HEALTH_STREAK: (u64, u64) = (1, 1000);
     pub const WEIGHT_MAX: u32 = 1_000_000;
+    /// A route's weights together (the routing table sums them in a `u32`).
+    pub const ROUTE_WEIGHT_TOTAL: u64 = 1_000_000_000;
     pub const SHADOW_PERCENT: (u64, u64) = (0, 100);
     pub const ROLLOUT_HOLD: DurSpan = DurSpan::new(MS, WEEK);
     pub const TIMEOUT: DurSpan = DurSpan::new(MS, DAY);
@@ -98,8 +100,16 @@ impl Span {
     }
     pub(crate) fn contains(&self, x: f64) -> bool {
         x.is_finite()
-            && if self.lo_open { x > self.lo } else { x >= self.lo }
-            && if self.hi_open { x < self.hi } else { x <= self.hi }
+            && if self.lo_open {
+                x > self.lo
+            } else {
+                x >= self.lo
+            }
+            && if self.hi_open {
+                x < self.hi
+            } else {
+                x <= self.hi
+            }
     }
 }
 
@@ -153,11 +163,17 @@ pub(crate) fn short_duration(d: Duration) -> String {
             format!("{}ns", d.as_nanos())
         };
     }
-    if d.subsec_nanos() % 1_000_000 != 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return format!("{}us", d.as_micros());
     }
-    for (unit, len) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms % len == 0 && ms >= len {
+    // Days only from two on: "24h" reads better than "1d".
+    for (unit, len, from) in [
+        ("d", 86_400_000, 2),
+        ("h", 3_600_000, 1),
+        ("m", 60_000, 1),
+        ("s", 1000, 1),
+    ] {
+        if ms.is_multiple_of(len) && ms >= len * from {
             return format!("{}{unit}", ms / len);
         }
     }
@@ -240,7 +256,7 @@ impl Problems {
         l.value
     }
 
-    /// The integer at `l`, which must lie in `min..=max`.
+    /// The integer at `l`, which must lie in `range.0..=range.1`.
     fn integer<T: Copy + Into<u64>>(&mut self, l: &Located<T>, key: &str, range: (u64, u64)) -> T {
         let v: u64 = l.value.into();
         if v < range.0 || v > range.1 {
@@ -511,12 +527,19 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         p.number(l, "evaluator.confidence", bounds::CONFIDENCE, "0.99")
     });
     let r = &ev.rules;
-    let number = |p: &mut Problems, v: &Option<Located<f64>>, key: &str, span: Span, example: &str| {
-        v.as_ref()
-            .map(|l| p.number(l, &format!("evaluator.rules.{key}"), span, example))
-    };
+    let number =
+        |p: &mut Problems, v: &Option<Located<f64>>, key: &str, span: Span, example: &str| {
+            v.as_ref()
+                .map(|l| p.number(l, &format!("evaluator.rules.{key}"), span, example))
+        };
     let rules = Rules {
-        error_rate_ratio: number(&mut p, &r.error_rate_ratio, "error_rate_ratio", bounds::RATIO, "2.0"),
+        error_rate_ratio: number(
+            &mut p,
+            &r.error_rate_ratio,
+            "error_rate_ratio",
+            bounds::RATIO,
+            "2.0",
+        ),
         min_error_rate: number(
             &mut p,
             &r.min_error_rate,
@@ -524,7 +547,13 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             bounds::MIN_ERROR_RATE,
             "0.005",
         ),
-        error_rate_max: number(&mut p, &r.error_rate_max, "error_rate_max", bounds::FRACTION, "0.05"),
+        error_rate_max: number(
+            &mut p,
+            &r.error_rate_max,
+            "error_rate_max",
+            bounds::FRACTION,
+            "0.05",
+        ),
         latency_p99_max: r.latency_p99_max.as_ref().map(|l| {
             p.located_duration(
                 l,
@@ -541,9 +570,19 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             "1.5",
         ),
         health_failures: r.health_failures.as_ref().map(|l| {
-            p.integer(l, "evaluator.rules.health_failures", bounds::HEALTH_FAILURES)
+            p.integer(
+                l,
+                "evaluator.rules.health_failures",
+                bounds::HEALTH_FAILURES,
+            )
         }),
-        accuracy_drop: number(&mut p, &r.accuracy_drop, "accuracy_drop", bounds::FRACTION, "0.05"),
+        accuracy_drop: number(
+            &mut p,
+            &r.accuracy_drop,
+            "accuracy_drop",
+            bounds::FRACTION,
+            "0.05",
+        ),
         drift: r.drift.as_ref().and_then(|d| {
             let s = &d.value.signal;
             let signal = if let Some(h) = s.strip_prefix("header:") {
@@ -709,7 +748,10 @@ fn dns_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
     {
-        return Err(if c == ':' {
+        let port = name
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        return Err(if c == ':' && port {
             "a port is not part of a host name".into()
         } else {
             format!("{c:?} is not allowed (only letters, digits, '-' and '.')")
@@ -922,6 +964,16 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
             &r.split,
             format!("{key}.split"),
             "weights must sum to more than 0",
+        );
+    } else if total > bounds::ROUTE_WEIGHT_TOTAL {
+        // The routing table sums a route's weights in a u32.
+        p.at(
+            &r.split,
+            format!("{key}.split"),
+            format!(
+                "weights sum to {total}; they must sum to at most {}",
+                bounds::ROUTE_WEIGHT_TOTAL
+            ),
         );
     }
     split.entry(r.baseline.value.clone()).or_insert(0);
@@ -1160,5 +1212,464 @@ mod tests {
         assert!(parse_size("10 parsecs").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    }
+
+    /// Line of MINIMAL's route body (`split:`): a route key appended goes on line 8.
+    const ROUTE_LINE: u64 = 8;
+
+    /// The one problem `text` has; panics if it validates or has several.
+    fn only_problem(text: &str) -> Problem {
+        let e = Config::from_str(text, Path::new("t.yaml"))
+            .err()
+            .unwrap_or_else(|| panic!("accepted:\n{text}"));
+        assert_eq!(e.problems.len(), 1, "{e}");
+        e.problems[0].clone()
+    }
+
+    fn accepted(text: &str) -> Config {
+        Config::from_str(text, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    /// `MINIMAL` plus one top-level line (on line 8).
+    fn top(line: &str) -> String {
+        format!("{MINIMAL}{line}\n")
+    }
+
+    /// `MINIMAL` plus one key of its route (on line 8).
+    fn route_key(line: &str) -> String {
+        format!("{MINIMAL}    {line}\n")
+    }
+
+    /// `MINIMAL` with a health check on version `a` (line 2).
+    fn health_check(hc: &str) -> String {
+        MINIMAL.replace(
+            "a: {endpoints: [http://127.0.0.1:1]}",
+            &format!("a: {{endpoints: [http://127.0.0.1:1], health_check: {{path: /h, {hc}}}}}"),
+        )
+    }
+
+    /// Every bound, just outside: rejected, at the value's line, under its key.
+    #[test]
+    fn every_number_out_of_range_is_located() {
+        let cases: Vec<(String, u64, &str)> = vec![
+            (top("drain_timeout: 2h"), 8, "drain_timeout"),
+            (top("max_in_flight: 0"), 8, "max_in_flight"),
+            (top("max_in_flight: 10000001"), 8, "max_in_flight"),
+            (top("evaluator: {interval: 5ms}"), 8, "evaluator.interval"),
+            (
+                top("evaluator: {interval: 2h, window: 3h}"),
+                8,
+                "evaluator.interval",
+            ),
+            (top("evaluator: {window: 25h}"), 8, "evaluator.window"),
+            (
+                top("evaluator: {interval: 1s, window: 1s}"),
+                8,
+                "evaluator.window",
+            ),
+            (
+                top("evaluator: {min_requests: 0}"),
+                8,
+                "evaluator.min_requests",
+            ),
+            (
+                top("evaluator: {min_requests: 1000000001}"),
+                8,
+                "evaluator.min_requests",
+            ),
+            (
+                top("evaluator: {confidence: 0.5}"),
+                8,
+                "evaluator.confidence",
+            ),
+            (
+                top("evaluator: {confidence: 1.0}"),
+                8,
+                "evaluator.confidence",
+            ),
+            (
+                top("evaluator: {confidence: 0.9999999}"),
+                8,
+                "evaluator.confidence",
+            ),
+            (
+                top("evaluator: {confidence: .nan}"),
+                8,
+                "evaluator.confidence",
+            ),
+            (
+                top("evaluator: {rules: {error_rate_ratio: 1.0}}"),
+                8,
+                "evaluator.rules.error_rate_ratio",
+            ),
+            (
+                top("evaluator: {rules: {error_rate_ratio: 1001}}"),
+                8,
+                "evaluator.rules.error_rate_ratio",
+            ),
+            (
+                top("evaluator: {rules: {error_rate_ratio: .inf}}"),
+                8,
+                "evaluator.rules.error_rate_ratio",
+            ),
+            (
+                top("evaluator: {rules: {min_error_rate: -0.1}}"),
+                8,
+                "evaluator.rules.min_error_rate",
+            ),
+            (
+                top("evaluator: {rules: {min_error_rate: 1}}"),
+                8,
+                "evaluator.rules.min_error_rate",
+            ),
+            (
+                top("evaluator: {rules: {error_rate_max: 0}}"),
+                8,
+                "evaluator.rules.error_rate_max",
+            ),
+            (
+                top("evaluator: {rules: {error_rate_max: 1}}"),
+                8,
+                "evaluator.rules.error_rate_max",
+            ),
+            (
+                top("evaluator: {rules: {latency_p99_max: 0s}}"),
+                8,
+                "evaluator.rules.latency_p99_max",
+            ),
+            (
+                top("evaluator: {rules: {latency_p99_max: 2h}}"),
+                8,
+                "evaluator.rules.latency_p99_max",
+            ),
+            (
+                top("evaluator: {rules: {latency_p99_ratio: 1e20}}"),
+                8,
+                "evaluator.rules.latency_p99_ratio",
+            ),
+            (
+                top("evaluator: {rules: {latency_p99_ratio: 0.5}}"),
+                8,
+                "evaluator.rules.latency_p99_ratio",
+            ),
+            (
+                top("evaluator: {rules: {health_failures: 0}}"),
+                8,
+                "evaluator.rules.health_failures",
+            ),
+            (
+                top("evaluator: {rules: {health_failures: 1001}}"),
+                8,
+                "evaluator.rules.health_failures",
+            ),
+            (
+                top("evaluator: {rules: {accuracy_drop: 0}}"),
+                8,
+                "evaluator.rules.accuracy_drop",
+            ),
+            (
+                top("evaluator: {rules: {accuracy_drop: 1}}"),
+                8,
+                "evaluator.rules.accuracy_drop",
+            ),
+            (
+                top("evaluator: {rules: {drift: {signal: 'header:x-s', p_value: 1}}}"),
+                8,
+                "evaluator.rules.drift.p_value",
+            ),
+            (
+                top("evaluator: {rules: {drift: {signal: 'header:x-s', consecutive: 0}}}"),
+                8,
+                "evaluator.rules.drift.consecutive",
+            ),
+            (
+                top("evaluator: {rules: {drift: {signal: 'json:s', consecutive: 1001}}}"),
+                8,
+                "evaluator.rules.drift.consecutive",
+            ),
+            (
+                top(
+                    "evaluator: {rules: {safety_violations: {header: x-f, max: 1000001, per: 1h}}}",
+                ),
+                8,
+                "evaluator.rules.safety_violations.max",
+            ),
+            (
+                top("evaluator: {rules: {safety_violations: {header: x-f, max: 5, per: 0s}}}"),
+                8,
+                "evaluator.rules.safety_violations.per",
+            ),
+            (
+                top("evaluator: {rules: {safety_violations: {header: x-f, max: 5, per: 8d}}}"),
+                8,
+                "evaluator.rules.safety_violations.per",
+            ),
+            (
+                route_key("timeouts: {connect: 0s}"),
+                ROUTE_LINE,
+                "routes[0].timeouts.connect",
+            ),
+            (
+                route_key("timeouts: {first_byte: 25h}"),
+                ROUTE_LINE,
+                "routes[0].timeouts.first_byte",
+            ),
+            (
+                route_key("timeouts: {idle: 0ms}"),
+                ROUTE_LINE,
+                "routes[0].timeouts.idle",
+            ),
+            (
+                route_key("retry: {budget_percent: 101}"),
+                ROUTE_LINE,
+                "routes[0].retry.budget_percent",
+            ),
+            (
+                route_key("retry: {min_per_second: 100001}"),
+                ROUTE_LINE,
+                "routes[0].retry.min_per_second",
+            ),
+            (
+                route_key("max_request_body: 2GiB"),
+                ROUTE_LINE,
+                "routes[0].max_request_body",
+            ),
+            (
+                route_key("shadow: {version: b, percent: 101}"),
+                ROUTE_LINE,
+                "routes[0].shadow.percent",
+            ),
+            (
+                route_key("rollout: {steps: [5, 50], hold: 0s}"),
+                ROUTE_LINE,
+                "routes[0].rollout.hold",
+            ),
+            (
+                route_key("rollout: {steps: [5, 50], hold: 8d}"),
+                ROUTE_LINE,
+                "routes[0].rollout.hold",
+            ),
+            (
+                route_key("rollout: {steps: [5, 5, 50], hold: 1m}"),
+                ROUTE_LINE,
+                "routes[0].rollout.steps",
+            ),
+            (
+                route_key("rollout: {steps: [0, 50], hold: 1m}"),
+                ROUTE_LINE,
+                "routes[0].rollout.steps",
+            ),
+            (
+                route_key("rollout: {steps: [50, 101], hold: 1m}"),
+                ROUTE_LINE,
+                "routes[0].rollout.steps",
+            ),
+            (
+                health_check("interval: 0s"),
+                2,
+                "versions.a.health_check.interval",
+            ),
+            (
+                health_check("interval: 2h"),
+                2,
+                "versions.a.health_check.interval",
+            ),
+            (
+                health_check("timeout: 0s"),
+                2,
+                "versions.a.health_check.timeout",
+            ),
+            (
+                health_check("timeout: 2h"),
+                2,
+                "versions.a.health_check.timeout",
+            ),
+            (
+                health_check("unhealthy_after: 0"),
+                2,
+                "versions.a.health_check.unhealthy_after",
+            ),
+            (
+                health_check("healthy_after: 0"),
+                2,
+                "versions.a.health_check.healthy_after",
+            ),
+            (
+                health_check("healthy_after: 1001"),
+                2,
+                "versions.a.health_check.healthy_after",
+            ),
+            (
+                MINIMAL.replace("{a: 90, b: 10}", "{a: 1000001, b: 10}"),
+                7,
+                "routes[0].split.a",
+            ),
+            (
+                MINIMAL.replace("{a: 90, b: 10}", "{a: 0, b: 0}"),
+                7,
+                "routes[0].split",
+            ),
+        ];
+        for (text, line, key) in cases {
+            let p = only_problem(&text);
+            assert_eq!((p.key.as_str(), p.line), (key, line), "{p:?}\n{text}");
+            assert!(p.column > 0, "{p:?}");
+        }
+    }
+
+    /// Every bound, just inside (and every default): accepted.
+    #[test]
+    fn every_number_at_its_bounds_is_accepted() {
+        for text in [
+            top("drain_timeout: 0s"),
+            top("drain_timeout: 1h"),
+            top("max_in_flight: 1"),
+            top("max_in_flight: 10000000"),
+            top("evaluator: {interval: 10ms, window: 20ms}"),
+            top("evaluator: {interval: 1h, window: 24h}"),
+            top("evaluator: {min_requests: 1}"),
+            top("evaluator: {min_requests: 1000000000}"),
+            top("evaluator: {confidence: 0.51}"),
+            top("evaluator: {confidence: 0.999999}"),
+            top("evaluator: {rules: {error_rate_ratio: 1.0001, latency_p99_ratio: 1000}}"),
+            top("evaluator: {rules: {min_error_rate: 0, error_rate_max: 0.999}}"),
+            top("evaluator: {rules: {min_error_rate: 0.999, accuracy_drop: 0.001}}"),
+            top("evaluator: {rules: {latency_p99_max: 1ms, health_failures: 1}}"),
+            top("evaluator: {rules: {latency_p99_max: 1h, health_failures: 1000}}"),
+            top("evaluator: {rules: {drift: {signal: 'json:s', p_value: 0.999, consecutive: 1000}}}"),
+            top("evaluator: {rules: {safety_violations: {header: x-f, max: 0, per: 1s}}}"),
+            top("evaluator: {rules: {safety_violations: {header: x-f, max: 1000000, per: 7d}}}"),
+            route_key("timeouts: {connect: 1ms, first_byte: 24h, idle: 1ms}"),
+            route_key("retry: {budget_percent: 0, min_per_second: 0}"),
+            route_key("retry: {budget_percent: 100, min_per_second: 100000}"),
+            route_key("max_request_body: 1GiB"),
+            route_key("max_request_body: 0"),
+            route_key("shadow: {version: b, percent: 0}"),
+            route_key("shadow: {version: b, percent: 100}"),
+            route_key("rollout: {steps: [1, 100], hold: 1ms}"),
+            route_key("rollout: {steps: [100], hold: 7d}"),
+            health_check("interval: 10ms, timeout: 1ms, unhealthy_after: 1, healthy_after: 1"),
+            health_check("interval: 1h, timeout: 1h, unhealthy_after: 1000, healthy_after: 1000"),
+        ] {
+            accepted(&text);
+        }
+    }
+
+    #[test]
+    fn a_route_total_weight_fits_the_routing_table() {
+        let names: Vec<String> = (0..1001).map(|i| format!("v{i}")).collect();
+        let mut text = String::from("versions:\n");
+        for n in &names {
+            text.push_str(&format!("  {n}: {{endpoints: [http://127.0.0.1:1]}}\n"));
+        }
+        let split: Vec<String> = names.iter().map(|n| format!("{n}: 1000000")).collect();
+        text.push_str(&format!(
+            "routes:\n  - name: r\n    baseline: v0\n    split: {{{}}}\n",
+            split.join(", ")
+        ));
+        let p = only_problem(&text);
+        assert_eq!((p.key.as_str(), p.line), ("routes[0].split", 1006), "{p:?}");
+        assert!(p.message.contains("at most 1000000000"), "{p:?}");
+        accepted(&text.replace(", v1000: 1000000", ""));
+    }
+
+    #[test]
+    fn out_of_range_messages_say_the_range() {
+        let p = only_problem(&top("evaluator: {rules: {latency_p99_ratio: 1e20}}"));
+        assert_eq!(
+            p.message,
+            "1e20 is out of range: must be a number in (1, 1000], e.g. 1.5"
+        );
+        let p = only_problem(&top("evaluator: {rules: {health_failures: 0}}"));
+        assert_eq!(
+            p.message,
+            "0 is out of range: must be an integer from 1 to 1000"
+        );
+        let p = only_problem(&route_key("rollout: {steps: [5], hold: 8d}"));
+        assert_eq!(p.message, "8d is out of range: must be between 1ms and 7d");
+        let p = only_problem(&top("evaluator: {window: 25h}"));
+        assert_eq!(p.message, "25h is out of range: must be between 0s and 24h");
+    }
+
+    #[test]
+    fn toml_numbers_are_bounded_too() {
+        let text = "[versions.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\nbaseline = \"a\"\nsplit = {a = 1}\n[evaluator.rules]\nhealth_failures = 0\n";
+        let e = Config::from_str(text, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.problems[0].key, "evaluator.rules.health_failures", "{e}");
+        let ok = text.replace("health_failures = 0", "health_failures = 2");
+        let c = Config::from_str(&ok, Path::new("t.toml")).unwrap();
+        assert_eq!(c.evaluator.rules.health_failures, Some(2));
+    }
+
+    #[test]
+    fn min_error_rate_defaults_to_half_a_percent_and_null_disables_it() {
+        assert_eq!(
+            accepted(MINIMAL).evaluator.rules.min_error_rate,
+            Some(0.005)
+        );
+        let c = accepted(&top("evaluator: {rules: {min_error_rate: null}}"));
+        assert_eq!(c.evaluator.rules.min_error_rate, None);
+        let c = accepted(&top("evaluator: {rules: {min_error_rate: 0.02}}"));
+        assert_eq!(c.evaluator.rules.min_error_rate, Some(0.02));
+    }
+
+    #[test]
+    fn deprecated_drift_keys_are_kept() {
+        let c = accepted(&top(
+            "evaluator: {rules: {drift: {signal: 'header:x-s', p_value: 0.01, consecutive: 5}}}",
+        ));
+        let d = c.evaluator.rules.drift.unwrap();
+        assert_eq!((d.p_value, d.consecutive), (0.01, 5));
+        let d = accepted(&top("evaluator: {rules: {drift: {signal: 'json:s'}}}"))
+            .evaluator
+            .rules
+            .drift
+            .unwrap();
+        assert_eq!((d.p_value, d.consecutive), (0.05, 3));
+    }
+
+    #[test]
+    fn admin_hosts_are_dns_names_lowercased() {
+        let c = accepted(&top(
+            "admin: {hosts: [Rollgate-Admin.ML, rollgate-admin.ml, gw-1.internal, localhost]}",
+        ));
+        assert_eq!(
+            c.admin.hosts,
+            ["rollgate-admin.ml", "gw-1.internal", "localhost"]
+        );
+        assert!(accepted(MINIMAL).admin.hosts.is_empty());
+        let long_label = "a".repeat(64);
+        let too_long = vec!["abcdefghi"; 26].join(".");
+        assert_eq!(too_long.len(), 259);
+        for (bad, why) in [
+            ("rollgate-admin.ml:9901", "port"),
+            ("''", "empty"),
+            ("a..b", "empty label"),
+            ("example.com.", "empty label"),
+            ("-x.example", "starts or ends with '-'"),
+            ("a_b.example", "not allowed"),
+            ("http://x", "not allowed"),
+            (long_label.as_str(), "longer than 63"),
+            (too_long.as_str(), "longer than 253"),
+        ] {
+            let p = only_problem(&top(&format!("admin: {{hosts: [ok.example, {bad}]}}")));
+            assert_eq!(
+                (p.key.as_str(), p.line),
+                ("admin.hosts[1]", 8),
+                "{bad}: {p:?}"
+            );
+            assert!(p.message.contains(why), "{bad}: {}", p.message);
+        }
+    }
+
+    #[test]
+    fn short_durations() {
+        assert_eq!(short_duration(Duration::ZERO), "0s");
+        assert_eq!(short_duration(Duration::from_millis(10)), "10ms");
+        assert_eq!(short_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(short_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(short_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(short_duration(Duration::from_secs(86_400)), "24h");
+        assert_eq!(short_duration(Duration::from_secs(7 * 86_400)), "7d");
     }
 }

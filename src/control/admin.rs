@@ -622,6 +622,7 @@ const DRILL_FIELDS: &[&str] = &[
     "checks",
     "rollback_id",
     "trigger",
+    "rule",
     "time_to_detect_ms",
     "trip_to_swap_us",
     "client_errors",
