@@ -266,7 +266,9 @@ impl Running {
         let _ = self.data_task.await;
         // Alerts and follow-up records of the last decisions go out before the exit.
         let drain = self.store.config().drain_timeout;
-        self.controller.finish(drain.max(Duration::from_secs(5))).await;
+        self.controller
+            .finish(drain.max(Duration::from_secs(5)))
+            .await;
         let _ = self.stop.send(true);
         for t in self.control_tasks {
             let _ = t.await;

@@ -297,7 +297,10 @@ pub fn prune(state: &mut RuntimeState, config: &Config) -> Vec<String> {
             dropped.push(format!("baseline {b} of route {r}"));
         }
         if let Some(p) = state.rollouts.remove(&r) {
-            dropped.push(format!("rollout of {} on route {r} at step {}", p.version, p.step));
+            dropped.push(format!(
+                "rollout of {} on route {r} at step {}",
+                p.version, p.step
+            ));
         }
     }
     let before = (
@@ -306,9 +309,9 @@ pub fn prune(state: &mut RuntimeState, config: &Config) -> Vec<String> {
         state.weight_overrides.len(),
     );
     state.baselines.retain(|r, v| route_has(r, v));
-    state
-        .rollouts
-        .retain(|r, p| route_has(r, &p.version) && route(r).and_then(rollout_plan) == Some(p.plan.clone()));
+    state.rollouts.retain(|r, p| {
+        route_has(r, &p.version) && route(r).and_then(rollout_plan) == Some(p.plan.clone())
+    });
     state
         .weight_overrides
         .retain(|r, w| route(r).is_some() && w.keys().all(|v| route_has(r, v)));
@@ -430,7 +433,11 @@ impl Controller {
     }
 
     /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap.
-    pub async fn apply_at(self: &Arc<Self>, cmd: Command, began: Instant) -> Result<Value, Refused> {
+    pub async fn apply_at(
+        self: &Arc<Self>,
+        cmd: Command,
+        began: Instant,
+    ) -> Result<Value, Refused> {
         let decide = began.elapsed();
         let serial = self.decisions.lock().await;
         let table = self.store.load();
@@ -452,9 +459,11 @@ impl Controller {
             );
             v.counters.faults.set(*error_rate, latency, dur);
             tracing::warn!(%version, error_rate, latency_ms, duration_ms, command = %cmd.id, "fault injected");
-            return Ok(json!({"version": version.as_str(), "error_rate": error_rate,
+            return Ok(
+                json!({"version": version.as_str(), "error_rate": error_rate,
                              "latency_ms": latency_ms, "duration_ms": duration_ms,
-                             "command_id": cmd.id}));
+                             "command_id": cmd.id}),
+            );
         }
         let plan = self.plan(&cmd, &table, &state)?;
         let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
@@ -476,7 +485,10 @@ impl Controller {
         if let (Some(rb), Some(pairs)) = (&plan.rollback, &in_flight_pairs) {
             let m = &self.store.metrics;
             m.rollback_triggered
-                .get_or_create(&labels(&[("route", &rb.route), ("trigger", rb.trigger.as_str())]))
+                .get_or_create(&labels(&[
+                    ("route", &rb.route),
+                    ("trigger", rb.trigger.as_str()),
+                ]))
                 .inc();
             m.rollback_completed
                 .get_or_create(&labels(&[("route", &rb.route)]))

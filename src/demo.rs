@@ -287,7 +287,8 @@ impl View {
 
     fn draw(&mut self, out: &mut impl Write, t: Duration, running: &app::Running, load: &Load) {
         let table = running.store.load();
-        let status = crate::control::admin::status(&running.store, &running.controller.view(), &table);
+        let status =
+            crate::control::admin::status(&running.store, &running.controller.view(), &table);
         let now = Instant::now();
         let (s, k) = (load.ok() - load.ok_from_watched(), load.ok_from_watched());
         let rates = match self.last {

@@ -16,7 +16,16 @@
 //!   upstream connection pools, `body.rs` the streaming bodies, `headers.rs` header hygiene.
 //! - [`telemetry`]: `recorder.rs` keeps per (route, version) counters and windowed
 //!   histograms on the request path, `prom.rs` renders them as Prometheus metrics.
-//! - [`control`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, `/api/v1/*`).
+//! - [`evaluator`]: the tick task feeding each candidate's observations to change
+//!   detectors (`detector.rs`: mixture Shiryaev-Roberts e-detectors, a false-alarm *rate*
+//!   per 24 h and a delay that does not grow with uptime), the pure `rules::decide`, active
+//!   health checks, and progressive rollouts that need evidence to advance.
+//! - [`decision`]: the one owner of runtime state. Every change (rollback, promote,
+//!   resume, weights, pause, rollout step, fault, reload, health flip) is a typed,
+//!   serializable command validated against the current state under one lock, then
+//!   swapped, persisted and recorded, in that order; its invariants are in its docs.
+//! - [`control`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, `/api/v1/*`),
+//!   its browser safety, the audit log, alerts, reload.
 //! - [`app`]: binds listeners, spawns tasks, drains on shutdown.
 //! - [`mock`]: `rollgate mock-model`, a small OpenAI-compatible model server with runtime
 //!   fault and score knobs, for the demo, the tests and first steps.

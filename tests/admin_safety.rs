@@ -22,12 +22,7 @@ async fn pair() -> (TestUpstream, TestUpstream, TestProxy) {
     (stable, canary, proxy)
 }
 
-async fn post(
-    proxy: &TestProxy,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> TestResponse {
+async fn post(proxy: &TestProxy, path: &str, headers: &[(&str, &str)], body: &str) -> TestResponse {
     let mut b = request(http::Method::POST, &proxy.admin_url(path));
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -52,7 +47,13 @@ async fn a_web_page_cannot_drive_or_read_the_admin_api() {
     let records = events(&proxy);
     let fault = r#"{"version": "stable", "error_rate": 1.0, "duration": "1h"}"#;
     // `fetch(..., {mode: 'no-cors', body})` sends text/plain: refused before parsing.
-    let r = post(&proxy, "/api/v1/faults", &[("content-type", "text/plain")], fault).await;
+    let r = post(
+        &proxy,
+        "/api/v1/faults",
+        &[("content-type", "text/plain")],
+        fault,
+    )
+    .await;
     assert_eq!(r.status, 415, "{}", r.text());
     let r = post(&proxy, "/api/v1/faults", &[], fault).await;
     assert_eq!(r.status, 415, "{}", r.text());
@@ -76,7 +77,10 @@ async fn a_web_page_cannot_drive_or_read_the_admin_api() {
     assert_eq!(r.status, 403, "{}", r.text());
     // DNS rebinding: the attacker's name resolving to this listener, reads included.
     let r = TestClient::http1()
-        .get_with(&proxy.admin_url("/api/v1/config"), &[("host", "evil.example:9901")])
+        .get_with(
+            &proxy.admin_url("/api/v1/config"),
+            &[("host", "evil.example:9901")],
+        )
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
     // Nothing changed: the baseline still answers, no record was written.
@@ -87,7 +91,10 @@ async fn a_web_page_cannot_drive_or_read_the_admin_api() {
     }
     let after = proxy.status_json().await;
     assert_eq!(after["generation"], before["generation"]);
-    assert_eq!(after["routes"][0]["weights"], before["routes"][0]["weights"]);
+    assert_eq!(
+        after["routes"][0]["weights"],
+        before["routes"][0]["weights"]
+    );
     assert_eq!(events(&proxy), records);
     // The listener's own origin, localhost and IP hosts work.
     let own = format!("http://{}", proxy.admin_addr());
@@ -188,11 +195,17 @@ async fn the_file_wins_over_a_runtime_override_once_it_changes_what_was_overridd
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(proxy.status_json().await["routes"][0]["weights"]["canary"], 50);
+    assert_eq!(
+        proxy.status_json().await["routes"][0]["weights"]["canary"],
+        50
+    );
     // A reload that leaves the route's split alone keeps the override.
     let rec = edit_and_reload(&proxy, |t| format!("{t}\n# touched\n")).await;
     assert!(rec.get("overrides_dropped").is_none(), "{rec}");
-    assert_eq!(proxy.status_json().await["routes"][0]["weights"]["canary"], 50);
+    assert_eq!(
+        proxy.status_json().await["routes"][0]["weights"]["canary"],
+        50
+    );
     // A Git revert of the split: the file wins, and the record says what was dropped.
     let rec = edit_and_reload(&proxy, |t| {
         t.replace("stable: 90, canary: 10", "stable: 80, canary: 20")
@@ -200,7 +213,9 @@ async fn the_file_wins_over_a_runtime_override_once_it_changes_what_was_overridd
     .await;
     let dropped = rec["overrides_dropped"].as_array().unwrap();
     assert!(
-        dropped.iter().any(|d| d.as_str().unwrap().contains("weights of route chat")),
+        dropped
+            .iter()
+            .any(|d| d.as_str().unwrap().contains("weights of route chat")),
         "{rec}"
     );
     let s = proxy.status_json().await;
@@ -258,7 +273,11 @@ async fn a_manual_rollback_without_a_route_finds_the_route_where_the_version_is_
         .version("a", &a)
         .version("b", &b)
         // `b` is the baseline of the first route and a candidate on the second.
-        .route(Route::new("first", "b").matching("{path_prefix: /one}").split(&[("b", 100)]))
+        .route(
+            Route::new("first", "b")
+                .matching("{path_prefix: /one}")
+                .split(&[("b", 100)]),
+        )
         .route(Route::new("second", "a").split(&[("a", 90), ("b", 10)]))
         .top("evaluator: {min_requests: 1000000}")
         .start()

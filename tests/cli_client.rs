@@ -191,7 +191,10 @@ async fn rollback_resume_weights_and_events_through_the_cli() {
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
     // The rollback's drain and alert results follow it in a record of their own.
-    assert_eq!(kinds, ["rollback", "rollback_completed", "resume", "weights"]);
+    assert_eq!(
+        kinds,
+        ["rollback", "rollback_completed", "resume", "weights"]
+    );
     let first = ev["events"][1]["id"].as_str().unwrap().to_string();
     let (code, out, _) = rollgate(&["events", "--since", &first, "--admin", &admin], None).await;
     assert_eq!(code, 0);

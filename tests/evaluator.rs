@@ -766,7 +766,16 @@ async fn a_shutdown_right_after_an_automatic_rollback_keeps_its_record_and_its_a
     // Nothing recorded before the rollback carries a later id than it.
     let ids: Vec<u64> = records
         .iter()
-        .map(|r| r["id"].as_str().unwrap().rsplit('-').next().unwrap().parse().unwrap())
+        .map(|r| {
+            r["id"]
+                .as_str()
+                .unwrap()
+                .rsplit('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
 }
@@ -878,9 +887,18 @@ async fn a_canary_below_the_effect_floor_is_never_rolled_back_and_one_above_it_i
     // 0.3 % errors against a baseline with none: a real difference, but below
     // min_error_rate (0.5 %): clients barely notice, and a pod restart looks like this.
     let (rolled_back, served) = canary_at_error_rate(0.003, 12).await;
-    assert!(served > 3000, "not enough traffic to mean anything: {served}");
-    assert!(!rolled_back, "0.3 % errors rolled back ({served} canary requests)");
+    assert!(
+        served > 3000,
+        "not enough traffic to mean anything: {served}"
+    );
+    assert!(
+        !rolled_back,
+        "0.3 % errors rolled back ({served} canary requests)"
+    );
     // 5 %: rolled back.
     let (rolled_back, served) = canary_at_error_rate(0.05, 20).await;
-    assert!(rolled_back, "5 % errors not rolled back after {served} requests");
+    assert!(
+        rolled_back,
+        "5 % errors not rolled back after {served} requests"
+    );
 }

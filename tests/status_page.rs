@@ -332,6 +332,8 @@ const PAGE_STATE: &str = r#"(() => {
     samples: Object.fromEntries(all('#charts [data-chart-version]')
       .map((c) => [c.dataset.chartVersion, Number(c.dataset.samples)])),
     quarantines: all('#quarantines [data-quarantined-version]').map((q) => q.dataset.quarantinedVersion),
+    evidence: all('#evidence tr[data-evidence-version]').map((r) => ({
+      version: r.dataset.evidenceVersion, rule: r.dataset.rule, ratio: Number(r.dataset.ratio) })),
     events: all('#events > li[data-id]').map((e) => ({
       kind: e.dataset.kind, id: e.dataset.id, from: e.dataset.fromVersion || null,
       to: e.dataset.toVersion || null, trigger: e.dataset.trigger || null, text: e.innerText,
@@ -418,6 +420,11 @@ async fn scenario(chromium: PathBuf) {
                 && rate(&page, "stable").is_some_and(|r| r > 0.0)
                 && rate(&page, "canary").is_some_and(|r| r > 0.0)
                 && page["samples"]["canary"].as_u64() >= Some(5)
+                // The distance to rollback: the canary's evidence per rule.
+                && page["evidence"].as_array().is_some_and(|e| {
+                    e.iter().any(|r| r["version"] == "canary" && r["rule"] == "error_rate_ratio")
+                        && e.iter().all(|r| r["ratio"].as_f64().is_some_and(|x| x >= 0.0))
+                })
         },
         PAGE_TIMEOUT,
         "the page never showed both versions live with traffic; it shows: {page:#}"
@@ -457,6 +464,8 @@ async fn scenario(chromium: PathBuf) {
                 && page["routes"] == json!([{"name": "chat", "state": "rolled_back"}])
                 && rate(&page, "canary") == Some(0.0)
                 && rate(&page, "stable").is_some_and(|r| r > 0.0)
+                // A rolled-back version is no longer judged.
+                && page["evidence"] == json!([])
         },
         PAGE_TIMEOUT,
         "the page never showed the rollback {id}; it shows: {page:#}"

@@ -320,7 +320,11 @@ pub async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> 
 fn host_allowed(host: &str, allowed: &[String]) -> bool {
     let name = match host.strip_prefix('[') {
         // [v6]:port
-        Some(rest) => return rest.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
         None => host.rsplit_once(':').map_or(host, |(h, p)| {
             if p.bytes().all(|b| b.is_ascii_digit()) {
                 h
@@ -357,17 +361,17 @@ fn browser_safe(admin: &Admin, req: &Request<Incoming>, mutating: bool) -> Resul
             ));
         }
     }
-    if h
-        .get("sec-fetch-site")
+    if h.get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
     {
         return forbidden("cross-site requests are refused".into());
     }
     if let Some(origin) = h.get(header::ORIGIN) {
         let own = host.as_deref().map(|h| format!("http://{h}"));
-        let same = origin
-            .to_str()
-            .is_ok_and(|o| own.as_deref().is_some_and(|own| o.eq_ignore_ascii_case(own)));
+        let same = origin.to_str().is_ok_and(|o| {
+            own.as_deref()
+                .is_some_and(|own| o.eq_ignore_ascii_case(own))
+        });
         if !same {
             return forbidden(format!(
                 "Origin {origin:?} is not this admin listener's own"
@@ -666,7 +670,13 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
         }
         "/api/v1/resume" => {
             let r: ResumeReq = body(req).await?;
-            command(admin, Action::Resume { version: r.version }, r.operator, r.reason).await
+            command(
+                admin,
+                Action::Resume { version: r.version },
+                r.operator,
+                r.reason,
+            )
+            .await
         }
         "/api/v1/weights" => {
             let r: WeightsReq = body(req).await?;

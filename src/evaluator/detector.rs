@@ -331,7 +331,8 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         let mut history: Vec<f64> = (0..500).map(|_| rng.f64()).collect();
         let cuts = drift_cuts(&mut history).unwrap();
-        let (mut same, mut shifted, mut s) = (Drift::default(), Drift::default(), Starts::default());
+        let (mut same, mut shifted, mut s) =
+            (Drift::default(), Drift::default(), Starts::default());
         for _ in 0..20_000 {
             let start = s.tick(TICK);
             let pairs: Vec<(f64, f64)> = (0..5).map(|_| (rng.f64(), rng.f64())).collect();

@@ -38,8 +38,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use crate::decision::Controller;
 use crate::config::{EvaluatorConfig, VersionName};
+pub use crate::decision::Controller;
 use crate::decision::{rollout_plan, unix_ms, Action, Command, Expect, Refused};
 use crate::routing::table::{Member, Route, Table};
 use crate::telemetry::prom::labels;
@@ -166,8 +166,14 @@ impl Comparison {
     pub fn observe(&mut self, ev: &EvaluatorConfig, t: &Tick<'_>) {
         let start = self.starts.tick(ev.interval);
         let r = &ev.rules;
-        let (dca, dce) = (t.candidate_answered, t.candidate_errors.min(t.candidate_answered));
-        let (dba, dbe) = (t.baseline_answered, t.baseline_errors.min(t.baseline_answered));
+        let (dca, dce) = (
+            t.candidate_answered,
+            t.candidate_errors.min(t.candidate_answered),
+        );
+        let (dba, dbe) = (
+            t.baseline_answered,
+            t.baseline_errors.min(t.baseline_answered),
+        );
         self.candidate_answered += dca;
         self.baseline_answered += dba;
         if let Some(max) = r.error_rate_max {
@@ -361,7 +367,10 @@ impl Track {
         cand: &PairStats,
         base: &PairStats,
         (c, b): &mut (Vec<f64>, Vec<f64>),
-    ) -> (Vec<(f64, f64)>, Option<[f64; detector::DRIFT_QUANTILES.len()]>) {
+    ) -> (
+        Vec<(f64, f64)>,
+        Option<[f64; detector::DRIFT_QUANTILES.len()]>,
+    ) {
         let base_seen = self.base_samples;
         self.cand_samples = cand.signals.samples_since(self.cand_samples, c);
         let base_written = base.signals.samples_since(0, b);
@@ -467,20 +476,29 @@ impl Evaluator {
                     // Rolled back and resumed since the last tick: judged on new traffic only.
                     *track = Track::new(now, &m.stats, &base.stats);
                 }
-                let (dc, db) = track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
+                let (dc, db) =
+                    track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
                 if let Some(h) = self.holds.get_mut(&*route.name) {
                     if h.version == v.name {
                         h.candidate += dc;
                         h.baseline += db;
                     }
                 }
-                let e = evidence(track, table, v, m, &base_window, base_p99, now, log_threshold);
+                let e = evidence(
+                    track,
+                    table,
+                    v,
+                    m,
+                    &base_window,
+                    base_p99,
+                    now,
+                    log_threshold,
+                );
                 let progress = rules::progress(&e, &ev.rules, ev.min_requests);
                 if track.starts_since_trajectory(now) {
-                    track.trajectory.push_back((
-                        now,
-                        progress.iter().map(|p| (p.rule, p.ratio)).collect(),
-                    ));
+                    track
+                        .trajectory
+                        .push_back((now, progress.iter().map(|p| (p.rule, p.ratio)).collect()));
                     if track.trajectory.len() > TRAJECTORY {
                         track.trajectory.pop_front();
                     }
@@ -555,9 +573,10 @@ impl Evaluator {
             }
             let baseline = &table.versions[route.baseline_member().version].name;
             let progress = runtime.rollouts.get(&name).filter(|p| p.plan == plan);
-            let Some(candidate) = progress.map(|p| p.version.clone()).or_else(|| {
-                first_candidate(route, table, baseline)
-            }) else {
+            let Some(candidate) = progress
+                .map(|p| p.version.clone())
+                .or_else(|| first_candidate(route, table, baseline))
+            else {
                 continue;
             };
             if table.version(&candidate).is_none_or(|v| v.quarantined) {
@@ -635,8 +654,12 @@ impl Evaluator {
                 _ => format!("rollout step after a clean hold of {:?}", rollout.hold),
             };
             match c.apply(Command::new(cmd, None, Some(reason))).await {
-                Ok(rec) => tracing::info!(route = %name, version = %candidate, kind = %rec["kind"], "rollout advanced"),
-                Err(Refused::Stale(why)) => tracing::info!(route = %name, %why, "rollout step dropped"),
+                Ok(rec) => {
+                    tracing::info!(route = %name, version = %candidate, kind = %rec["kind"], "rollout advanced")
+                }
+                Err(Refused::Stale(why)) => {
+                    tracing::info!(route = %name, %why, "rollout step dropped")
+                }
                 Err(e) => tracing::error!(route = %name, error = %e, "rollout step failed"),
             }
         }
@@ -806,8 +829,8 @@ mod tests {
 
     /// Poisson by the normal approximation (means here are 5 and 95 per tick).
     fn poisson(rng: &mut fastrand::Rng, mean: f64) -> u64 {
-        let z = (-2.0 * rng.f64().max(1e-300).ln()).sqrt()
-            * (std::f64::consts::TAU * rng.f64()).cos();
+        let z =
+            (-2.0 * rng.f64().max(1e-300).ln()).sqrt() * (std::f64::consts::TAU * rng.f64()).cos();
         (mean + z * mean.sqrt()).round().max(0.0) as u64
     }
 
@@ -837,7 +860,12 @@ mod tests {
                     ..Tick::default()
                 };
                 cmp.observe(&ev, &t);
-                rules::decide(&cmp.evidence(thr), &ev.rules, ev.min_requests, ev.confidence)
+                rules::decide(
+                    &cmp.evidence(thr),
+                    &ev.rules,
+                    ev.min_requests,
+                    ev.confidence,
+                )
             };
             for _ in 0..healthy_ticks {
                 assert_eq!(tick(0.02), Verdict::Healthy, "false rollback (seed {seed})");

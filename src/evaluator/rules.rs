@@ -273,7 +273,9 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
         }
     }
     if let (Some(k), true) = (rules.error_rate_ratio, both) {
-        let floor = rules.min_error_rate.is_none_or(|_| e.stats.min_error_rate >= thr);
+        let floor = rules
+            .min_error_rate
+            .is_none_or(|_| e.stats.min_error_rate >= thr);
         if e.stats.error_rate_ratio >= thr && floor {
             let (rc, rb) = (c.error_rate(), b.error_rate());
             let x = if rb > 0.0 {
@@ -425,7 +427,10 @@ mod tests {
         e.stats.min_error_rate = 3.0; // not shown to be above 0.5 % yet
         assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
         let p = progress(&e, &rules(), 50);
-        let ratio = p.iter().find(|p| p.rule == Trigger::ErrorRateRatio).unwrap();
+        let ratio = p
+            .iter()
+            .find(|p| p.rule == Trigger::ErrorRateRatio)
+            .unwrap();
         assert!((ratio.ratio - 3.0 / THR).abs() < 1e-9, "{ratio:?}");
         e.stats.min_error_rate = 30.0;
         match decide(&e, &rules(), 50, 0.99) {
@@ -463,7 +468,11 @@ mod tests {
         }
         let mut e = evidence((1000, 1000));
         e.stats.accuracy_drop = THR;
-        assert_eq!(trigger(decide(&e, &rules(), 50, 0.99)), None, "no feedback yet");
+        assert_eq!(
+            trigger(decide(&e, &rules(), 50, 0.99)),
+            None,
+            "no feedback yet"
+        );
         e.candidate_feedback = 50;
         e.baseline_feedback = 50;
         assert_eq!(
