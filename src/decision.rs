@@ -327,13 +327,24 @@ pub fn prune(state: &mut RuntimeState, config: &Config) -> Vec<String> {
     state.paused.retain(|r| route(r).is_some());
     state.basis.retain(|r, _| route(r).is_some());
     state.rollouts_done.retain(|r, _| route(r).is_some());
-    // State files from before overrides remembered their basis: the file as it is now.
     for rc in config.routes.iter() {
         let name = rc.name.to_string();
+        // State files from before overrides remembered their basis: the file as it is now.
         let overridden =
             state.weight_overrides.contains_key(&name) || state.baselines.contains_key(&name);
         if overridden && !state.basis.contains_key(&name) {
-            state.basis.insert(name, basis_of(rc));
+            state.basis.insert(name.clone(), basis_of(rc));
+        }
+        // A promoted baseline with no rollout in progress is a finished rollout (state files
+        // from before plans were remembered): never roll the former baseline out again.
+        if let Some(plan) = rollout_plan(rc) {
+            let promoted = state
+                .baselines
+                .get(&name)
+                .is_some_and(|b| b != &rc.baseline);
+            if promoted && !state.rollouts.contains_key(&name) {
+                state.rollouts_done.entry(name).or_insert(plan);
+            }
         }
     }
     dropped
@@ -957,5 +968,71 @@ impl Controller {
     pub async fn record_drill(&self, fields: Map<String, Value>) -> std::io::Result<Value> {
         let _serial = self.decisions.lock().await;
         self.record("drill", fields).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(split: &str, baseline: &str) -> Config {
+        let yaml = format!(
+            "versions:\n  stable: {{endpoints: [\"http://127.0.0.1:1\"]}}\n  next: {{endpoints: [\"http://127.0.0.1:2\"]}}\n\
+             routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: {baseline}, split: {split}, rollout: {{steps: [10, 50, 100], hold: 5m}}}}\n"
+        );
+        Config::from_str(&yaml, std::path::Path::new("t.yaml")).unwrap()
+    }
+
+    #[test]
+    fn a_promote_from_an_old_state_file_is_a_finished_rollout() {
+        let c = config("{stable: 95, next: 5}", "stable");
+        let mut s = RuntimeState::default();
+        s.baselines.insert("chat".into(), "next".into());
+        s.weight_overrides.insert(
+            "chat".into(),
+            [("stable".into(), 0), ("next".into(), 100)].into(),
+        );
+        assert!(prune(&mut s, &c).is_empty());
+        assert_eq!(
+            s.rollouts_done.get("chat"),
+            rollout_plan(&c.routes[0]).as_ref()
+        );
+        assert_eq!(s.basis["chat"].baseline.as_str(), "stable");
+        // The same file again (reformatted or not): nothing dropped, still done.
+        assert!(prune(&mut s, &config("{stable: 95, next: 5}", "stable")).is_empty());
+        assert_eq!(s.baselines["chat"].as_str(), "next");
+    }
+
+    #[test]
+    fn a_changed_split_drops_the_overrides_and_names_them() {
+        let mut s = RuntimeState::default();
+        let c = config("{stable: 95, next: 5}", "stable");
+        s.baselines.insert("chat".into(), "next".into());
+        s.weight_overrides
+            .insert("chat".into(), [("next".into(), 100)].into());
+        s.basis.insert("chat".into(), basis_of(&c.routes[0]));
+        let dropped = prune(&mut s, &config("{stable: 100, next: 0}", "stable"));
+        assert_eq!(dropped.len(), 2, "{dropped:?}");
+        assert!(s.baselines.is_empty() && s.weight_overrides.is_empty() && s.basis.is_empty());
+    }
+
+    #[test]
+    fn a_quarantine_of_a_version_briefly_removed_from_the_file_holds() {
+        let c = config("{stable: 95, next: 5}", "stable");
+        let fp = c.version("next").unwrap().fingerprint.clone();
+        let mut s = RuntimeState::default();
+        s.quarantined.insert("next".into(), fp);
+        let without = Config::from_str(
+            "versions:\n  stable: {endpoints: [\"http://127.0.0.1:1\"]}\nroutes:\n  - {name: chat, match: {path_prefix: /}, baseline: stable, split: {stable: 100}}\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        prune(&mut s, &without);
+        assert!(s.quarantined.contains_key(&VersionName::from("next")));
+        prune(&mut s, &c);
+        assert!(
+            s.quarantined.contains_key(&VersionName::from("next")),
+            "same bundle back: still quarantined"
+        );
     }
 }
