@@ -134,7 +134,7 @@ pub async fn start_on(
     let _ = crate::decision::prune(&mut runtime, &config);
     let audit = Arc::new(Audit::open(&state_dir)?);
     // The last passed drill survives restarts in the audit log; so does its metric.
-    let last_drill = crate::control::check::last_drills(&state_dir.join("audit.jsonl"))
+    let last_drill = crate::control::check::last_drills(&state_dir)
         .into_iter()
         .filter_map(|(_, at)| at.duration_since(std::time::UNIX_EPOCH).ok())
         .max();

@@ -190,7 +190,36 @@ pub async fn run(target: &Target, action: Action) -> Result<String, String> {
                         "operator": operator(o.clone())})),
         ),
     };
-    let value = call(target, method, &path, body).await?;
+    let mut value = call(target, method, &path, body).await?;
+    if let Action::Events { .. } = action {
+        // A long log comes in pages: follow them to the end.
+        let mut pages = 0;
+        while value["more"] == true && pages < 1000 {
+            let Some(last) = value["events"]
+                .as_array()
+                .and_then(|e| e.last())
+                .and_then(|e| e["id"].as_str())
+                .map(str::to_string)
+            else {
+                break;
+            };
+            let next = call(
+                target,
+                Method::GET,
+                &format!("/api/v1/events?since={last}"),
+                None,
+            )
+            .await?;
+            if let (Some(all), Some(more)) =
+                (value["events"].as_array_mut(), next["events"].as_array())
+            {
+                all.extend(more.iter().cloned());
+            }
+            value["more"] = next["more"].clone();
+            value["last_id"] = next["last_id"].clone();
+            pages += 1;
+        }
+    }
     if target.json {
         return Ok(serde_json::to_string_pretty(&value).unwrap_or_default() + "\n");
     }

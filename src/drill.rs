@@ -83,12 +83,9 @@ pub async fn run(target: &Target, opts: DrillOptions) -> Result<Value, String> {
             format!("version {v} is not a weighted candidate on any route: the evaluator would have nothing to judge")
         })?;
     let route_name = route["name"].as_str().unwrap_or("?").to_string();
-    let events = call(target, Method::GET, "/api/v1/events", None).await?;
-    let cursor = events["events"]
-        .as_array()
-        .and_then(|e| e.last())
-        .and_then(|e| e["id"].as_str())
-        .map(str::to_string);
+    // Only what happens from now on: the newest record's sequence number is the cursor.
+    let events = call(target, Method::GET, "/api/v1/events?since=0", None).await?;
+    let cursor = events["last_id"].as_u64().map(|n| n.to_string());
 
     // Inject.
     let (error_rate, latency) = match opts.fault {

@@ -483,15 +483,21 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
                     .ok_or_else(|| ApiError::bad(format!("since={s:?} is not an event id")))?,
             };
             let audit = admin.controller.audit.clone();
-            let events = tokio::task::spawn_blocking(move || audit.since(since))
-                .await
-                .map_err(ApiError::internal)?;
-            let events = match events {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(ApiError::internal(e)),
-            };
-            json(StatusCode::OK, &json!({ "events": events }))
+            let read = tokio::task::spawn_blocking(move || {
+                let last = audit.last_seq();
+                audit
+                    .since_limited(since, crate::control::audit::SINCE_LIMIT)
+                    .map(|(events, more)| (events, more, last))
+            })
+            .await
+            .map_err(ApiError::internal)?;
+            let (events, more, last) = read.map_err(ApiError::internal)?;
+            // `more`: a page; ask again with `since` = the last id returned. `last_id`: the
+            // newest record, a cursor for "what happens from now on".
+            json(
+                StatusCode::OK,
+                &json!({ "events": events, "more": more, "last_id": last }),
+            )
         }
         _ => return Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     })

@@ -288,7 +288,7 @@ impl Lines {
 
     /// Appends the records after `after` from the current offset to `out`, until `out` holds
     /// `limit`; returns whether there were more.
-    fn collect(&mut self, after: u64, limit: usize, out: &mut Vec<Value>) -> io::Result<bool> {
+    fn read_after(&mut self, after: u64, limit: usize, out: &mut Vec<Value>) -> io::Result<bool> {
         while let Some((start, complete)) = self.next_line()? {
             if !complete {
                 // A record being written when the file was read, or cut short by a crash.
@@ -524,7 +524,7 @@ impl Audit {
                 0
             };
             lines.seek(from)?;
-            if lines.collect(since, limit, &mut out)? {
+            if lines.read_after(since, limit, &mut out)? {
                 return Ok((out, true));
             }
         }

@@ -34,7 +34,7 @@ pub fn report(config: Config) -> std::io::Result<String> {
     let store = Store::new(config, RuntimeState::default(), telemetry, metrics)?;
     let table = store.load();
     let cfg = &table.config;
-    let drills = last_drills(&cfg.state_dir.join("audit.jsonl"));
+    let drills = last_drills(&cfg.state_dir);
 
     let mut out = String::new();
     let _ = writeln!(
@@ -283,11 +283,14 @@ fn rollout_warnings(r: &RouteConfig, out: &mut Vec<String>) {
 }
 
 /// `(route, time)` of every `drill` record in the audit log, if there is one.
-pub fn last_drills(audit: &Path) -> Vec<(String, SystemTime)> {
-    let Ok(text) = std::fs::read_to_string(audit) else {
-        return Vec::new();
-    };
-    text.lines()
+pub fn last_drills(state_dir: &Path) -> Vec<(String, SystemTime)> {
+    let texts: Vec<String> = crate::control::audit::log_files(state_dir)
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .collect();
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["kind"] == "drill" && v["passed"] != false)
         .filter_map(|v| {
