@@ -134,6 +134,10 @@ pub struct Expect {
     pub baseline: VersionName,
     /// The candidate's statistics incarnation that was judged.
     pub incarnation: u64,
+    /// The fingerprints (candidate, baseline) the evidence is about: a reload that brings a
+    /// new bundle in between makes the verdict stale, never a quarantine of the new bundle.
+    #[serde(default)]
+    pub fingerprints: Option<(String, String)>,
 }
 
 impl Command {
@@ -460,7 +464,8 @@ impl Controller {
             duration_ms,
         } = &cmd.action
         {
-            // Faults live in the version's counters, not in the table: nothing to swap.
+            // Faults live in the version's counters, not in the table: nothing to swap, but
+            // the most harmful thing an operator can do leaves its record like any other.
             let v = table
                 .version(version)
                 .ok_or_else(|| Refused::NotFound(format!("no version {version}")))?;
@@ -468,13 +473,24 @@ impl Controller {
                 Duration::from_millis(*latency_ms),
                 Duration::from_millis(*duration_ms),
             );
+            let mut f = Map::new();
+            f.insert("automatic".into(), json!(cmd.automatic()));
+            f.insert("initiated_by".into(), json!(cmd.operator));
+            f.insert("reason".into(), json!(cmd.reason));
+            f.insert("version".into(), json!(version.as_str()));
+            f.insert("error_rate".into(), json!(error_rate));
+            f.insert("latency_ms".into(), json!(latency_ms));
+            f.insert("duration_ms".into(), json!(duration_ms));
+            f.insert("command_id".into(), json!(cmd.id));
             v.counters.faults.set(*error_rate, latency, dur);
             tracing::warn!(%version, error_rate, latency_ms, duration_ms, command = %cmd.id, "fault injected");
-            return Ok(
-                json!({"version": version.as_str(), "error_rate": error_rate,
-                             "latency_ms": latency_ms, "duration_ms": duration_ms,
-                             "command_id": cmd.id}),
-            );
+            let record = self.record("fault", f).await;
+            drop(serial);
+            return record.map_err(|e| {
+                Refused::Failed(format!(
+                    "the fault is injected but its record could not be written: {e}"
+                ))
+            });
         }
         let plan = self.plan(&cmd, &table, &state)?;
         let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
@@ -687,6 +703,16 @@ impl Controller {
                             "{version} was rolled back and resumed since it was judged"
                         )));
                     }
+                    let base_fp = &table.versions[route.baseline_member().version]
+                        .config
+                        .fingerprint;
+                    if let Some((cand, base)) = &e.fingerprints {
+                        if cand != &v.config.fingerprint || base != base_fp {
+                            return Err(Refused::Stale(format!(
+                                "the bundle of {version} or of its baseline changed since it was judged"
+                            )));
+                        }
+                    }
                 }
                 if &baseline == version {
                     return Err(Refused::Conflict(format!(
@@ -696,7 +722,21 @@ impl Controller {
                 }
                 next.quarantined
                     .insert(version.clone(), v.config.fingerprint.clone());
-                next.rollouts.retain(|_, p| &p.version != version);
+                // A rollout of the version ends, and so do the weights its steps set: after a
+                // resume the route serves the file's split and the rollout starts over.
+                let rolling: Vec<String> = state
+                    .rollouts
+                    .iter()
+                    .filter(|(_, p)| &p.version == version)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for r in &rolling {
+                    next.rollouts.remove(r);
+                    next.weight_overrides.remove(r);
+                    if !next.baselines.contains_key(r) {
+                        next.basis.remove(r);
+                    }
+                }
                 f.insert("trigger".into(), json!(trigger.as_str()));
                 f.insert("route".into(), json!(&*route.name));
                 f.insert("from_version".into(), json!(version.as_str()));
@@ -814,6 +854,15 @@ impl Controller {
                         return Err(Refused::Conflict(format!(
                             "route {route} is rolling out: pause it first, or its next step would undo this"
                         )));
+                    }
+                    // On a paused rollout the operator takes over: the rollout ends here,
+                    // and its plan does not start again until the file gives a new one.
+                    if let Some(p) = next.rollouts.remove(route) {
+                        next.rollouts_done.insert(route.clone(), p.plan.clone());
+                        f.insert(
+                            "rollout_stopped".into(),
+                            json!({"version": p.version.as_str(), "step": p.step}),
+                        );
                     }
                     // The weights given replace the split: versions not named get 0.
                     let w = override_split(r, weights.iter().map(|(k, v)| (k.clone(), *v)));

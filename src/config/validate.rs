@@ -1048,11 +1048,17 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
     let rollout = r.rollout.as_ref().map(|ro| {
         let steps = &ro.value.steps;
         let increasing = steps.windows(2).all(|w| w[0] < w[1]);
-        if steps.is_empty() || !increasing || steps.iter().any(|s| *s == 0 || *s > 100) {
+        // The first step must leave the baseline some traffic: a hold is clean only with
+        // evidence from both sides, and a candidate alone at 100 % could never show it.
+        if steps.is_empty()
+            || !increasing
+            || steps.iter().any(|s| *s == 0 || *s > 100)
+            || steps[0] >= 100
+        {
             p.at(
                 ro,
                 format!("{key}.rollout.steps"),
-                "steps must be strictly increasing percentages, each from 1 to 100",
+                "steps must be strictly increasing percentages, each from 1 to 100, the first below 100 (the candidate is held next to the baseline before it is promoted)",
             );
         }
         RolloutConfig {
@@ -1547,7 +1553,7 @@ mod tests {
             route_key("shadow: {version: b, percent: 0}"),
             route_key("shadow: {version: b, percent: 100}"),
             route_key("rollout: {steps: [1, 100], hold: 1ms}"),
-            route_key("rollout: {steps: [100], hold: 7d}"),
+            route_key("rollout: {steps: [99, 100], hold: 7d}"),
             health_check("interval: 10ms, timeout: 1ms, unhealthy_after: 1, healthy_after: 1"),
             health_check("interval: 1h, timeout: 1h, unhealthy_after: 1000, healthy_after: 1000"),
         ] {
@@ -1585,6 +1591,10 @@ mod tests {
             p.message,
             "0 is out of range: must be an integer from 1 to 1000"
         );
+        let p = only_problem(&route_key("rollout: {steps: [5], hold: 8d}"));
+        assert!(!p.message.contains("first below"), "{p:?}");
+        let p = only_problem(&route_key("rollout: {steps: [100], hold: 1m}"));
+        assert!(p.message.contains("first below 100"), "{p:?}");
         let p = only_problem(&route_key("rollout: {steps: [5], hold: 8d}"));
         assert_eq!(p.message, "8d is out of range: must be between 1ms and 7d");
         let p = only_problem(&top("evaluator: {window: 25h}"));

@@ -367,10 +367,16 @@ fn browser_safe(admin: &Admin, req: &Request<Incoming>, mutating: bool) -> Resul
         return forbidden("cross-site requests are refused".into());
     }
     if let Some(origin) = h.get(header::ORIGIN) {
-        let own = host.as_deref().map(|h| format!("http://{h}"));
+        // http:// directly; https:// behind a TLS-terminating ingress named in admin.hosts.
         let same = origin.to_str().is_ok_and(|o| {
-            own.as_deref()
-                .is_some_and(|own| o.eq_ignore_ascii_case(own))
+            host.as_deref().is_some_and(|h| {
+                ["http://", "https://"].iter().any(|scheme| {
+                    o.len() == scheme.len() + h.len()
+                        && o.is_char_boundary(scheme.len())
+                        && o[..scheme.len()].eq_ignore_ascii_case(scheme)
+                        && o[scheme.len()..].eq_ignore_ascii_case(h)
+                })
+            })
         });
         if !same {
             return forbidden(format!(
@@ -588,6 +594,8 @@ struct FaultsReq {
     error_rate: Option<f64>,
     latency: Option<String>,
     duration: String,
+    reason: Option<String>,
+    operator: Option<String>,
 }
 
 fn duration(key: &str, s: &str) -> Result<Duration, ApiError> {
@@ -744,7 +752,7 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
                 latency_ms: latency.as_millis() as u64,
                 duration_ms: dur.as_millis() as u64,
             };
-            command(admin, action, None, None).await
+            command(admin, action, r.operator, r.reason).await
         }
         "/api/v1/drills" => {
             // A finished drill's result (from `rollgate drill`): one `drill` record; a passed

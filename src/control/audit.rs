@@ -76,6 +76,7 @@ fn prefix(kind: &str) -> &'static str {
     match kind {
         "rollback" => "rb",
         "rollback_completed" => "rc",
+        "fault" => "ft",
         "promote" => "pr",
         "resume" => "rs",
         "weights" => "wt",

@@ -85,6 +85,9 @@ pub struct RolloutView {
     pub needed: u64,
     /// `traffic` when the hold is over but its evidence is not there yet.
     pub waiting_for: Option<&'static str>,
+    /// Enabled rules that had nothing to judge during this hold (no feedback, no drift
+    /// samples): the hold does not wait for them, and says so.
+    pub not_evaluated: Vec<&'static str>,
 }
 
 /// One side's cumulative counts at the previous tick.
@@ -159,7 +162,12 @@ pub struct Comparison {
     pub candidate_incorrect: u64,
     pub baseline_feedback: u64,
     pub baseline_incorrect: u64,
+    /// The baseline's feedback and incorrect answers, exponentially decayed over `window`.
+    recent_feedback: (f64, f64),
 }
+
+/// Effective baseline feedback items the accuracy null's plug-in rate needs.
+const RECENT_FEEDBACK_MIN: f64 = 20.0;
 
 impl Comparison {
     /// Feeds one tick to every enabled rule's detector.
@@ -184,7 +192,7 @@ impl Comparison {
                 Some(theta0) => self.err_ratio.observe(start, dce, dce + dbe, theta0),
                 None => self.err_ratio.observe(start, 0, 0, 0.5),
             }
-            if let Some(floor) = r.min_error_rate {
+            if let Some(floor) = r.min_error_rate.filter(|m| *m > 0.0) {
                 self.err_floor.observe(start, dce, dca, floor);
             }
         }
@@ -198,10 +206,12 @@ impl Comparison {
             }
         }
         if let Some(drop) = r.accuracy_drop {
-            // The baseline's incorrect rate from its feedback *before* this tick: fixed
-            // before the tick's observations, as the test needs.
-            if self.baseline_feedback >= ev.min_requests {
-                let wrong = self.baseline_incorrect as f64 / self.baseline_feedback as f64;
+            // The baseline's *recent* incorrect rate (feedback decayed over `window`), from
+            // before this tick: fixed before the tick's observations, as the test needs, and
+            // time-aligned, so a shift of the input mix that moves both versions is not a
+            // drop of the candidate's, however long the comparison has run.
+            if self.recent_feedback.0 >= RECENT_FEEDBACK_MIN {
+                let wrong = self.recent_feedback.1 / self.recent_feedback.0;
                 self.accuracy.observe(
                     start,
                     t.candidate_incorrect,
@@ -211,6 +221,11 @@ impl Comparison {
             } else {
                 self.accuracy.observe(start, 0, 0, 0.5);
             }
+            let decay = (-ev.interval.as_secs_f64() / ev.window.as_secs_f64().max(1e-3)).exp();
+            self.recent_feedback = (
+                self.recent_feedback.0 * decay + t.baseline_feedback as f64,
+                self.recent_feedback.1 * decay + t.baseline_incorrect as f64,
+            );
         }
         self.candidate_feedback += t.candidate_feedback;
         self.candidate_incorrect += t.candidate_incorrect;
@@ -254,6 +269,16 @@ impl Comparison {
             ..Evidence::default()
         }
     }
+}
+
+/// What one tick's rules were evaluated on, for a rollout hold's evidence.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    candidate: u64,
+    baseline: u64,
+    latency_judged: u64,
+    feedback: u64,
+    drift_pairs: u64,
 }
 
 /// A live comparison: its detectors, and where the cumulative statistics stood at the
@@ -314,7 +339,7 @@ impl Track {
     }
 
     /// Reads one tick's new observations from the live statistics and feeds them to the
-    /// comparison. Returns the answered requests of the tick on both sides.
+    /// comparison. Returns what the tick's rules were evaluated on.
     fn observe(
         &mut self,
         ev: &EvaluatorConfig,
@@ -322,7 +347,7 @@ impl Track {
         base: &PairStats,
         base_p99: Option<Duration>,
         scratch: &mut (Vec<f64>, Vec<f64>),
-    ) -> (u64, u64) {
+    ) -> Seen {
         let r = &ev.rules;
         let (c_sig, b_sig) = (cand.signals.counts(), base.signals.counts());
         let c_now = Prev::of(&cand.cumulative(), c_sig);
@@ -353,10 +378,20 @@ impl Track {
             drift_cuts: pairs.1,
         };
         self.cmp.observe(ev, &tick);
-        let answered = (tick.candidate_answered, tick.baseline_answered);
+        let seen = Seen {
+            candidate: tick.candidate_answered,
+            baseline: tick.baseline_answered,
+            latency_judged: if tick.over_baseline_p99.is_some() {
+                tick.candidate_answered
+            } else {
+                0
+            },
+            feedback: tick.candidate_feedback,
+            drift_pairs: tick.drift_pairs.len() as u64,
+        };
         self.cand = c_now;
         self.base = b_now;
-        answered
+        seen
     }
 
     /// Pairs this tick's new candidate samples with the baseline's new samples of the same
@@ -392,8 +427,31 @@ impl Track {
 struct Hold {
     version: VersionName,
     step: usize,
+    /// (candidate, baseline) fingerprints: a new bundle mid-hold starts the hold's evidence
+    /// over, as it starts the detectors over.
+    fingerprints: (String, String),
     candidate: u64,
     baseline: u64,
+    /// Candidate requests judged by `latency_p99_ratio` (the baseline's p99 was known).
+    latency_judged: u64,
+    /// Feedback items and drift pairs of the candidate during the hold.
+    feedback: u64,
+    drift_pairs: u64,
+}
+
+impl Hold {
+    fn new(version: VersionName, step: usize, fingerprints: (String, String)) -> Self {
+        Hold {
+            version,
+            step,
+            fingerprints,
+            candidate: 0,
+            baseline: 0,
+            latency_judged: 0,
+            feedback: 0,
+            drift_pairs: 0,
+        }
+    }
 }
 
 /// The evaluator's memory between ticks.
@@ -403,6 +461,9 @@ pub struct Evaluator {
     holds: HashMap<String, Hold>,
     scratch: (Vec<f64>, Vec<f64>),
     gauges: Vec<[String; 3]>,
+    /// Candidates at or over a rule's threshold this tick (tripped, or waiting behind another
+    /// trip): never stepped or promoted in the same tick.
+    tripping: Vec<(String, VersionName)>,
 }
 
 /// The evaluator task. Runs until `stop` turns true.
@@ -431,6 +492,7 @@ impl Evaluator {
         c.store.telemetry.flush(now);
         let table = c.store.load();
         let mut view = View::default();
+        self.tripping.clear();
         self.judge(c, &table, now, &mut view).await;
         let table = c.store.load();
         self.rollouts(c, &table, &mut view).await;
@@ -458,14 +520,15 @@ impl Evaluator {
                     continue;
                 }
                 let t0 = Instant::now();
+                let fingerprints = (
+                    v.config.fingerprint.clone(),
+                    base_version.config.fingerprint.clone(),
+                );
                 let key = TrackKey {
                     route: route.name.clone(),
                     candidate: v.name.clone(),
                     baseline: base_version.name.clone(),
-                    fingerprints: (
-                        v.config.fingerprint.clone(),
-                        base_version.config.fingerprint.clone(),
-                    ),
+                    fingerprints: fingerprints.clone(),
                 };
                 live.push(key.clone());
                 let track = self
@@ -476,12 +539,14 @@ impl Evaluator {
                     // Rolled back and resumed since the last tick: judged on new traffic only.
                     *track = Track::new(now, &m.stats, &base.stats);
                 }
-                let (dc, db) =
-                    track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
+                let seen = track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
                 if let Some(h) = self.holds.get_mut(&*route.name) {
-                    if h.version == v.name {
-                        h.candidate += dc;
-                        h.baseline += db;
+                    if h.version == v.name && h.fingerprints == fingerprints {
+                        h.candidate += seen.candidate;
+                        h.baseline += seen.baseline;
+                        h.latency_judged += seen.latency_judged;
+                        h.feedback += seen.feedback;
+                        h.drift_pairs += seen.drift_pairs;
                     }
                 }
                 let e = evidence(
@@ -511,6 +576,9 @@ impl Evaluator {
                     baseline_requests: track.cmp.baseline_answered,
                     rules: progress.clone(),
                 });
+                if progress.iter().any(|p| p.ratio >= 1.0) {
+                    self.tripping.push((route.name.to_string(), v.name.clone()));
+                }
                 if paused || trip.is_some() {
                     continue;
                 }
@@ -534,6 +602,7 @@ impl Evaluator {
                             expect: Some(Expect {
                                 baseline: base_version.name.clone(),
                                 incarnation: track.incarnation,
+                                fingerprints: Some(fingerprints.clone()),
                             }),
                         },
                         None,
@@ -573,16 +642,25 @@ impl Evaluator {
             }
             let baseline = &table.versions[route.baseline_member().version].name;
             let progress = runtime.rollouts.get(&name).filter(|p| p.plan == plan);
+            // A baseline promoted at runtime ends rollouts on the route until the file
+            // changes its split or baseline (which drops the promote): a new plan alone, say
+            // a tuned `hold`, never rolls the former baseline out again.
+            if progress.is_none() && runtime.baselines.contains_key(&name) {
+                continue;
+            }
             let Some(candidate) = progress
                 .map(|p| p.version.clone())
                 .or_else(|| first_candidate(route, table, baseline))
             else {
                 continue;
             };
-            if table.version(&candidate).is_none_or(|v| v.quarantined) {
+            let Some(cand_version) = table.version(&candidate).filter(|v| !v.quarantined) else {
+                continue;
+            };
+            live.push(name.clone());
+            if self.tripping.contains(&(name.clone(), candidate.clone())) {
                 continue;
             }
-            live.push(name.clone());
             let cmd = match progress {
                 None => Action::RolloutStep {
                     route: name.clone(),
@@ -592,23 +670,40 @@ impl Evaluator {
                     expect_step: None,
                 },
                 Some(p) => {
-                    let hold = self.holds.entry(name.clone()).or_insert_with(|| Hold {
-                        version: p.version.clone(),
-                        step: p.step,
-                        candidate: 0,
-                        baseline: 0,
+                    let fingerprints = (
+                        cand_version.config.fingerprint.clone(),
+                        table.versions[route.baseline_member().version]
+                            .config
+                            .fingerprint
+                            .clone(),
+                    );
+                    let hold = self.holds.entry(name.clone()).or_insert_with(|| {
+                        Hold::new(p.version.clone(), p.step, fingerprints.clone())
                     });
-                    if hold.version != p.version || hold.step != p.step {
-                        *hold = Hold {
-                            version: p.version.clone(),
-                            step: p.step,
-                            candidate: 0,
-                            baseline: 0,
-                        };
+                    if hold.version != p.version
+                        || hold.step != p.step
+                        || hold.fingerprints != fingerprints
+                    {
+                        *hold = Hold::new(p.version.clone(), p.step, fingerprints);
                     }
                     let held = unix_ms().saturating_sub(p.since_ms);
                     let hold_ms = rollout.hold.as_millis() as u64;
-                    let evidence = hold.candidate >= min && hold.baseline >= min;
+                    let rules = &table.config.evaluator.rules;
+                    // Clean: every traffic-driven rule evaluated on at least min_requests of
+                    // the hold's requests on both sides (a trip would have rolled back).
+                    let latency_ok =
+                        rules.latency_p99_ratio.is_none() || hold.latency_judged >= min;
+                    let evidence = hold.candidate >= min && hold.baseline >= min && latency_ok;
+                    // Feedback and signal rules depend on sources outside rollgate's control
+                    // (clients posting feedback, a score header): shown when they had nothing
+                    // to judge, not waited for.
+                    let mut not_evaluated = Vec::new();
+                    if rules.accuracy_drop.is_some() && hold.feedback < min {
+                        not_evaluated.push("accuracy_drop");
+                    }
+                    if rules.drift.is_some() && hold.drift_pairs < min {
+                        not_evaluated.push("drift");
+                    }
                     let waiting = held >= hold_ms && !evidence;
                     view.rollouts.insert(
                         name.clone(),
@@ -622,6 +717,7 @@ impl Evaluator {
                             baseline_requests: hold.baseline,
                             needed: min,
                             waiting_for: waiting.then_some("traffic"),
+                            not_evaluated,
                         },
                     );
                     if held < hold_ms || !evidence {
