@@ -80,6 +80,10 @@ pub enum DataPlane {
     Workers(usize),
 }
 
+/// How long shutdown waits for alerts and follow-up records after the drain: one webhook's
+/// attempts with their back-off ([`crate::control::alerts`]) fit.
+pub const FINISH: Duration = Duration::from_secs(8);
+
 /// A started rollgate.
 #[derive(Debug)]
 pub struct Running {
@@ -148,6 +152,7 @@ pub async fn start_on(
         Alerts::new()?,
         state_dir,
     ));
+    controller.reconcile().await;
     let reloader = Arc::new(Reloader::new(controller.clone(), certs)?);
     let (stop, stop_rx) = watch::channel(false);
     let (stop_data, stop_data_rx) = watch::channel(false);
@@ -264,15 +269,14 @@ impl Running {
         self.admin.accepting.store(false, Ordering::Relaxed);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
-        // Alerts and follow-up records of the last decisions go out before the exit.
-        let drain = self.store.config().drain_timeout;
-        self.controller
-            .finish(drain.max(Duration::from_secs(5)))
-            .await;
+        // The evaluator keeps deciding while the data plane drains; once it has stopped, the
+        // alerts and follow-up records of the last decisions go out before the exit, within
+        // FINISH (the 10 s margin of the deploy manifests' grace period covers it).
         let _ = self.stop.send(true);
         for t in self.control_tasks {
             let _ = t.await;
         }
+        self.controller.finish(FINISH).await;
     }
 }
 

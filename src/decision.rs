@@ -49,7 +49,7 @@ use crate::control::audit::Audit;
 use crate::control::state;
 use crate::evaluator::rules::Trigger;
 use crate::routing::store::{Store, Swap};
-use crate::routing::table::{RolloutProgress, Route, RouteBasis, RuntimeState, Table};
+use crate::routing::table::{LastCommand, RolloutProgress, Route, RouteBasis, RuntimeState, Table};
 use crate::telemetry::prom::labels;
 
 /// Milliseconds since the Unix epoch.
@@ -492,7 +492,13 @@ impl Controller {
                 ))
             });
         }
-        let plan = self.plan(&cmd, &table, &state)?;
+        let mut plan = self.plan(&cmd, &table, &state)?;
+        plan.next.last_command = Some(LastCommand {
+            id: cmd.id.clone(),
+            kind: plan.kind.to_string(),
+            subject: json!({"route": plan.fields.get("route"), "version": plan.fields.get("version")
+                .or(plan.fields.get("from_version"))}),
+        });
         let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
             table
                 .routes
@@ -1010,6 +1016,38 @@ impl Controller {
             );
         }
         drop(serial);
+    }
+
+    /// At start-up: if the last command persisted in the state has no audit record (the
+    /// process died between persist and record), write a `recovered` record saying so, so
+    /// the state on disk is never without its evidence.
+    pub async fn reconcile(&self) {
+        let Some(last) = self.store.runtime_state().last_command else {
+            return;
+        };
+        let audit = self.audit.clone();
+        let id = last.id.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let from = audit.last_seq().saturating_sub(1000);
+            audit
+                .since_limited(from, 1000)
+                .map(|(records, _)| records.iter().any(|r| r["command_id"] == id.as_str()))
+        })
+        .await;
+        if let Ok(Ok(false)) = found {
+            tracing::error!(command = %last.id, kind = %last.kind, "the last decision before the restart has no audit record; recording it as recovered");
+            let mut f = Map::new();
+            f.insert("command_id".into(), json!(last.id));
+            f.insert("command_kind".into(), json!(last.kind));
+            f.insert("subject".into(), last.subject);
+            f.insert(
+                "detail".into(),
+                json!("this change was applied and persisted, but the process stopped before its audit record was written"),
+            );
+            if let Err(e) = self.record("recovered", f).await {
+                tracing::error!(error = %e, "writing the recovered record failed");
+            }
+        }
     }
 
     /// A finished drill's result (from `rollgate drill`): one `drill` record of the fields

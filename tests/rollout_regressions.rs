@@ -295,3 +295,48 @@ async fn a_new_bundle_mid_hold_needs_its_own_evidence() {
     );
     proxy.shutdown().await;
 }
+
+/// A crash between persisting a decision and writing its record leaves the state on disk
+/// without evidence; the next start says so in a `recovered` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_persisted_without_its_record_is_recorded_as_recovered_on_start() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\nevaluator: {{min_requests: 1000000}}\n\
+         versions:\n  stable: {{endpoints: [\"{}\"]}}\n  canary: {{endpoints: [\"{}\"]}}\n\
+         routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: stable, split: {{stable: 90, canary: 10}}}}\n",
+        state.path().display(),
+        stable.http_url(),
+        canary.http_url()
+    );
+    // A decision made and recorded: the next start finds its record and adds nothing.
+    let proxy = TestProxy::from_yaml(&yaml).await;
+    let r = post(
+        &proxy,
+        "/api/v1/pause",
+        r#"{"route": "chat", "paused": true}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.shutdown().await;
+    let proxy = TestProxy::from_yaml(&yaml).await;
+    assert!(audit(&proxy).iter().all(|r| r["kind"] != "recovered"));
+    proxy.shutdown().await;
+    // The process died after persisting the next one: its record never made it.
+    let path = state.path().join("state.json");
+    let mut s: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    s["last_command"] = serde_json::json!({"id": "cmd-00000000deadbeef", "kind": "rollback",
+                                           "subject": {"route": "chat", "version": "canary"}});
+    std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+    let proxy = TestProxy::from_yaml(&yaml).await;
+    let recovered: Vec<_> = audit(&proxy)
+        .into_iter()
+        .filter(|r| r["kind"] == "recovered")
+        .collect();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(recovered[0]["command_id"], "cmd-00000000deadbeef");
+    assert_eq!(recovered[0]["command_kind"], "rollback");
+    proxy.shutdown().await;
+}

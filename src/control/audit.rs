@@ -77,6 +77,7 @@ fn prefix(kind: &str) -> &'static str {
         "rollback" => "rb",
         "rollback_completed" => "rc",
         "fault" => "ft",
+        "recovered" => "rv",
         "promote" => "pr",
         "resume" => "rs",
         "weights" => "wt",

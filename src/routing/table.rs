@@ -246,6 +246,20 @@ pub struct RuntimeState {
     /// Routes whose rollout plan ([`crate::decision::rollout_plan`]) completed: it is not
     /// run again until the file gives the route a new plan.
     pub rollouts_done: BTreeMap<String, String>,
+    /// The last command applied: persisted with the state it made, so a start-up after a
+    /// crash between persist and audit can see that its record is missing.
+    pub last_command: Option<LastCommand>,
+}
+
+/// What [`RuntimeState::last_command`] remembers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LastCommand {
+    pub id: String,
+    /// The record kind it was to write (`rollback`, `promote`, ...).
+    pub kind: String,
+    /// Its route and version, for the recovery record.
+    #[serde(default)]
+    pub subject: serde_json::Value,
 }
 
 /// What the file said of a route when a runtime override was made.
