@@ -260,14 +260,25 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     let events: serde_json::Value = serde_json::from_str(&events).unwrap();
     let events = events["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["rollback", "rollback_completed", "resume", "drill"]);
-    assert_eq!(rec["rollback_id"], events[0]["id"]);
-    assert_eq!(events[1]["rollback_id"], events[0]["id"]);
+    // The injected fault and its clearing are recorded too.
+    assert_eq!(
+        kinds,
+        [
+            "fault",
+            "rollback",
+            "rollback_completed",
+            "fault",
+            "resume",
+            "drill"
+        ]
+    );
+    assert_eq!(rec["rollback_id"], events[1]["id"]);
+    assert_eq!(events[2]["rollback_id"], events[1]["id"]);
     // A drill's rollback counts as a drill, never as an incident, and names the rule.
-    assert_eq!(events[0]["trigger"], "drill");
-    assert_eq!(rec["trigger"], events[0]["trigger"]);
-    assert_eq!(rec["rule"], events[0]["rule"]);
-    assert_eq!(rec["trip_to_swap_us"], events[0]["trip_to_swap_us"]);
+    assert_eq!(events[1]["trigger"], "drill");
+    assert_eq!(rec["trigger"], events[1]["trigger"]);
+    assert_eq!(rec["rule"], events[1]["rule"]);
+    assert_eq!(rec["trip_to_swap_us"], events[1]["trip_to_swap_us"]);
     assert_eq!(hook.request_count(), 1);
     // Restored, and the drill is visible to monitoring.
     let s = proxy.status_json().await;
@@ -287,12 +298,16 @@ async fn drill_trips_restores_scores_and_records_what_the_audit_log_says() {
     assert_eq!(
         kinds,
         [
+            "fault",
             "rollback",
             "rollback_completed",
+            "fault",
             "resume",
             "drill",
+            "fault",
             "rollback",
             "rollback_completed",
+            "fault",
             "resume",
             "drill"
         ]

@@ -803,6 +803,7 @@ async fn a_promote_landing_between_a_verdict_and_its_application_wins() {
             expect: Some(Expect {
                 baseline: "stable".into(),
                 incarnation: 0,
+                fingerprints: None,
             }),
         },
         None,
@@ -846,6 +847,7 @@ async fn a_promote_landing_between_a_verdict_and_its_application_wins() {
             expect: Some(Expect {
                 baseline: "canary".into(),
                 incarnation: 0,
+                fingerprints: None,
             }),
         },
         None,
