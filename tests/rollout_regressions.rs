@@ -116,8 +116,7 @@ async fn tuning_hold_after_a_promote_never_rolls_the_former_baseline_out() {
     let stable_steps: Vec<_> = audit(&proxy)
         .into_iter()
         .filter(|r| {
-            r["kind"] == "rollout_step" && r["version"] == "stable"
-                || r["kind"] == "promote" && r["version"] == "stable"
+            (r["kind"] == "rollout_step" || r["kind"] == "promote") && r["version"] == "stable"
         })
         .collect();
     assert!(
