@@ -16,23 +16,26 @@
 //!      of A: the detectors that lived through that healthy traffic).
 //!    - C. Other regressions (errors 2x, p99 +50 %, drift, accuracy) from t = 0 and after
 //!      1 h.
+//!    - D. `min_error_rate` after a change of regime: does `error_rate_ratio` trip while
+//!      the candidate's error rate is below the floor?
 //! 2. Trip-to-swap of the real rollback path (`Controller::apply_at` with an
 //!    `Action::Rollback` on a compiled table), read from the audit record it writes.
 //!
-//! `cargo bench --bench evaluator` runs the full sizes (200 runs per row, about 10 minutes
-//! on 2 cores); without a `--bench` argument (`cargo test --benches`) it runs a smoke
-//! version with tiny sizes. `ROLLGATE_BENCH_RUNS=N` changes the runs per row of the full
-//! run. Runs are independent and spread over the available cores.
+//! `cargo bench --bench evaluator` runs the full sizes (200 runs per row; 7.5 minutes on 2
+//! idle cores, plus the build); without a `--bench` argument (`cargo test --benches`) it
+//! runs a smoke version with tiny sizes. `ROLLGATE_BENCH_RUNS=N` changes the runs per row
+//! of the full run; `ROLLGATE_BENCH_ONLY=AB,C,D,swap` (any subset) runs only those
+//! sections. Runs are independent and spread over the available cores.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as WallClock};
 
-use rollgate::config::{Config, EvaluatorConfig};
+use rollgate::config::{Config, EvaluatorConfig, Rules};
 use rollgate::decision::{Action, Command};
 use rollgate::evaluator::detector::{self, DRIFT_QUANTILES};
-use rollgate::evaluator::rules::{decide, Trigger, Verdict};
+use rollgate::evaluator::rules::{decide, Statistics, Trigger, Verdict};
 use rollgate::evaluator::{Comparison, Tick};
 use statrs::function::erf::erfc;
 
@@ -168,6 +171,32 @@ struct Judge {
     ev: Arc<EvaluatorConfig>,
     log_threshold: f64,
     cmp: Comparison,
+    /// Highest statistic of its rule seen so far (across restarts), `ln M`.
+    peak: f64,
+}
+
+/// The statistic `decide` compares with `ln A` for the rule(s) of `r` (for the ratio rule
+/// with a floor, the weaker of its two detectors), the highest when several are enabled.
+fn rule_statistic(s: &Statistics, r: &Rules) -> f64 {
+    let mut m = f64::NEG_INFINITY;
+    if r.error_rate_ratio.is_some() {
+        m = m.max(match r.min_error_rate {
+            Some(_) => s.error_rate_ratio.min(s.min_error_rate),
+            None => s.error_rate_ratio,
+        });
+    }
+    for (on, x) in [
+        (r.error_rate_max.is_some(), s.error_rate_max),
+        (r.latency_p99_max.is_some(), s.latency_p99_max),
+        (r.latency_p99_ratio.is_some(), s.latency_p99_ratio),
+        (r.accuracy_drop.is_some(), s.accuracy_drop),
+        (r.drift.is_some(), s.drift),
+    ] {
+        if on {
+            m = m.max(x);
+        }
+    }
+    m
 }
 
 impl Judge {
@@ -176,13 +205,20 @@ impl Judge {
             ev: ev.clone(),
             log_threshold: detector::log_threshold(ev.confidence, ev.interval),
             cmp: Comparison::default(),
+            peak: f64::NEG_INFINITY,
         }
+    }
+
+    /// The rule's statistic now.
+    fn statistic(&self) -> f64 {
+        rule_statistic(&self.cmp.statistics(), &self.ev.rules)
     }
 
     /// Feeds one tick and asks `decide`; a trip is a rollback.
     fn step(&mut self, tick: &Tick<'_>) -> Option<Trigger> {
         self.cmp.observe(&self.ev, tick);
         let e = self.cmp.evidence(self.log_threshold);
+        self.peak = self.peak.max(rule_statistic(&e.stats, &self.ev.rules));
         match decide(&e, &self.ev.rules, self.ev.min_requests, self.ev.confidence) {
             Verdict::Trip { trigger, .. } => Some(trigger),
             Verdict::Healthy => None,
@@ -472,7 +508,7 @@ impl Sim {
             // tick's data). Recomputed once a second rather than every tick to keep the
             // sorting affordable: with ~95 baseline samples a tick at 50 req/s the
             // 1000-sample history turns over about once a second anyway.
-            if self.ticks % DRIFT_CUT_REFRESH == 0 || self.cuts.is_none() {
+            if self.ticks.is_multiple_of(DRIFT_CUT_REFRESH) || self.cuts.is_none() {
                 self.scratch.clear();
                 self.scratch.extend_from_slice(&self.history);
                 self.cuts = detector::drift_cuts(&mut self.scratch);
@@ -733,8 +769,23 @@ fn seed(row: u64, run: usize) -> u64 {
 
 struct DayRun {
     trips: Vec<u64>,
-    /// Fork index → first trip tick of each forked judge.
-    forks: Vec<Vec<Option<u64>>>,
+    /// Each judge's highest statistic over the day.
+    peaks: Vec<f64>,
+    /// Per fork: the ratio rule's statistic at the change, and the first trip tick of each
+    /// forked judge.
+    forks: Vec<Fork>,
+}
+
+/// The ratio rule's statistic at the change, and the first trip tick of each judge.
+type Fork = (f64, Vec<Option<u64>>);
+
+/// Median of finite-or-not values (nearest rank).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 fn false_alarms_and_seed_scenario(z: &Sizes) {
@@ -791,15 +842,15 @@ fn false_alarms_and_seed_scenario(z: &Sizes) {
         ),
     ];
     let began = WallClock::now();
-    let mut seed_forks: Vec<Vec<Vec<Option<u64>>>> = Vec::new();
+    let mut seed_forks: Vec<Vec<Fork>> = Vec::new();
     println!(
         "\n## A. False rollbacks of healthy candidates ({} runs of {} per row, confidence 0.99, min_requests 50, ln A = {log_a:.2})\n",
         z.runs,
         z.label(z.day)
     );
     println!("Each rule runs in a comparison of its own on the row's traffic, restarted after a trip. The guarantee: at most 1 - confidence = 0.01 false rollbacks per candidate-day, per rule. Latency: median 100 ms, p99 320 ms; `latency_p99_max` 500 ms is 1.56x the healthy p99.\n");
-    println!("| traffic | canary req/s | rule | runs | candidate-days | false rollbacks | per candidate-day | 95 % upper bound |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    println!("| traffic | canary req/s | rule | runs | candidate-days | false rollbacks | per candidate-day | 95 % upper bound | highest ln M of a run: median, max |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (row, (label, traffic, fork)) in streams.into_iter().enumerate() {
         let results: Vec<DayRun> = par_map(z.runs, |run| {
             let s = seed(row as u64, run);
@@ -814,19 +865,31 @@ fn false_alarms_and_seed_scenario(z: &Sizes) {
                 // lived through it (error_rate_ratio, error_rate_max) see 8 % from now on.
                 let mut sim = sim.fork(s ^ (i << 40) ^ 0xf0f0);
                 let mut pair = vec![js[0].clone(), js[1].clone()];
-                forks.push(regress(&mut sim, &mut pair, seed_regression, z.cap));
+                let at_change = js[0].statistic();
+                forks.push((
+                    at_change,
+                    regress(&mut sim, &mut pair, seed_regression, z.cap),
+                ));
             });
-            DayRun { trips, forks }
+            let peaks = js.iter().map(|j| j.peak).collect();
+            DayRun {
+                trips,
+                peaks,
+                forks,
+            }
         });
         let days = z.runs as f64 * z.day as f64 * TICK_S / 86_400.0;
         for (j, name) in names.iter().enumerate() {
             let k: u64 = results.iter().map(|r| r.trips[j]).sum();
+            let peaks: Vec<f64> = results.iter().map(|r| r.peaks[j]).collect();
+            let top = peaks.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             println!(
-                "| {label} | {:.0} | {name} | {} | {days:.1} | {k} | {:.4} | {:.4} |",
+                "| {label} | {:.0} | {name} | {} | {days:.1} | {k} | {:.4} | {:.4} | {:.1}, {top:.1} |",
                 traffic.canary_rps,
                 z.runs,
                 k as f64 / days,
-                poisson_upper95(k) / days
+                poisson_upper95(k) / days,
+                median(&peaks),
             );
         }
         if fork {
@@ -837,20 +900,23 @@ fn false_alarms_and_seed_scenario(z: &Sizes) {
 
     // B: the seed scenario from t = 0 (fresh detectors) and from the forks above.
     let began = WallClock::now();
-    let fresh: Vec<Vec<Option<u64>>> = par_map(z.runs, |run| {
+    let fresh: Vec<Fork> = par_map(z.runs, |run| {
         let mut sim = Sim::new(seed(10, run), min_requests);
         let mut pair = vec![Judge::new(&ratio), Judge::new(&max)];
-        regress(&mut sim, &mut pair, seed_regression, z.cap)
+        (
+            f64::NEG_INFINITY,
+            regress(&mut sim, &mut pair, seed_regression, z.cap),
+        )
     });
     println!(
         "\n## B. Detection delay of the seed scenario: 8 % vs 2 % errors, 50 canary req/s (baseline 19x), {} runs per row\n",
         z.runs
     );
     println!("Delay: from the change to the tick whose `decide` trips. Undetected within {} counts as longer than the cap. Goal of the issue: median <= 5 s, p90 <= 10 s.\n", z.label(z.cap));
-    println!("| regression begins | rules | detected within {} | within 5 min | median delay (s) | p90 delay (s) |", z.label(z.cap));
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("| regression begins | rules | detected within {} | within 5 min | median delay (s) | p90 delay (s) | ratio rule's ln M at the change: median, max |", z.label(z.cap));
+    println!("|---|---|---:|---:|---:|---:|---:|");
     let cap = z.label(z.cap);
-    let cases: Vec<(String, Vec<Vec<Option<u64>>>)> = vec![
+    let cases: Vec<(String, Vec<Fork>)> = vec![
         ("at t = 0".into(), fresh),
         (
             format!("after {} healthy", z.label(z.hour)),
@@ -868,20 +934,27 @@ fn false_alarms_and_seed_scenario(z: &Sizes) {
         ),
     ];
     for (when, runs) in &cases {
-        let without: Vec<_> = runs.iter().map(|r| r[0]).collect();
+        let at_change: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let top = at_change.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let at_change = if top == f64::NEG_INFINITY {
+            "- (no evidence yet)".to_string()
+        } else {
+            format!("{:.1}, {top:.1}", median(&at_change))
+        };
+        let without: Vec<_> = runs.iter().map(|r| r.1[0]).collect();
         let with: Vec<_> = runs
             .iter()
-            .map(|r| match (r[0], r[1]) {
+            .map(|r| match (r.1[0], r.1[1]) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             })
             .collect();
         println!(
-            "| {when} | error_rate_ratio 2.0, min_error_rate 0.005, error_rate_max null | {} |",
+            "| {when} | error_rate_ratio 2.0, min_error_rate 0.005, error_rate_max null | {} | {at_change} |",
             Delays::of(&without).cells(&cap)
         );
         println!(
-            "| {when} | ... and error_rate_max 0.05 | {} |",
+            "| {when} | ... and error_rate_max 0.05 | {} | {at_change} |",
             Delays::of(&with).cells(&cap)
         );
     }
@@ -1022,7 +1095,77 @@ fn other_regressions(z: &Sizes) {
     for n in notes {
         println!("{n}");
     }
-    println!("\nThe drift test's cut points are recomputed once a second (every {DRIFT_CUT_REFRESH} ticks) from the baseline's last {DRIFT_HISTORY} samples.");
+    println!("\nLorden's bound is asymptotic (A → ∞) and about the worst-case mean delay. With a start every second, the Shiryaev-Roberts sum over the ~1/KL seconds of starts since the change is worth about ln(1/KL) nats when KL < 1 nat/s, so slow regressions (accuracy: ln(1/0.0042) ≈ 5.5 nats ≈ 1300 s) are caught faster than ln A / KL. The drift test's cut points are recomputed once a second (every {DRIFT_CUT_REFRESH} ticks) from the baseline's last {DRIFT_HISTORY} samples.");
+}
+
+// ---------------------------------------------------------------------------------------
+// D
+
+/// SPEC §5: `error_rate_ratio` never trips while the candidate's error rate is below
+/// `min_error_rate`. Both versions at 2 % for a while (the floor's detector gathers
+/// evidence that the candidate is above 0.5 %), then both improve: candidate 0.4 %,
+/// baseline 0.1 % (4x the baseline, below the floor).
+fn effect_floor(z: &Sizes) {
+    let began = WallClock::now();
+    let ev = Arc::new(evaluator(&[
+        ("error_rate_ratio", "2.0"),
+        ("min_error_rate", "0.005"),
+    ]));
+    let low = Traffic {
+        base_err: 0.001,
+        cand_err: 0.004,
+        ..Traffic::healthy(50.0)
+    };
+    println!(
+        "\n## D. The effect floor after a change of regime ({} runs per row, 50 canary req/s, error_rate_ratio 2.0, min_error_rate 0.005)\n",
+        z.runs
+    );
+    println!("SPEC §5: `error_rate_ratio` never trips while the candidate's error rate is below `min_error_rate`. From the change on, the candidate answers 0.4 % errors (below the 0.5 % floor) against the baseline's 0.1 %.\n");
+    println!("| before the change | rollbacks within {} of the change | median delay of those (s) | floor detector's ln M at the change: median |", z.label(z.cap));
+    println!("|---|---:|---:|---:|");
+    for (k, prefix) in [0, z.hour, 4 * z.hour].into_iter().enumerate() {
+        let out: Vec<(f64, Option<u64>)> = par_map(z.runs, |run| {
+            let mut sim = Sim::new(seed(40 + k as u64, run), ev.min_requests);
+            let mut js = vec![Judge::new(&ev)];
+            healthy(
+                &mut sim,
+                &mut js,
+                Traffic::healthy(50.0),
+                prefix,
+                &[],
+                |_, _, _| {},
+            );
+            let floor = js[0].cmp.statistics().min_error_rate;
+            (floor, regress(&mut sim, &mut js, low, z.cap)[0])
+        });
+        let floors: Vec<f64> = out.iter().map(|o| o.0).collect();
+        let delays: Vec<f64> = out
+            .iter()
+            .filter_map(|o| o.1.map(|t| t as f64 * TICK_S))
+            .collect();
+        let before = if prefix == 0 {
+            "nothing (t = 0)".to_string()
+        } else {
+            format!("{} of 2 % vs 2 %", z.label(prefix))
+        };
+        let m = median(&floors);
+        println!(
+            "| {before} | {}/{} | {} | {} |",
+            delays.len(),
+            z.runs,
+            if delays.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.0}", median(&delays))
+            },
+            if m.is_finite() {
+                format!("{m:.0}")
+            } else {
+                "- (no evidence yet)".to_string()
+            }
+        );
+    }
+    println!("\n(D took {:.0} s.)", began.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1113,8 +1256,19 @@ fn main() {
         z.runs,
         std::thread::available_parallelism().map_or(1, |t| t.get())
     );
-    false_alarms_and_seed_scenario(&z);
-    other_regressions(&z);
-    trip_to_swap(&z);
+    let only = std::env::var("ROLLGATE_BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only.split(',').any(|s| s == section);
+    if run("AB") {
+        false_alarms_and_seed_scenario(&z);
+    }
+    if run("C") {
+        other_regressions(&z);
+    }
+    if run("D") {
+        effect_floor(&z);
+    }
+    if run("swap") {
+        trip_to_swap(&z);
+    }
     println!("\nTotal: {:.0} s.", began.elapsed().as_secs_f64());
 }
