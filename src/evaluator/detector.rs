@@ -60,6 +60,10 @@ pub const START_SPACING: Duration = Duration::from_secs(1);
 /// Odds multipliers of the alternatives: from a 20 % worsening to 30x.
 const ODDS: [f64; 7] = [1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
 
+/// How far above the level that trips a component's `ln R` may climb (see
+/// [`Bernoulli::set_cap`]).
+pub const CAP_MARGIN: f64 = 2.0;
+
 /// `ln A` for a detector opening a start every `spacing` at level `1 - confidence` per 24 h.
 pub fn log_threshold(confidence: f64, interval: Duration) -> f64 {
     let spacing = START_SPACING.max(interval).as_secs_f64();
@@ -88,6 +92,8 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
 struct Sr<const G: usize> {
     log_r: [f64; G],
     pending: bool,
+    /// Upper bound of each component's `ln R` ([`Bernoulli::set_cap`]).
+    cap: f64,
 }
 
 impl<const G: usize> Sr<G> {
@@ -95,6 +101,7 @@ impl<const G: usize> Sr<G> {
         Sr {
             log_r: [f64::NEG_INFINITY; G],
             pending: false,
+            cap: f64::INFINITY,
         }
     }
 
@@ -111,10 +118,16 @@ impl<const G: usize> Sr<G> {
                 *r = log_add_exp(*r, 0.0);
             }
             if *r > f64::NEG_INFINITY {
-                // Bounded below so a long healthy stretch cannot underflow into NaN later.
-                *r = (*r + log_lr(g)).max(-1e9);
+                // Bounded below so a long healthy stretch cannot underflow into NaN later, and
+                // above by the cap, so evidence a gate held back does not pile up.
+                *r = (*r + log_lr(g)).clamp(-1e9, self.cap);
             }
         }
+    }
+
+    /// Caps each component a margin above what makes the mixture trip on its own.
+    fn set_cap(&mut self, log_threshold: f64) {
+        self.cap = log_threshold + (G as f64).ln() + CAP_MARGIN;
     }
 
     /// `ln Σ_g R_g / G`: the equally weighted mixture.
@@ -170,6 +183,18 @@ impl Bernoulli {
     /// `ln M`: compare with [`log_threshold`].
     pub fn log_statistic(&self) -> f64 {
         self.sr.log_statistic()
+    }
+
+    /// Caps the statistic's components at `CAP_MARGIN` above the level where one of them
+    /// alone trips the mixture. A value above the threshold trips at once unless a gate
+    /// holds it back (`min_requests`, the `min_error_rate` floor, the ratio rule's floor
+    /// itself); there, uncapped evidence would pile up for hours and outlive the regime it
+    /// was about: a floor established at a healthy 2 % would still stand after the
+    /// candidate fell to 0.4 %. Capping the state only makes every `R` smaller (`R_t ≤
+    /// (min(R_{t-1}, C) + 1) L_t`), so the guarantee holds, and the statistic forgets in
+    /// bounded time once the data contradict it.
+    pub fn set_cap(&mut self, log_threshold: f64) {
+        self.sr.set_cap(log_threshold);
     }
 }
 
@@ -241,6 +266,11 @@ impl Drift {
 
     pub fn log_statistic(&self) -> f64 {
         self.sr.log_statistic()
+    }
+
+    /// As [`Bernoulli::set_cap`].
+    pub fn set_cap(&mut self, log_threshold: f64) {
+        self.sr.set_cap(log_threshold);
     }
 }
 
@@ -358,5 +388,30 @@ mod tests {
         }
         assert!(same.log_statistic() < a, "{}", same.log_statistic());
         assert!(shifted.log_statistic() > a, "{}", shifted.log_statistic());
+    }
+
+    /// A floor established for hours at a healthy 2 % (well above a 0.5 % floor) must not
+    /// still stand long after the candidate fell to 0.4 %: capped, it forgets in minutes.
+    #[test]
+    fn capped_evidence_forgets_a_past_regime_in_bounded_time() {
+        let a = log_threshold(0.99, TICK);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let (mut d, mut s) = (Bernoulli::default(), Starts::default());
+        d.set_cap(a);
+        for _ in 0..36_000 {
+            d.observe(s.tick(TICK), binomial(&mut rng, 5, 0.02), 5, 0.005);
+        }
+        let cap = a + (ODDS.len() as f64).ln() + CAP_MARGIN;
+        assert!(d.log_statistic() <= cap + 1e-9, "{}", d.log_statistic());
+        let below = (1..)
+            .find(|_| {
+                d.observe(s.tick(TICK), binomial(&mut rng, 5, 0.004), 5, 0.005);
+                d.log_statistic() < a
+            })
+            .unwrap();
+        assert!(
+            below < 10 * 60 * 10,
+            "still above the threshold after {below} ticks"
+        );
     }
 }

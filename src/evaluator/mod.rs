@@ -173,6 +173,18 @@ impl Comparison {
     /// Feeds one tick to every enabled rule's detector.
     pub fn observe(&mut self, ev: &EvaluatorConfig, t: &Tick<'_>) {
         let start = self.starts.tick(ev.interval);
+        let cap = detector::log_threshold(ev.confidence, ev.interval);
+        for d in [
+            &mut self.err_max,
+            &mut self.err_ratio,
+            &mut self.err_floor,
+            &mut self.lat_max,
+            &mut self.lat_ratio,
+            &mut self.accuracy,
+        ] {
+            d.set_cap(cap);
+        }
+        self.drift.set_cap(cap);
         let r = &ev.rules;
         let (dca, dce) = (
             t.candidate_answered,
