@@ -496,8 +496,9 @@ impl Controller {
         plan.next.last_command = Some(LastCommand {
             id: cmd.id.clone(),
             kind: plan.kind.to_string(),
-            subject: json!({"route": plan.fields.get("route"), "version": plan.fields.get("version")
-                .or(plan.fields.get("from_version"))}),
+            subject: json!({"route": plan.fields.get("route"),
+                            "version": plan.fields.get("version").or(plan.fields.get("from_version"))}),
+            after_seq: self.audit.last_seq(),
         });
         let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
             table
@@ -1027,8 +1028,14 @@ impl Controller {
         };
         let audit = self.audit.clone();
         let id = last.id.clone();
+        let after_seq = last.after_seq;
         let found = tokio::task::spawn_blocking(move || {
-            let from = audit.last_seq().saturating_sub(1000);
+            // Its record follows the sequence number persisted with it, within the few
+            // records other tasks may have written in between.
+            let from = match after_seq {
+                0 => audit.last_seq().saturating_sub(1000),
+                n => n,
+            };
             audit
                 .since_limited(from, 1000)
                 .map(|(records, _)| records.iter().any(|r| r["command_id"] == id.as_str()))

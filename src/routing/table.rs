@@ -260,6 +260,10 @@ pub struct LastCommand {
     /// Its route and version, for the recovery record.
     #[serde(default)]
     pub subject: serde_json::Value,
+    /// The audit log's last sequence number when it was persisted: its record, if written,
+    /// comes soon after.
+    #[serde(default)]
+    pub after_seq: u64,
 }
 
 /// What the file said of a route when a runtime override was made.
