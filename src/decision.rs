@@ -840,6 +840,8 @@ impl Controller {
                     next.baselines.remove(route);
                     next.basis.remove(route);
                     next.rollouts.remove(route);
+                    // Back to the file, rollout plan included: it runs again from its start.
+                    next.rollouts_done.remove(route);
                     f.insert("reset".into(), json!(true));
                 } else {
                     for name in weights.keys() {
@@ -1030,18 +1032,26 @@ impl Controller {
         let id = last.id.clone();
         let after_seq = last.after_seq;
         let found = tokio::task::spawn_blocking(move || {
-            // Its record follows the sequence number persisted with it, within the few
-            // records other tasks may have written in between.
-            let from = match after_seq {
-                0 => audit.last_seq().saturating_sub(1000),
-                n => n,
-            };
-            audit
-                .since_limited(from, 1000)
-                .map(|(records, _)| records.iter().any(|r| r["command_id"] == id.as_str()))
+            // Its record follows the sequence number persisted with it (within the few
+            // records other tasks may have written in between). A log that ends before that
+            // number was archived or reset, and one whose records after it were rotated
+            // away cannot tell: neither is evidence of a missing record.
+            if audit.last_seq() < after_seq {
+                return Ok(None);
+            }
+            audit.since_limited(after_seq, 1000).map(|(records, _)| {
+                let first = records
+                    .first()
+                    .and_then(|r| r["id"].as_str())
+                    .and_then(crate::control::audit::id_number);
+                if first.is_some_and(|n| n > after_seq + 1) {
+                    return None;
+                }
+                Some(records.iter().any(|r| r["command_id"] == id.as_str()))
+            })
         })
         .await;
-        if let Ok(Ok(false)) = found {
+        if let Ok(Ok(Some(false))) = found {
             tracing::error!(command = %last.id, kind = %last.kind, "the last decision before the restart has no audit record; recording it as recovered");
             let mut f = Map::new();
             f.insert("command_id".into(), json!(last.id));

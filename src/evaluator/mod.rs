@@ -164,10 +164,32 @@ pub struct Comparison {
     pub baseline_incorrect: u64,
     /// The baseline's feedback and incorrect answers, exponentially decayed over `window`.
     recent_feedback: (f64, f64),
+    /// The candidate's (answered, errors) per tick over the last `window`, and their sums:
+    /// the *current* error rate the `min_error_rate` floor is about.
+    recent: VecDeque<(u64, u64)>,
+    recent_sum: (u64, u64),
+    /// The floor is met now: the window's error rate is above `min_error_rate` by its
+    /// one-sided 99.87 % Wilson lower bound.
+    floor_met: bool,
 }
 
 /// Effective baseline feedback items the accuracy null's plug-in rate needs.
-const RECENT_FEEDBACK_MIN: f64 = 20.0;
+const RECENT_FEEDBACK_MIN: f64 = 50.0;
+/// Standard errors of the baseline's recent incorrect rate added to the accuracy null, so
+/// a noisy estimate below the truth does not turn a healthy candidate into a "drop".
+const PLUG_IN_Z: f64 = 3.0;
+/// Normal quantile of the floor's Wilson lower bound (one-sided 99.87 %).
+const FLOOR_Z: f64 = 3.0;
+
+/// The Wilson score lower bound of a rate of `x` in `n` at `z`.
+fn wilson_lower(x: u64, n: u64, z: f64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let (n, p) = (n as f64, x as f64 / n as f64);
+    let z2 = z * z;
+    (p + z2 / (2.0 * n) - z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt()) / (1.0 + z2 / n)
+}
 
 impl Comparison {
     /// Feeds one tick to every enabled rule's detector.
@@ -206,6 +228,18 @@ impl Comparison {
             }
             if let Some(floor) = r.min_error_rate.filter(|m| *m > 0.0) {
                 self.err_floor.observe(start, dce, dca, floor);
+                let ticks = (ev.window.as_secs_f64() / ev.interval.as_secs_f64()).ceil() as usize;
+                self.recent.push_back((dca, dce));
+                self.recent_sum.0 += dca;
+                self.recent_sum.1 += dce;
+                while self.recent.len() > ticks.max(1) {
+                    if let Some((a, e)) = self.recent.pop_front() {
+                        self.recent_sum.0 -= a;
+                        self.recent_sum.1 -= e;
+                    }
+                }
+                self.floor_met =
+                    wilson_lower(self.recent_sum.1, self.recent_sum.0, FLOOR_Z) >= floor;
             }
         }
         if r.latency_p99_max.is_some() {
@@ -223,12 +257,16 @@ impl Comparison {
             // time-aligned, so a shift of the input mix that moves both versions is not a
             // drop of the candidate's, however long the comparison has run.
             if self.recent_feedback.0 >= RECENT_FEEDBACK_MIN {
-                let wrong = self.recent_feedback.1 / self.recent_feedback.0;
+                // The plug-in null, widened by PLUG_IN_Z standard errors of the estimate: a
+                // thin baseline makes the test conservative, never trigger-happy.
+                let n = self.recent_feedback.0;
+                let wrong = self.recent_feedback.1 / n;
+                let se = (wrong * (1.0 - wrong) / n).sqrt();
                 self.accuracy.observe(
                     start,
                     t.candidate_incorrect,
                     t.candidate_feedback,
-                    (wrong + drop).min(0.999),
+                    (wrong + drop + PLUG_IN_Z * se).min(0.999),
                 );
             } else {
                 self.accuracy.observe(start, 0, 0, 0.5);
@@ -277,6 +315,7 @@ impl Comparison {
             baseline_feedback: self.baseline_feedback,
             drift_pairs: self.drift.pairs,
             stats: self.statistics(),
+            floor_met: self.floor_met,
             log_threshold,
             ..Evidence::default()
         }
@@ -523,9 +562,17 @@ impl Evaluator {
             let base = route.baseline_member();
             let base_version = &table.versions[base.version];
             let base_window = base.stats.window(now);
+            // The baseline's p99 over the window; on a quiet route whose window holds too
+            // few answers, over everything it has answered, so `latency_p99_ratio` still runs.
             let base_p99 = (base_window.stats().requests >= ev.min_requests)
                 .then(|| p99(&base_window.ttfb))
-                .flatten();
+                .flatten()
+                .or_else(|| {
+                    let all = base.stats.cumulative();
+                    (all.ttfb.len() >= ev.min_requests)
+                        .then(|| p99(&all.ttfb))
+                        .flatten()
+                });
             for (i, m) in route.members.iter().enumerate() {
                 let v = &table.versions[m.version];
                 if i == route.baseline || v.quarantined || v.name == base_version.name {

@@ -108,6 +108,9 @@ pub struct Evidence {
     /// Guardrail-flagged responses over the rule's period.
     pub safety_flagged: u64,
     pub stats: Statistics,
+    /// The candidate's error rate over the last `window` is above `min_error_rate` (its 99.87 %
+    /// Wilson lower bound is): the floor is about the rate *now*, not about a past regime.
+    pub floor_met: bool,
     /// `ln A`, the level every statistic is compared with ([`super::detector::log_threshold`]).
     pub log_threshold: f64,
 }
@@ -156,11 +159,14 @@ pub fn progress(e: &Evidence, rules: &Rules, min_requests: u64) -> Vec<RuleProgr
     }
     if rules.error_rate_ratio.is_some() {
         // Both the ratio and the effect floor must be shown: the weaker one decides.
-        let s = match rules.min_error_rate.filter(|m| *m > 0.0) {
-            Some(_) => e.stats.error_rate_ratio.min(e.stats.min_error_rate),
-            None => e.stats.error_rate_ratio,
+        let (s, floor) = match rules.min_error_rate.filter(|m| *m > 0.0) {
+            Some(_) => (
+                e.stats.error_rate_ratio.min(e.stats.min_error_rate),
+                e.floor_met,
+            ),
+            None => (e.stats.error_rate_ratio, true),
         };
-        stat(Trigger::ErrorRateRatio, s, both);
+        stat(Trigger::ErrorRateRatio, s, both && floor);
     }
     if rules.latency_p99_max.is_some() {
         stat(
@@ -277,7 +283,7 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
         let floor = rules
             .min_error_rate
             .filter(|m| *m > 0.0)
-            .is_none_or(|_| e.stats.min_error_rate >= thr);
+            .is_none_or(|_| e.stats.min_error_rate >= thr && e.floor_met);
         if e.stats.error_rate_ratio >= thr && floor {
             let (rc, rb) = (c.error_rate(), b.error_rate());
             let x = if rb > 0.0 {
@@ -335,7 +341,7 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
             return trip(
                 Trigger::AccuracyDrop,
                 format!(
-                    "accuracy {:.1}% vs baseline {:.1}% since the comparison began (drop > {:.1} points, feedback n={}/{} since start, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
+                    "accuracy {:.1}% vs baseline {:.1}% (feedback since the comparison began; tested against the baseline's recent rate, drop > {:.1} points, feedback n={}/{} since start, evidence ln {:.1} >= {thr:.1}, confidence {confidence})",
                     100.0 * acc(c),
                     100.0 * acc(b),
                     100.0 * drop,
@@ -388,6 +394,7 @@ mod tests {
             },
             candidate_answered: answered.0,
             baseline_answered: answered.1,
+            floor_met: true,
             log_threshold: THR,
             ..Evidence::default()
         }
@@ -435,6 +442,10 @@ mod tests {
             .unwrap();
         assert!((ratio.ratio - 3.0 / THR).abs() < 1e-9, "{ratio:?}");
         e.stats.min_error_rate = 30.0;
+        // Established once, but the window's rate is below the floor now: no trip.
+        e.floor_met = false;
+        assert_eq!(decide(&e, &rules(), 50, 0.99), Verdict::Healthy);
+        e.floor_met = true;
         match decide(&e, &rules(), 50, 0.99) {
             Verdict::Trip { trigger, reason } => {
                 assert_eq!(trigger, Trigger::ErrorRateRatio);
