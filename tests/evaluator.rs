@@ -3,66 +3,9 @@
 #[macro_use]
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-/// Closed-loop load from `conns` clients until stopped; counts answers that were not 200.
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(url: String, conns: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let tasks = (0..conns)
-            .map(|_| {
-                let (stop, sent, failed, url) =
-                    (stop.clone(), sent.clone(), failed.clone(), url.clone());
-                tokio::spawn(async move {
-                    let client = TestClient::http1();
-                    while !stop.load(Ordering::Relaxed) {
-                        let r = client
-                            .try_send(
-                                request(http::Method::POST, &url)
-                                    .body(full(r#"{"model":"m"}"#))
-                                    .unwrap(),
-                            )
-                            .await;
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        if !matches!(r, Ok(ref r) if r.status == 200) {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            sent,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        (
-            self.sent.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
 
 async fn quarantined(proxy: &TestProxy, version: &str) -> bool {
     let s = proxy.status_json().await;

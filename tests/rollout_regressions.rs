@@ -4,49 +4,9 @@
 #[macro_use]
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(url: String, conns: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let tasks = (0..conns)
-            .map(|_| {
-                let (stop, sent, url) = (stop.clone(), sent.clone(), url.clone());
-                tokio::spawn(async move {
-                    let client = TestClient::http1();
-                    while !stop.load(Ordering::Relaxed) {
-                        let _ = client
-                            .try_send(
-                                request(http::Method::POST, &url)
-                                    .body(full(r#"{"model":"m"}"#))
-                                    .unwrap(),
-                            )
-                            .await;
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        Load { stop, tasks }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-    }
-}
 
 fn audit(proxy: &TestProxy) -> Vec<serde_json::Value> {
     let path = proxy.running().controller.audit.path().to_path_buf();

@@ -158,8 +158,8 @@ pub fn warnings(config: &Config) -> Vec<String> {
         out.push(format!(
             "evaluator.rules.accuracy_drop is {drop}: it only works when clients POST \
              /api/v1/feedback {{request_id, correct}} for answered requests, and trips only once \
-             the candidate and the baseline each have min_requests ({}) feedback items in the \
-             window; without feedback it never fires (set it to null if no feedback is sent)",
+             the candidate and the baseline each have min_requests ({}) feedback items since \
+             the comparison began; without feedback it never fires (set it to null if no feedback is sent)",
             ev.min_requests
         ));
     }
