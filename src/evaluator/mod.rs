@@ -162,14 +162,15 @@ pub struct Comparison {
     pub candidate_incorrect: u64,
     pub baseline_feedback: u64,
     pub baseline_incorrect: u64,
-    /// The baseline's feedback and incorrect answers, exponentially decayed over `window`.
+    /// The baseline's feedback and incorrect answers, exponentially decayed over
+    /// `RECENT_FEEDBACK_WINDOWS` windows.
     recent_feedback: (f64, f64),
     /// The candidate's (answered, errors) per tick over the last `window`, and their sums:
     /// the *current* error rate the `min_error_rate` floor is about.
     recent: VecDeque<(u64, u64)>,
     recent_sum: (u64, u64),
     /// The floor is met now: the window's error rate is above `min_error_rate` by its
-    /// one-sided 99.87 % Wilson lower bound.
+    /// one-sided 99.997 % Wilson lower bound.
     floor_met: bool,
 }
 
@@ -177,9 +178,13 @@ pub struct Comparison {
 const RECENT_FEEDBACK_MIN: f64 = 50.0;
 /// Standard errors of the baseline's recent incorrect rate added to the accuracy null, so
 /// a noisy estimate below the truth does not turn a healthy candidate into a "drop".
-const PLUG_IN_Z: f64 = 3.0;
-/// Normal quantile of the floor's Wilson lower bound (one-sided 99.87 %).
-const FLOOR_Z: f64 = 3.0;
+const PLUG_IN_Z: f64 = 2.0;
+/// The baseline's recent feedback decays over this many `window`s: long enough for a
+/// steady estimate, short enough to follow a shift of the input mix within minutes.
+const RECENT_FEEDBACK_WINDOWS: f64 = 10.0;
+/// Normal quantile of the floor's Wilson lower bound (one-sided 99.997 %): a repeated
+/// check every tick, so a chance excursion of a candidate below the floor must be rare.
+const FLOOR_Z: f64 = 4.0;
 
 /// The Wilson score lower bound of a rate of `x` in `n` at `z`.
 fn wilson_lower(x: u64, n: u64, z: f64) -> f64 {
@@ -252,7 +257,7 @@ impl Comparison {
             }
         }
         if let Some(drop) = r.accuracy_drop {
-            // The baseline's *recent* incorrect rate (feedback decayed over `window`), from
+            // The baseline's *recent* incorrect rate (feedback decayed over ten windows), from
             // before this tick: fixed before the tick's observations, as the test needs, and
             // time-aligned, so a shift of the input mix that moves both versions is not a
             // drop of the candidate's, however long the comparison has run.
@@ -271,7 +276,8 @@ impl Comparison {
             } else {
                 self.accuracy.observe(start, 0, 0, 0.5);
             }
-            let decay = (-ev.interval.as_secs_f64() / ev.window.as_secs_f64().max(1e-3)).exp();
+            let horizon = ev.window.as_secs_f64().max(1e-3) * RECENT_FEEDBACK_WINDOWS;
+            let decay = (-ev.interval.as_secs_f64() / horizon).exp();
             self.recent_feedback = (
                 self.recent_feedback.0 * decay + t.baseline_feedback as f64,
                 self.recent_feedback.1 * decay + t.baseline_incorrect as f64,

@@ -108,7 +108,7 @@ pub struct Evidence {
     /// Guardrail-flagged responses over the rule's period.
     pub safety_flagged: u64,
     pub stats: Statistics,
-    /// The candidate's error rate over the last `window` is above `min_error_rate` (its 99.87 %
+    /// The candidate's error rate over the last `window` is above `min_error_rate` (its 99.997 %
     /// Wilson lower bound is): the floor is about the rate *now*, not about a past regime.
     pub floor_met: bool,
     /// `ln A`, the level every statistic is compared with ([`super::detector::log_threshold`]).
