@@ -33,11 +33,7 @@ async fn post(proxy: &TestProxy, path: &str, headers: &[(&str, &str)], body: &st
 }
 
 fn events(proxy: &TestProxy) -> usize {
-    let audit = proxy.running().controller.audit.path().to_path_buf();
-    std::fs::read_to_string(audit)
-        .unwrap_or_default()
-        .lines()
-        .count()
+    proxy.audit_records().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

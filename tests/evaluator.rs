@@ -39,17 +39,9 @@ async fn manual_rollback(
 }
 
 fn audit_records(proxy: &TestProxy, kind: &str) -> Vec<serde_json::Value> {
-    let state_dir = proxy
-        .yaml()
-        .lines()
-        .find_map(|l| l.strip_prefix("state_dir: "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
-    std::fs::read_to_string(std::path::Path::new(&state_dir).join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    proxy
+        .audit_records()
+        .into_iter()
         .filter(|r| r["kind"] == kind)
         .collect()
 }
@@ -697,11 +689,8 @@ async fn a_shutdown_right_after_an_automatic_rollback_keeps_its_record_and_its_a
     let shut = tokio::spawn(proxy.shutdown());
     load.stop().await;
     shut.await.unwrap();
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = audit_records_in(&audit);
+    assert!(!records.is_empty());
     let rb: Vec<_> = records.iter().filter(|r| r["kind"] == "rollback").collect();
     assert_eq!(rb.len(), 1, "{records:?}");
     let got = hook.requests();

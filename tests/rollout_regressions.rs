@@ -1,5 +1,6 @@
-//! Rollout state machine, file-wins, upgrades and the audit of faults: the scenarios a
-//! hostile review found (each failed before its fix).
+//! The rollout state machine, the file winning over overrides, upgrades, recorded faults and
+//! the start-up check for a decision without its record: scenarios two hostile reviews
+//! found, each failing before its fix.
 
 #[macro_use]
 mod support;
@@ -8,37 +9,19 @@ use std::time::Duration;
 
 use support::*;
 
-fn audit(proxy: &TestProxy) -> Vec<serde_json::Value> {
-    let path = proxy.running().controller.audit.path().to_path_buf();
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-async fn post(proxy: &TestProxy, path: &str, body: &str) -> TestResponse {
-    TestClient::http1()
-        .send(
-            request(http::Method::POST, &proxy.admin_url(path))
-                .header("content-type", "application/json")
-                .body(full(body.to_string()))
-                .unwrap(),
-        )
-        .await
-}
-
+/// Rewrites the proxy's config file with `edit` applied and reloads it.
 async fn edit_and_reload(proxy: &TestProxy, edit: impl Fn(&str) -> String) -> serde_json::Value {
     let path = proxy.running().reloader.path().to_path_buf();
     let text = std::fs::read_to_string(&path).unwrap();
     let new = edit(&text);
     assert_ne!(text, new, "edit changed nothing");
     std::fs::write(&path, new).unwrap();
-    let r = post(proxy, "/api/v1/reload", "").await;
+    let r = proxy.admin_post("/api/v1/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()
 }
 
+/// `stable` at 95 and `next` at 5 with a rollout of `steps`, holds of 300 ms.
 async fn rollout_proxy(steps: &str) -> (TestUpstream, TestUpstream, TestProxy) {
     let stable = TestUpstream::start("stable").await;
     let next = TestUpstream::start("next").await;
@@ -56,11 +39,28 @@ async fn rollout_proxy(steps: &str) -> (TestUpstream, TestUpstream, TestProxy) {
     (stable, next, proxy)
 }
 
-/// After a completed rollout (next promoted), the operator only tunes `hold` (300ms ->
-/// 400ms). Split and baseline are unchanged, so the promoted baseline holds, but the plan
-/// hash changed: a "new rollout" starts whose candidate is the first file-split version
-/// other than the (promoted) baseline: the *former* baseline. Production is walked back
-/// to the old version by automation: the ping-pong of issue 14 item 1, one edit later.
+/// A `stable` 90 / `canary` 10 route on a state_dir of the caller's, so it outlives restarts.
+fn restartable_yaml(
+    state: &std::path::Path,
+    stable: &TestUpstream,
+    canary: &TestUpstream,
+) -> String {
+    format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\nevaluator: {{min_requests: 1000000}}\n\
+         versions:\n  stable: {{endpoints: [\"{}\"]}}\n  canary: {{endpoints: [\"{}\"]}}\n\
+         routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: stable, split: {{stable: 90, canary: 10}}}}\n",
+        state.display(),
+        stable.http_url(),
+        canary.http_url()
+    )
+}
+
+fn of_kind(records: Vec<serde_json::Value>, kind: &str) -> Vec<serde_json::Value> {
+    records.into_iter().filter(|r| r["kind"] == kind).collect()
+}
+
+/// After a completed rollout (`next` promoted), an edit of `hold` alone is a new plan, but
+/// the baseline promoted at runtime still stands: no rollout of the former baseline starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tuning_hold_after_a_promote_never_rolls_the_former_baseline_out() {
     let (_s, _n, proxy) = rollout_proxy("[10, 50, 100]").await;
@@ -70,19 +70,17 @@ async fn tuning_hold_after_a_promote_never_rolls_the_former_baseline_out() {
         Duration::from_secs(15)
     );
     edit_and_reload(&proxy, |t| t.replace("hold: 300ms", "hold: 400ms")).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let s = proxy.status_json().await;
-    load.stop().await;
-    let stable_steps: Vec<_> = audit(&proxy)
-        .into_iter()
-        .filter(|r| {
-            (r["kind"] == "rollout_step" || r["kind"] == "promote") && r["version"] == "stable"
-        })
-        .collect();
-    assert!(
-        stable_steps.is_empty(),
-        "the former baseline was rolled out again after a hold edit: {stable_steps:?}\nstatus: {s}"
+    // Ten holds of traffic after the edit.
+    assert_always!(
+        proxy.audit_records().iter().all(|r| {
+            !((r["kind"] == "rollout_step" || r["kind"] == "promote") && r["version"] == "stable")
+        }),
+        Duration::from_secs(4),
+        "the former baseline was rolled out again after a hold edit: {:?}",
+        proxy.audit_records()
     );
+    assert_eq!(proxy.status_json().await["routes"][0]["baseline"], "next");
+    load.stop().await;
     proxy.shutdown().await;
 }
 
@@ -102,9 +100,7 @@ fn a_first_step_of_100_is_refused_by_the_config() {
 }
 
 /// Rolled back at the 50 % step, then resumed while the route is paused: the resumed
-/// version (fresh incarnation, no evidence at all) serves 50 % again, because the rollback
-/// dropped the rollout progress but kept the step's weight override. Unpaused, it is
-/// silently set back to the first step on the next tick.
+/// version (a fresh incarnation, no evidence) gets the file's split, not the old step's 50 %.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_a_rollback_mid_rollout_starts_from_the_files_split() {
     let (_s, _n, proxy) = rollout_proxy("[10, 50, 90]").await;
@@ -113,37 +109,32 @@ async fn resume_after_a_rollback_mid_rollout_starts_from_the_files_split() {
         proxy.status_json().await["routes"][0]["weights"]["next"] == 50,
         Duration::from_secs(15)
     );
-    let r = post(
-        &proxy,
-        "/api/v1/pause",
-        r#"{"route": "chat", "paused": true}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = post(
-        &proxy,
-        "/api/v1/rollback",
-        r#"{"route": "chat", "version": "next", "reason": "bad"}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = post(&proxy, "/api/v1/resume", r#"{"version": "next"}"#).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let s = proxy.status_json().await;
-    load.stop().await;
-    let w = s["routes"][0]["weights"]["next"].as_u64().unwrap();
-    assert!(
-        w <= 10,
-        "resumed version back at {w} % with no evidence: {s}"
+    for (path, body) in [
+        ("/api/v1/pause", r#"{"route": "chat", "paused": true}"#),
+        (
+            "/api/v1/rollback",
+            r#"{"route": "chat", "version": "next", "reason": "bad"}"#,
+        ),
+        ("/api/v1/resume", r#"{"version": "next"}"#),
+    ] {
+        let r = proxy.admin_post(path, body).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_always!(
+        proxy.status_json().await["routes"][0]["weights"]["next"]
+            .as_u64()
+            .is_some_and(|w| w <= 10),
+        Duration::from_secs(1),
+        "the resumed version is back at its old step's weight: {}",
+        proxy.status_json().await
     );
+    load.stop().await;
     proxy.shutdown().await;
 }
 
-/// A state.json written before `basis`/`rollouts_done` existed, by a version that had
-/// completed a rollout (next promoted). After the upgrade, `prune` adopts the current file
-/// as the basis (good) but nothing marks the plan as done: the evaluator starts a rollout
-/// of `stable`, the former baseline.
+/// A state.json from before overrides remembered their basis and completed plans, written
+/// after a completed rollout (`next` promoted): after the upgrade the promote stands and no
+/// rollout of the former baseline starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_with_an_old_state_file_keeps_the_promote() {
     let stable = TestUpstream::start("stable").await;
@@ -167,57 +158,43 @@ async fn upgrading_with_an_old_state_file_keeps_the_promote() {
         next.http_url(),
     );
     let proxy = TestProxy::from_yaml(&yaml).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let s = proxy.status_json().await;
-    let steps: Vec<_> = audit(&proxy)
-        .into_iter()
-        .filter(|r| r["kind"] == "rollout_step")
-        .collect();
-    eprintln!(
-        "UPGRADE runtime: {:?}",
-        proxy.running().store.runtime_state()
+    // Ten evaluator ticks: a rollout would take its first step on the first.
+    assert_always!(
+        of_kind(proxy.audit_records(), "rollout_step").is_empty(),
+        Duration::from_secs(1),
+        "a rollout started after the upgrade: {:?}",
+        proxy.audit_records()
     );
-    eprintln!(
-        "UPGRADE plan: {:?}",
-        rollgate::decision::rollout_plan(&proxy.running().store.config().routes[0])
-    );
-    assert!(
-        steps.is_empty(),
-        "after the upgrade: {steps:?}\nstatus: {s}"
-    );
+    assert_eq!(proxy.status_json().await["routes"][0]["baseline"], "next");
     proxy.shutdown().await;
 }
 
-/// Fault injection (make a version fail up to 100 % for up to an hour, the baseline
-/// included) is a change of runtime state (issue 14: "drill fault" is a typed command,
-/// recorded), yet it writes no audit record and its answer is not a record.
+/// Fault injection (a version failing up to 100 % for up to an hour, the baseline
+/// included) is a command like any other: it answers with, and leaves, its record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_leaves_an_audit_record() {
     let (_s, _n, proxy) = rollout_proxy("[10, 50, 100]").await;
-    let before = audit(&proxy).len();
-    let r = post(
-        &proxy,
-        "/api/v1/faults",
-        r#"{"version": "stable", "error_rate": 1.0, "duration": "1h"}"#,
-    )
-    .await;
+    let r = proxy
+        .admin_post(
+            "/api/v1/faults",
+            r#"{"version": "stable", "error_rate": 1.0, "duration": "1h"}"#,
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let after: Vec<_> = audit(&proxy).into_iter().skip(before).collect();
-    let body = r.json();
-    assert!(
-        after
-            .iter()
-            .any(|r| r["version"] == "stable" && r["kind"] != "rollout_step"),
-        "no audit record of the fault; answer: {body}; new records: {after:?}"
+    let answer = r.json();
+    assert_eq!(answer["kind"], "fault", "{answer}");
+    let faults = of_kind(proxy.audit_records(), "fault");
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert_eq!(
+        faults[0], answer,
+        "the record answered is the record logged"
     );
+    assert_eq!(faults[0]["version"], "stable");
     proxy.shutdown().await;
 }
 
-/// The hold's evidence is keyed by (route, version, step), not by the candidate's
-/// fingerprint. Near the end of the 50 % hold, the operator ships a new bundle under the
-/// same version name (a different prompt: new fingerprint, fresh detectors). Traffic
-/// stops. The hold counters still hold the *old* bundle's requests, so the new bundle is
-/// promoted to baseline at 100 % having answered no request at all.
+/// A new bundle under the same version name near the end of a hold (a new prompt: a new
+/// fingerprint) needs evidence of its own: the old bundle's requests do not promote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_bundle_mid_hold_needs_its_own_evidence() {
     let stable = TestUpstream::start("stable").await;
@@ -238,50 +215,76 @@ async fn a_new_bundle_mid_hold_needs_its_own_evidence() {
         proxy.status_json().await["routes"][0]["weights"]["next"] == 50,
         Duration::from_secs(15)
     );
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The 50 % hold has its evidence; its time is not up yet.
+    assert_eventually!(
+        {
+            let ro = &proxy.status_json().await["routes"][0]["rollout"];
+            ro["requests"].as_u64() >= ro["needed"].as_u64()
+                && ro["baseline_requests"].as_u64() >= ro["needed"].as_u64()
+        },
+        Duration::from_secs(3)
+    );
     load.stop().await;
     let rec = edit_and_reload(&proxy, |t| t.replace("x-prompt: p1", "x-prompt: p2")).await;
     assert!(rec.get("overrides_dropped").is_none(), "{rec}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = proxy.status_json().await;
-    let promotes: Vec<_> = audit(&proxy)
-        .into_iter()
-        .filter(|r| r["kind"] == "promote")
-        .collect();
-    assert!(
-        promotes.is_empty(),
-        "new bundle promoted without serving a request: {promotes:?}\nstatus: {s}"
+    // Past the end of the hold, without a request to the new bundle: no promote.
+    assert_always!(
+        of_kind(proxy.audit_records(), "promote").is_empty(),
+        Duration::from_secs(4),
+        "the new bundle was promoted without serving a request: {}",
+        proxy.status_json().await
     );
     proxy.shutdown().await;
 }
 
+/// On a route whose baseline answers fewer than `min_requests` per `window`, the latency
+/// rule judges on the baseline's p99 over all it answered, so holds get their evidence
+/// and the rollout completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_traffic_rollout_completes() {
+    let stable = TestUpstream::start("stable").await;
+    let next = TestUpstream::start("next").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("next", &next)
+        .route(
+            Route::new("chat", "stable")
+                .split(&[("stable", 95), ("next", 5)])
+                .with("rollout: {steps: [50], hold: 300ms}"),
+        )
+        .top("evaluator: {interval: 100ms, window: 4s, min_requests: 20}")
+        .start()
+        .await;
+    // ~3 req/s: the baseline gets ~1.5 req/s at the 50 % step, ~6 per 4 s window.
+    let load = Load::paced(
+        proxy.url("/v1/chat/completions"),
+        Duration::from_millis(330),
+    );
+    assert_eventually!(
+        proxy.status_json().await["routes"][0]["baseline"] == "next",
+        Duration::from_secs(60)
+    );
+    load.stop().await;
+    proxy.shutdown().await;
+}
+
 /// A crash between persisting a decision and writing its record leaves the state on disk
-/// without evidence; the next start says so in a `recovered` record.
+/// without evidence; the next start says so in a `recovered` record, and only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_persisted_without_its_record_is_recorded_as_recovered_on_start() {
     let stable = TestUpstream::start("stable").await;
     let canary = TestUpstream::start("canary").await;
     let state = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "listen: \"127.0.0.1:0\"\nadmin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\nevaluator: {{min_requests: 1000000}}\n\
-         versions:\n  stable: {{endpoints: [\"{}\"]}}\n  canary: {{endpoints: [\"{}\"]}}\n\
-         routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: stable, split: {{stable: 90, canary: 10}}}}\n",
-        state.path().display(),
-        stable.http_url(),
-        canary.http_url()
-    );
+    let yaml = restartable_yaml(state.path(), &stable, &canary);
     // A decision made and recorded: the next start finds its record and adds nothing.
     let proxy = TestProxy::from_yaml(&yaml).await;
-    let r = post(
-        &proxy,
-        "/api/v1/pause",
-        r#"{"route": "chat", "paused": true}"#,
-    )
-    .await;
+    let r = proxy
+        .admin_post("/api/v1/pause", r#"{"route": "chat", "paused": true}"#)
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     proxy.shutdown().await;
     let proxy = TestProxy::from_yaml(&yaml).await;
-    assert!(audit(&proxy).iter().all(|r| r["kind"] != "recovered"));
+    assert!(of_kind(proxy.audit_records(), "recovered").is_empty());
     proxy.shutdown().await;
     // The process died after persisting the next one: its record never made it.
     let path = state.path().join("state.json");
@@ -290,12 +293,48 @@ async fn a_decision_persisted_without_its_record_is_recorded_as_recovered_on_sta
                                            "subject": {"route": "chat", "version": "canary"}});
     std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
     let proxy = TestProxy::from_yaml(&yaml).await;
-    let recovered: Vec<_> = audit(&proxy)
-        .into_iter()
-        .filter(|r| r["kind"] == "recovered")
-        .collect();
+    let recovered = of_kind(proxy.audit_records(), "recovered");
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     assert_eq!(recovered[0]["command_id"], "cmd-00000000deadbeef");
     assert_eq!(recovered[0]["command_kind"], "rollback");
     proxy.shutdown().await;
+}
+
+/// An audit log archived while rollgate was stopped (logrotate `dateext`) restarts the id
+/// sequence below the sequence persisted with the last command: that is no evidence of a
+/// missing record, and no start writes a `recovered` record for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_the_audit_log_does_not_make_every_start_recover() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = tempfile::tempdir().unwrap();
+    let yaml = restartable_yaml(state.path(), &stable, &canary);
+    let proxy = TestProxy::from_yaml(&yaml).await;
+    // A few records first, so the decision's sequence is well above 0.
+    for _ in 0..3 {
+        let r = proxy.admin_post("/api/v1/reload", "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = proxy
+        .admin_post("/api/v1/pause", r#"{"route": "chat", "paused": true}"#)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.shutdown().await;
+    std::fs::rename(
+        state.path().join("audit.jsonl"),
+        state.path().join("audit.jsonl-20261201"),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let proxy = TestProxy::from_yaml(&yaml).await;
+        proxy.shutdown().await;
+    }
+    let recovered = of_kind(
+        audit_records_in(&state.path().join("audit.jsonl")),
+        "recovered",
+    );
+    assert!(
+        recovered.is_empty(),
+        "spurious `recovered` records: {recovered:?}"
+    );
 }

@@ -264,7 +264,7 @@ pub struct SafetyRule {
 pub struct Rules {
     pub error_rate_ratio: Option<f64>,
     /// `error_rate_ratio` never trips while the candidate's error rate is below this
-    /// (in [0, 1); `None`: no floor).
+    /// (in (0, 1); `None`: no floor, as `null` or 0 in the file).
     pub min_error_rate: Option<f64>,
     pub error_rate_max: Option<f64>,
     pub latency_p99_max: Option<Duration>,

@@ -540,13 +540,15 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             bounds::RATIO,
             "2.0",
         ),
+        // 0 is no floor at all, as null is: one meaning, settled here.
         min_error_rate: number(
             &mut p,
             &r.min_error_rate,
             "min_error_rate",
             bounds::MIN_ERROR_RATE,
             "0.005",
-        ),
+        )
+        .filter(|m| *m > 0.0),
         error_rate_max: number(
             &mut p,
             &r.error_rate_max,
@@ -1621,6 +1623,8 @@ mod tests {
         assert_eq!(c.evaluator.rules.min_error_rate, None);
         let c = accepted(&top("evaluator: {rules: {min_error_rate: 0.02}}"));
         assert_eq!(c.evaluator.rules.min_error_rate, Some(0.02));
+        let c = accepted(&top("evaluator: {rules: {min_error_rate: 0}}"));
+        assert_eq!(c.evaluator.rules.min_error_rate, None, "0 is no floor");
     }
 
     #[test]

@@ -90,21 +90,21 @@ pub struct RolloutView {
     pub not_evaluated: Vec<&'static str>,
 }
 
-/// One side's cumulative counts at the previous tick.
-struct Prev {
+/// One side's cumulative counts at one tick (the candidate's time-to-first-byte histogram
+/// is kept apart: only the candidate's latency is tested).
+#[derive(Clone, Copy)]
+struct Counts {
     answered: u64,
     errors: u64,
-    ttfb: Histogram<u64>,
     signals: SignalCounts,
 }
 
-impl Prev {
+impl Counts {
     fn of(c: &Cumulative, signals: SignalCounts) -> Self {
         let (answered, errors) = c.answered_and_errors();
-        Prev {
+        Counts {
             answered,
             errors,
-            ttfb: c.ttfb.clone(),
             signals,
         }
     }
@@ -231,7 +231,7 @@ impl Comparison {
                 Some(theta0) => self.err_ratio.observe(start, dce, dce + dbe, theta0),
                 None => self.err_ratio.observe(start, 0, 0, 0.5),
             }
-            if let Some(floor) = r.min_error_rate.filter(|m| *m > 0.0) {
+            if let Some(floor) = r.min_error_rate {
                 self.err_floor.observe(start, dce, dca, floor);
                 let ticks = (ev.window.as_secs_f64() / ev.interval.as_secs_f64()).ceil() as usize;
                 self.recent.push_back((dca, dce));
@@ -306,11 +306,6 @@ impl Comparison {
         }
     }
 
-    /// Drift pairs tested so far.
-    pub fn drift_pairs(&self) -> u64 {
-        self.drift.pairs
-    }
-
     /// The evidence `decide` needs from the detectors (the rest, windows and reasons, is
     /// filled in by the caller).
     pub fn evidence(&self, log_threshold: f64) -> Evidence {
@@ -343,8 +338,10 @@ struct Seen {
 struct Track {
     incarnation: u64,
     cmp: Comparison,
-    cand: Prev,
-    base: Prev,
+    cand: Counts,
+    /// The candidate's cumulative time-to-first-byte histogram at the previous tick.
+    cand_ttfb: Histogram<u64>,
+    base: Counts,
     /// Drift samples consumed so far, per side.
     cand_samples: u64,
     base_samples: u64,
@@ -364,15 +361,17 @@ struct TrackKey {
 }
 
 impl Track {
-    fn new(now: Instant, cand: &PairStats, base: &PairStats) -> Self {
-        let (c, b) = (cand.signals.counts(), base.signals.counts());
+    fn new(now: Instant, cand: &PairStats, base: Counts, base_samples: u64) -> Self {
+        let c = cand.signals.counts();
+        let cum = cand.cumulative();
         Track {
             incarnation: cand.incarnation(),
             cmp: Comparison::default(),
-            cand: Prev::of(&cand.cumulative(), c),
-            base: Prev::of(&base.cumulative(), b),
+            cand: Counts::of(&cum, c),
+            cand_ttfb: cum.ttfb,
+            base,
             cand_samples: c.samples,
-            base_samples: b.samples,
+            base_samples,
             flagged: VecDeque::from([(now, c.flagged)]),
             trajectory: VecDeque::new(),
         }
@@ -402,18 +401,20 @@ impl Track {
         ev: &EvaluatorConfig,
         cand: &PairStats,
         base: &PairStats,
+        b_now: Counts,
         base_p99: Option<Duration>,
         scratch: &mut (Vec<f64>, Vec<f64>),
     ) -> Seen {
         let r = &ev.rules;
-        let (c_sig, b_sig) = (cand.signals.counts(), base.signals.counts());
-        let c_now = Prev::of(&cand.cumulative(), c_sig);
-        let b_now = Prev::of(&base.cumulative(), b_sig);
+        let c_sig = cand.signals.counts();
+        let b_sig = b_now.signals;
+        let c_cum = cand.cumulative();
+        let c_now = Counts::of(&c_cum, c_sig);
         let pairs = match r.drift {
             Some(_) => self.drift_pairs(cand, base, scratch),
             None => (Vec::new(), None),
         };
-        let over = |limit| over_between(&c_now.ttfb, &self.cand.ttfb, limit);
+        let over = |limit| over_between(&c_cum.ttfb, &self.cand_ttfb, limit);
         let over_baseline_p99 = match (r.latency_p99_ratio, base_p99) {
             (Some(k), Some(p99)) if !p99.is_zero() => Some(over(Duration::from_secs_f64(
                 (p99.as_secs_f64() * k).min(86_400.0),
@@ -447,6 +448,7 @@ impl Track {
             drift_pairs: tick.drift_pairs.len() as u64,
         };
         self.cand = c_now;
+        self.cand_ttfb = c_cum.ttfb;
         self.base = b_now;
         seen
     }
@@ -568,15 +570,17 @@ impl Evaluator {
             let base = route.baseline_member();
             let base_version = &table.versions[base.version];
             let base_window = base.stats.window(now);
+            // Read once per route, shared by every candidate compared with this baseline.
+            let base_cum = base.stats.cumulative();
+            let base_now = Counts::of(&base_cum, base.stats.signals.counts());
             // The baseline's p99 over the window; on a quiet route whose window holds too
             // few answers, over everything it has answered, so `latency_p99_ratio` still runs.
             let base_p99 = (base_window.stats().requests >= ev.min_requests)
                 .then(|| p99(&base_window.ttfb))
                 .flatten()
                 .or_else(|| {
-                    let all = base.stats.cumulative();
-                    (all.ttfb.len() >= ev.min_requests)
-                        .then(|| p99(&all.ttfb))
+                    (base_cum.ttfb.len() >= ev.min_requests)
+                        .then(|| p99(&base_cum.ttfb))
                         .flatten()
                 });
             for (i, m) in route.members.iter().enumerate() {
@@ -596,15 +600,21 @@ impl Evaluator {
                     fingerprints: fingerprints.clone(),
                 };
                 live.push(key.clone());
-                let track = self
-                    .tracks
-                    .entry(key)
-                    .or_insert_with(|| Track::new(now, &m.stats, &base.stats));
+                let track = self.tracks.entry(key).or_insert_with(|| {
+                    Track::new(now, &m.stats, base_now, base_now.signals.samples)
+                });
                 if track.incarnation != m.stats.incarnation() {
                     // Rolled back and resumed since the last tick: judged on new traffic only.
-                    *track = Track::new(now, &m.stats, &base.stats);
+                    *track = Track::new(now, &m.stats, base_now, base_now.signals.samples);
                 }
-                let seen = track.observe(ev, &m.stats, &base.stats, base_p99, &mut self.scratch);
+                let seen = track.observe(
+                    ev,
+                    &m.stats,
+                    &base.stats,
+                    base_now,
+                    base_p99,
+                    &mut self.scratch,
+                );
                 if let Some(h) = self.holds.get_mut(&*route.name) {
                     if h.version == v.name && h.fingerprints == fingerprints {
                         h.candidate += seen.candidate;
@@ -625,7 +635,7 @@ impl Evaluator {
                     log_threshold,
                 );
                 let progress = rules::progress(&e, &ev.rules, ev.min_requests);
-                if track.starts_since_trajectory(now) {
+                if track.trajectory_due(now) {
                     track
                         .trajectory
                         .push_back((now, progress.iter().map(|p| (p.rule, p.ratio)).collect()));
@@ -862,7 +872,7 @@ impl Evaluator {
 
 impl Track {
     /// True once per second: when the trajectory takes its next sample.
-    fn starts_since_trajectory(&self, now: Instant) -> bool {
+    fn trajectory_due(&self, now: Instant) -> bool {
         self.trajectory
             .back()
             .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))

@@ -159,7 +159,7 @@ pub fn progress(e: &Evidence, rules: &Rules, min_requests: u64) -> Vec<RuleProgr
     }
     if rules.error_rate_ratio.is_some() {
         // Both the ratio and the effect floor must be shown: the weaker one decides.
-        let (s, floor) = match rules.min_error_rate.filter(|m| *m > 0.0) {
+        let (s, floor) = match rules.min_error_rate {
             Some(_) => (
                 e.stats.error_rate_ratio.min(e.stats.min_error_rate),
                 e.floor_met,
@@ -279,10 +279,8 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
         }
     }
     if let (Some(k), true) = (rules.error_rate_ratio, both) {
-        // `min_error_rate: 0` is no floor at all.
         let floor = rules
             .min_error_rate
-            .filter(|m| *m > 0.0)
             .is_none_or(|_| e.stats.min_error_rate >= thr && e.floor_met);
         if e.stats.error_rate_ratio >= thr && floor {
             let (rc, rb) = (c.error_rate(), b.error_rate());
@@ -296,7 +294,7 @@ pub fn decide(e: &Evidence, rules: &Rules, min_requests: u64, confidence: f64) -
                 100.0 * rc,
                 100.0 * rb
             );
-            if let Some(m) = rules.min_error_rate.filter(|m| *m > 0.0) {
+            if let Some(m) = rules.min_error_rate {
                 let _ = write!(r, ", above the {:.1}% floor", 100.0 * m);
             }
             note(&mut r, e.stats.error_rate_ratio);

@@ -15,6 +15,15 @@ pub struct Load {
 
 impl Load {
     pub fn start(url: String, conns: usize) -> Load {
+        Load::run(url, conns, None)
+    }
+
+    /// One client sending a request every `every` (a quiet route).
+    pub fn paced(url: String, every: std::time::Duration) -> Load {
+        Load::run(url, 1, Some(every))
+    }
+
+    fn run(url: String, conns: usize, every: Option<std::time::Duration>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -35,6 +44,9 @@ impl Load {
                         sent.fetch_add(1, Ordering::Relaxed);
                         if !matches!(r, Ok(ref r) if r.status == 200) {
                             failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some(every) = every {
+                            tokio::time::sleep(every).await;
                         }
                     }
                 })

@@ -13,6 +13,7 @@ pub mod load;
 pub mod metrics;
 pub mod proxy;
 pub mod raw_upstream;
+pub mod sim;
 pub mod upstream;
 
 pub use body::ChannelBody;
@@ -20,12 +21,31 @@ pub use certs::TestCa;
 pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
 pub use load::Load;
 pub use metrics::metric_sum;
-pub use proxy::{Route, TestProxy, TestProxyBuilder};
+pub use proxy::{audit_records_in, Route, TestProxy, TestProxyBuilder};
 pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};
 
 /// Upper bound for any single request made by the harness; a proxy that hangs fails the test
 /// instead of hanging it.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Polls `cond` (which may contain `.await`) every 50 ms for `duration`, panicking the first
+/// time it does not hold: for "nothing happens" over a span (no step, no promote), checked
+/// throughout rather than once after a sleep.
+macro_rules! assert_always {
+    ($cond:expr, $duration:expr $(,)?) => {
+        assert_always!($cond, $duration, "{}", stringify!($cond))
+    };
+    ($cond:expr, $duration:expr, $($msg:tt)+) => {{
+        let duration: ::std::time::Duration = $duration;
+        let deadline = ::tokio::time::Instant::now() + duration;
+        while ::tokio::time::Instant::now() < deadline {
+            if !$cond {
+                panic!("assert_always: stopped holding within {:?}: {}", duration, format!($($msg)+));
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(50)).await;
+        }
+    }};
+}
 
 /// Polls `cond` (which may contain `.await`) every 20 ms until it holds, panicking after
 /// `timeout`. Optional trailing arguments are a `format!` message printed on timeout.

@@ -265,6 +265,18 @@ impl TestProxy {
         metric_sum(&self.metrics_text().await, name, labels)
     }
 
+    /// Every record of the audit log, oldest first.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        audit_records_in(self.running().controller.audit.path())
+    }
+
+    /// A JSON POST to the admin API.
+    pub async fn admin_post(&self, path: &str, body: &str) -> crate::support::TestResponse {
+        self.admin
+            .post_json(&self.admin_url(path), body.to_string(), &[])
+            .await
+    }
+
     /// GET /api/v1/status (must answer 200 with JSON).
     pub async fn status_json(&self) -> serde_json::Value {
         let r = self.admin.get(&self.admin_url("/api/v1/status")).await;
@@ -280,4 +292,13 @@ impl TestProxy {
                 .expect("rollgate shutdown did not finish within 10s");
         }
     }
+}
+
+/// The records of the audit log at `path` (none when it does not exist).
+pub fn audit_records_in(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
