@@ -127,7 +127,12 @@ pub async fn start_on(
     let drain = config.drain_timeout;
     let interval = config.evaluator.interval;
     let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
-    let metrics = Arc::new(Metrics::new(telemetry.clone()));
+    let metrics = Metrics::new(telemetry.clone());
+    let metrics = Arc::new(match config.fleet {
+        Some(_) => metrics.with_fleet(),
+        None => metrics,
+    });
+    let fleet_config = config.fleet.clone();
     if let DataPlane::Workers(n) = plane {
         crate::proxy::client::set_data_workers(n);
     }
@@ -155,6 +160,21 @@ pub async fn start_on(
     controller.reconcile().await;
     let reloader = Arc::new(Reloader::new(controller.clone(), certs)?);
     let (stop, stop_rx) = watch::channel(false);
+    // A replica in a fleet takes the fleet's state before it serves, when the store
+    // answers within JOIN_TIMEOUT; it never waits longer (SPEC section 10).
+    let fleet = match fleet_config {
+        Some(fc) => {
+            let fleet = Arc::new(crate::fleet::Fleet::new(
+                fc,
+                &controller.state_dir,
+                interval,
+            )?);
+            controller.set_fleet(fleet.clone());
+            fleet.join(&controller).await;
+            Some(fleet)
+        }
+        None => None,
+    };
     let (stop_data, stop_data_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared::new(store.clone(), usize::MAX));
@@ -244,6 +264,9 @@ pub async fn start_on(
     let health = tokio::spawn(evaluator::health::run(controller.clone(), stop_rx.clone()));
     let watch = reload::spawn(reloader.clone(), stop_rx.clone());
     control_tasks.extend([flush, evaluator, health, watch]);
+    if let Some(f) = fleet {
+        control_tasks.push(tokio::spawn(f.run(controller.clone(), stop_rx.clone())));
+    }
 
     tracing::info!(%data_addr, %admin_addr, generation = store.load().generation, "rollgate serving");
     Ok(Running {

@@ -198,8 +198,7 @@ pub async fn run(target: &Target, action: Action) -> Result<String, String> {
             let Some(last) = value["events"]
                 .as_array()
                 .and_then(|e| e.last())
-                .and_then(|e| e["id"].as_str())
-                .map(str::to_string)
+                .and_then(crate::control::audit::record_seq)
             else {
                 break;
             };
@@ -364,6 +363,46 @@ pub fn render_status(s: &Value) -> String {
     }
     out.push_str(&table(&rows));
     out.push('\n');
+    if let Some(f) = s["fleet"].as_object() {
+        out.push_str(&format!(
+            "fleet {}   replica {}   store {}{}   seq {}   pending {}{}\n",
+            f.get("name").and_then(Value::as_str).unwrap_or("?"),
+            f.get("replica").and_then(Value::as_str).unwrap_or("?"),
+            if f.get("store_up") == Some(&Value::Bool(true)) {
+                "up"
+            } else {
+                "DOWN"
+            },
+            if f.get("pool") == Some(&Value::Bool(true)) {
+                "   pooled"
+            } else {
+                ""
+            },
+            f.get("seq").cloned().unwrap_or_default(),
+            f.get("pending").cloned().unwrap_or_default(),
+            if f.get("leader") == Some(&Value::Bool(true)) {
+                "   (evaluator lease)"
+            } else {
+                ""
+            },
+        ));
+        let now = crate::decision::unix_ms();
+        let mut rows = vec![vec!["REPLICA".to_string(), "LAST SEEN".into()]];
+        for r in f
+            .get("replicas")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let ago = now.saturating_sub(r["last_seen_ms"].as_u64().unwrap_or(0));
+            rows.push(vec![
+                r["replica"].as_str().unwrap_or("?").into(),
+                format!("{:.1}s ago", ago as f64 / 1000.0),
+            ]);
+        }
+        out.push_str(&table(&rows));
+        out.push('\n');
+    }
     let mut rows = vec![vec![
         "VERSION".to_string(),
         "HEALTHY".into(),

@@ -199,6 +199,8 @@ pub struct Controller {
     followups: Mutex<Vec<JoinHandle<()>>>,
     /// The evaluator's latest evidence, for status and the status page.
     view: arc_swap::ArcSwap<crate::evaluator::View>,
+    /// Set when this replica is part of a fleet (SPEC section 10).
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -354,6 +356,16 @@ pub fn prune(state: &mut RuntimeState, config: &Config) -> Vec<String> {
     dropped
 }
 
+/// The fleet's fields of a command's record: this replica, the one that decided, and the
+/// command's place in the fleet's order (absent while the store was unreachable).
+fn fleet_fields(f: &mut Map<String, Value>, via: Option<&crate::fleet::Via>) {
+    if let Some(v) = via {
+        f.insert("replica".into(), json!(v.replica));
+        f.insert("origin_replica".into(), json!(v.origin));
+        f.insert("fleet_seq".into(), json!(v.seq));
+    }
+}
+
 fn err_kind(kind: std::io::ErrorKind, e: impl std::fmt::Display) -> Refused {
     match kind {
         std::io::ErrorKind::NotFound => Refused::NotFound(e.to_string()),
@@ -379,7 +391,77 @@ impl Controller {
             decisions: tokio::sync::Mutex::new(()),
             followups: Mutex::new(Vec::new()),
             view: Default::default(),
+            fleet: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Joins this controller to a fleet: from now on commands go through it.
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet this replica belongs to, if any.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.get()
+    }
+
+    /// Whether this replica's evaluator turns evidence into automatic decisions now (in a
+    /// pooling fleet with the store up, only the lease holder does).
+    pub fn decides(&self) -> bool {
+        self.fleet.get().is_none_or(|f| f.decides())
+    }
+
+    /// Checks `cmd` against the current state without applying it.
+    pub fn check(&self, cmd: &Command) -> Result<(), Refused> {
+        let table = self.store.load();
+        if let Action::Fault { version, .. } = &cmd.action {
+            return table
+                .version(version)
+                .map(|_| ())
+                .ok_or_else(|| Refused::NotFound(format!("no version {version}")));
+        }
+        self.plan(cmd, &table, &self.store.runtime_state(), false)
+            .map(|_| ())
+    }
+
+    /// Takes `state` (the fleet's) as the runtime state: pruned against this replica's
+    /// file, swapped, persisted, and recorded as `fleet_sync` with what changed. Nothing is
+    /// recorded when nothing changed.
+    pub async fn adopt(
+        &self,
+        mut state: RuntimeState,
+        mut fields: Map<String, Value>,
+    ) -> std::io::Result<()> {
+        let serial = self.decisions.lock().await;
+        let config = self.store.config();
+        let current = self.store.runtime_state();
+        state.last_command = current.last_command.clone();
+        let dropped = prune(&mut state, &config);
+        if state == current {
+            return Ok(());
+        }
+        let diff = |a: &RuntimeState, b: &RuntimeState| -> Value {
+            json!({
+                "quarantined": a.quarantined.keys().filter(|v| !b.quarantined.contains_key(*v)).map(|v| v.as_str()).collect::<Vec<_>>(),
+            })
+        };
+        fields.insert("added".into(), diff(&state, &current));
+        fields.insert("lifted".into(), diff(&current, &state));
+        if !dropped.is_empty() {
+            fields.insert("overrides_dropped".into(), json!(dropped));
+        }
+        let next = state;
+        let swap = self.store.update(None, move |s| *s = next)?;
+        if let Err(e) = self.persist().await {
+            tracing::error!(error = %e, "persisting the runtime state failed; it holds until restart");
+            fields.insert("persist_error".into(), json!(e.to_string()));
+        }
+        fields.insert("generation_before".into(), json!(swap.generation_before));
+        fields.insert("generation_after".into(), json!(swap.generation_after));
+        tracing::warn!(?fields, "took the fleet's runtime state");
+        self.record("fleet_sync", fields).await?;
+        drop(serial);
+        Ok(())
     }
 
     /// The evaluator's latest evidence per candidate and rollout.
@@ -407,8 +489,19 @@ impl Controller {
         kind: &'static str,
         fields: Map<String, Value>,
     ) -> std::io::Result<Value> {
+        self.record_as(kind, fields, None).await
+    }
+
+    /// [`record`](Self::record) with the fleet-wide id of `command_id`, if given.
+    async fn record_as(
+        &self,
+        kind: &'static str,
+        fields: Map<String, Value>,
+        command_id: Option<&str>,
+    ) -> std::io::Result<Value> {
         let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || audit.append(kind, fields))
+        let command_id = command_id.map(str::to_string);
+        tokio::task::spawn_blocking(move || audit.append_as(kind, fields, command_id.as_deref()))
             .await
             .map_err(std::io::Error::other)?
     }
@@ -447,11 +540,27 @@ impl Controller {
         self.apply_at(cmd, Instant::now()).await
     }
 
-    /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap.
+    /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap. In a
+    /// fleet, the command is published first and applied in the fleet's order.
     pub async fn apply_at(
         self: &Arc<Self>,
         cmd: Command,
         began: Instant,
+    ) -> Result<Value, Refused> {
+        match self.fleet.get() {
+            Some(f) => f.clone().submit(self, cmd, began).await,
+            None => self.apply_local(cmd, began, None).await,
+        }
+    }
+
+    /// Applies `cmd` on this replica (see the module docs). `via`: how it came through the
+    /// fleet, if it did; its record then carries the fleet-wide id, `replica`,
+    /// `origin_replica` and `fleet_seq`.
+    pub async fn apply_local(
+        self: &Arc<Self>,
+        cmd: Command,
+        began: Instant,
+        via: Option<&crate::fleet::Via>,
     ) -> Result<Value, Refused> {
         let decide = began.elapsed();
         let serial = self.decisions.lock().await;
@@ -482,9 +591,12 @@ impl Controller {
             f.insert("latency_ms".into(), json!(latency_ms));
             f.insert("duration_ms".into(), json!(duration_ms));
             f.insert("command_id".into(), json!(cmd.id));
+            fleet_fields(&mut f, via);
             v.counters.faults.set(*error_rate, latency, dur);
             tracing::warn!(%version, error_rate, latency_ms, duration_ms, command = %cmd.id, "fault injected");
-            let record = self.record("fault", f).await;
+            let record = self
+                .record_as("fault", f, via.map(|_| cmd.id.as_str()))
+                .await;
             drop(serial);
             return record.map_err(|e| {
                 Refused::Failed(format!(
@@ -492,7 +604,8 @@ impl Controller {
                 ))
             });
         }
-        let mut plan = self.plan(&cmd, &table, &state)?;
+        let remote = via.is_some_and(|v| v.origin != v.replica);
+        let mut plan = self.plan(&cmd, &table, &state, remote)?;
         plan.next.last_command = Some(LastCommand {
             id: cmd.id.clone(),
             kind: plan.kind.to_string(),
@@ -518,16 +631,20 @@ impl Controller {
         let trip_to_swap = began.elapsed();
         if let (Some(rb), Some(pairs)) = (&plan.rollback, &in_flight_pairs) {
             let m = &self.store.metrics;
-            m.rollback_triggered
-                .get_or_create(&labels(&[
-                    ("route", &rb.route),
-                    ("trigger", rb.trigger.as_str()),
-                ]))
-                .inc();
+            // One decision counts once in the fleet: triggered and trip-to-swap where it was
+            // made; completed (a swap) on every replica.
+            if !remote {
+                m.rollback_triggered
+                    .get_or_create(&labels(&[
+                        ("route", &rb.route),
+                        ("trigger", rb.trigger.as_str()),
+                    ]))
+                    .inc();
+                m.rollback_duration.observe(trip_to_swap.as_secs_f64());
+            }
             m.rollback_completed
                 .get_or_create(&labels(&[("route", &rb.route)]))
                 .inc();
-            m.rollback_duration.observe(trip_to_swap.as_secs_f64());
             // Judged afresh if it is ever resumed: never on the requests of before.
             for p in pairs {
                 p.new_incarnation();
@@ -536,6 +653,7 @@ impl Controller {
         let persisted = self.persist().await;
         let mut fields = plan.fields;
         fields.insert("command_id".into(), json!(cmd.id));
+        fleet_fields(&mut fields, via);
         fields.insert("generation_before".into(), json!(swap.generation_before));
         fields.insert("generation_after".into(), json!(swap.generation_after));
         if let Err(e) = &persisted {
@@ -557,7 +675,9 @@ impl Controller {
             );
             tracing::warn!(route = %rb.route, version = %rb.version, trigger = rb.trigger.as_str(), trip_to_swap_us = trip_to_swap.as_micros() as u64, generation = swap.generation_after, "rolled back");
         }
-        let record = self.record(plan.kind, fields).await;
+        let record = self
+            .record_as(plan.kind, fields, via.map(|_| cmd.id.as_str()))
+            .await;
         drop(serial);
         let record = match record {
             Ok(r) => r,
@@ -583,7 +703,7 @@ impl Controller {
             );
         }
         if let (Some(rb), Some(pairs)) = (plan.rollback, in_flight_pairs) {
-            self.rollback_followup(rb, pairs, record.clone(), swap);
+            self.rollback_followup(rb, pairs, record.clone(), swap, !remote);
         }
         Ok(record)
     }
@@ -596,21 +716,27 @@ impl Controller {
         pairs: Vec<Arc<crate::telemetry::PairStats>>,
         record: Value,
         swap: Swap,
+        alert: bool,
     ) {
         let this = self.clone();
         let drained: i64 = pairs.iter().map(|p| p.in_flight().max(0)).sum();
         self.follow_up(async move {
             let config = this.store.config();
-            let alert = json!({
-                "kind": "rollback", "severity": "warning", "id": record["id"],
-                "route": rb.route, "version": rb.version.as_str(), "to_version": rb.to_version,
-                "trigger": rb.trigger.as_str(), "reason": record["reason"],
-                "generation": swap.generation_after,
-            });
-            let sent = this
-                .alerts
-                .send(&config.alerts.webhooks, Severity::Warning, &alert)
-                .await;
+            // In a fleet, the replica that decided sends the alert: one decision, one alert.
+            let sent = if alert {
+                let payload = json!({
+                    "kind": "rollback", "severity": "warning", "id": record["id"],
+                    "route": rb.route, "version": rb.version.as_str(), "to_version": rb.to_version,
+                    "trigger": rb.trigger.as_str(), "reason": record["reason"],
+                    "generation": swap.generation_after,
+                    "replica": record["replica"],
+                });
+                this.alerts
+                    .send(&config.alerts.webhooks, Severity::Warning, &payload)
+                    .await
+            } else {
+                Vec::new()
+            };
             let t = Instant::now();
             while pairs.iter().map(|p| p.in_flight().max(0)).sum::<i64>() > 0
                 && t.elapsed() < config.drain_timeout
@@ -637,7 +763,13 @@ impl Controller {
     }
 
     /// Validates `cmd` against the current table and state; the next state and its record.
-    fn plan(&self, cmd: &Command, table: &Table, state: &RuntimeState) -> Result<Plan, Refused> {
+    fn plan(
+        &self,
+        cmd: &Command,
+        table: &Table,
+        state: &RuntimeState,
+        remote: bool,
+    ) -> Result<Plan, Refused> {
         let mut next = state.clone();
         let mut f = Map::new();
         f.insert("automatic".into(), json!(cmd.automatic()));
@@ -705,7 +837,8 @@ impl Controller {
                         .members
                         .iter()
                         .find(|m| &table.versions[m.version].name == version);
-                    if pair.is_some_and(|m| m.stats.incarnation() != e.incarnation) {
+                    // Incarnations are this process's own: another replica's says nothing here.
+                    if !remote && pair.is_some_and(|m| m.stats.incarnation() != e.incarnation) {
                         return Err(Refused::Stale(format!(
                             "{version} was rolled back and resumed since it was judged"
                         )));

@@ -38,6 +38,7 @@ pub mod decision;
 pub mod demo;
 pub mod drill;
 pub mod evaluator;
+pub mod fleet;
 pub mod load;
 pub mod mock;
 pub mod proxy;

@@ -100,6 +100,30 @@ pub struct FileConfig {
     pub evaluator: FileEvaluator,
     #[serde(default)]
     pub alerts: FileAlerts,
+    /// Replicas that name the same store and fleet name share their runtime state and
+    /// decisions (SPEC section 10). Absent or null: this replica decides alone.
+    #[serde(default)]
+    pub fleet: Option<L<FileFleet>>,
+}
+
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileFleet {
+    /// `redis://host:port/db` or `rediss://` (TLS) of a Redis >= 6 or Valkey; a password
+    /// may be given in the URL (`redis://:secret@host:6379/0`) or in `password_file`.
+    pub store: L<String>,
+    /// A file holding the store's password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// Replicas with the same name share state: 1 to 64 of letters, digits, '.', '_', '-'.
+    pub name: L<String>,
+    /// This replica's name in the fleet (default: $ROLLGATE_REPLICA, else $POD_NAME, else
+    /// the hostname): 1 to 253 printable characters, no spaces.
+    #[serde(default)]
+    pub replica: Option<L<String>>,
+    /// The evaluator tests the fleet's pooled counts (default true).
+    #[serde(default)]
+    pub pool: Option<bool>,
 }
 
 fn default_listen() -> L<String> {

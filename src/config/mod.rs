@@ -88,6 +88,33 @@ pub struct Config {
     pub pin: PinConfig,
     pub evaluator: EvaluatorConfig,
     pub alerts: AlertsConfig,
+    /// `None`: this replica decides alone.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The `fleet:` block, validated (SPEC section 10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// The store's URL as written (a password in it is never logged: see [`Self::redacted`]).
+    pub store: String,
+    pub password_file: Option<PathBuf>,
+    pub name: String,
+    /// This replica's name, resolved from the file or the environment.
+    pub replica: String,
+    pub pool: bool,
+}
+
+impl FleetConfig {
+    /// The store URL without its password, for logs, status and records.
+    pub fn redacted(&self) -> String {
+        match self.store.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}"),
+                None => self.store.clone(),
+            },
+            None => self.store.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use super::file::{FileConfig, FileRoute, FileVersion, Located};
+use super::file::{FileConfig, FileFleet, FileRoute, FileVersion, Located};
 use super::*;
 
 /// The range of every number in the file, in one place.
@@ -53,6 +53,7 @@ pub(crate) mod bounds {
     pub const MIN_REQUESTS: (u64, u64) = (1, 1_000_000_000);
     pub const CONFIDENCE: Span = Span::open_closed(0.5, 0.999_999);
     pub const RATIO: Span = Span::open_closed(1.0, 1000.0);
+    pub const FLEET_NAME_LEN: usize = 64;
     pub const MIN_ERROR_RATE: Span = Span::closed_open(0.0, 1.0);
     pub const FRACTION: Span = Span::open(0.0, 1.0);
     pub const LATENCY_P99_MAX: DurSpan = DurSpan::new(MS, HOUR);
@@ -669,6 +670,8 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         })
         .collect();
 
+    let fleet = f.fleet.as_ref().and_then(|l| fleet(&mut p, l, origin));
+
     if !p.list.is_empty() {
         return Err(ConfigError {
             file: origin.to_path_buf(),
@@ -709,7 +712,88 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
             rules,
         },
         alerts: AlertsConfig { webhooks },
+        fleet,
     })
+}
+
+/// The `fleet:` block: a store URL the client accepts, a fleet name usable inside a key,
+/// and this replica's name (from the file, else the environment).
+fn fleet(p: &mut Problems, l: &Located<FileFleet>, origin: &Path) -> Option<FleetConfig> {
+    let f = &l.value;
+    let store = f.store.value.trim();
+    let scheme_ok = store.starts_with("redis://") || store.starts_with("rediss://");
+    if !scheme_ok {
+        p.at(
+            &f.store,
+            "fleet.store",
+            format!(
+                "{store:?} is not a store URL: write redis://host:6379/0 (or rediss:// for TLS)"
+            ),
+        );
+    } else if let Err(e) = redis::Client::open(store) {
+        p.at(
+            &f.store,
+            "fleet.store",
+            format!("{store:?} is not a valid Redis URL: {e}"),
+        );
+    }
+    let name = f.name.value.trim();
+    if name.is_empty()
+        || name.len() > bounds::FLEET_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        p.at(
+            &f.name,
+            "fleet.name",
+            format!(
+                "{name:?} is not a fleet name: 1 to {} letters, digits, '.', '_' or '-'",
+                bounds::FLEET_NAME_LEN
+            ),
+        );
+    }
+    let replica = match &f.replica {
+        Some(r) => r.value.trim().to_string(),
+        None => default_replica(),
+    };
+    if replica.is_empty()
+        || replica.len() > bounds::ADMIN_HOST_LEN
+        || replica.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        let msg = format!(
+            "{replica:?} is not a replica name: 1 to {} printable characters without spaces",
+            bounds::ADMIN_HOST_LEN
+        );
+        match &f.replica {
+            Some(r) => p.at(r, "fleet.replica", msg),
+            None => p.at(
+                l,
+                "fleet.replica",
+                format!(
+                    "{msg} (from $ROLLGATE_REPLICA, $POD_NAME or the hostname; set fleet.replica)"
+                ),
+            ),
+        }
+    }
+    (scheme_ok && p.list.is_empty()).then(|| FleetConfig {
+        store: store.to_string(),
+        password_file: f.password_file.as_ref().map(|t| relative(origin, t)),
+        name: name.to_string(),
+        replica,
+        pool: f.pool.unwrap_or(true),
+    })
+}
+
+/// This replica's default name: `$ROLLGATE_REPLICA`, else `$POD_NAME`, else the hostname.
+fn default_replica() -> String {
+    ["ROLLGATE_REPLICA", "POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// `admin.hosts`: DNS names without a port, lowercased, duplicates dropped.

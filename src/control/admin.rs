@@ -128,6 +128,9 @@ pub struct Status {
     pub versions: Vec<VersionStatus>,
     /// Every candidate's evidence per rule against the level that rolls it back.
     pub evidence: Vec<crate::evaluator::CandidateView>,
+    /// The fleet this replica belongs to (SPEC section 10); absent when it decides alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -185,6 +188,7 @@ pub fn status(store: &Store, view: &crate::evaluator::View, table: &Table) -> St
             })
             .collect(),
         evidence: view.candidates.clone(),
+        fleet: None,
     }
 }
 
@@ -462,10 +466,11 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
         }
         "/api/v1/status" => {
             let table = admin.store.load();
-            json(
-                StatusCode::OK,
-                &status(&admin.store, &admin.controller.view(), &table),
-            )
+            let mut s = status(&admin.store, &admin.controller.view(), &table);
+            if let Some(f) = admin.controller.fleet() {
+                s.fleet = Some(f.status().await);
+            }
+            json(StatusCode::OK, &s)
         }
         "/api/v1/config" => {
             let table = admin.store.load();
@@ -482,13 +487,25 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
             )
         }
         "/api/v1/events" => {
+            let audit = admin.controller.audit.clone();
             let since = match query_param(req, "since") {
                 None => 0,
-                Some(s) => id_number(&s)
-                    .or_else(|| s.parse().ok())
-                    .ok_or_else(|| ApiError::bad(format!("since={s:?} is not an event id")))?,
+                Some(s) => match id_number(&s).or_else(|| s.parse().ok()) {
+                    Some(n) => n,
+                    // A fleet-wide id (`rb-cmd-...`) carries no number: find its record.
+                    None => {
+                        let a = audit.clone();
+                        let id = s.clone();
+                        tokio::task::spawn_blocking(move || a.seq_of(&id))
+                            .await
+                            .map_err(ApiError::internal)?
+                            .map_err(ApiError::internal)?
+                            .ok_or_else(|| {
+                                ApiError::bad(format!("since={s:?} is not an event id or seq"))
+                            })?
+                    }
+                },
             };
-            let audit = admin.controller.audit.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let last = audit.last_seq();
                 audit

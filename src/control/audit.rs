@@ -1,9 +1,13 @@
 //! The audit log: `state_dir/audit.jsonl`, one JSON object a line, each fsync'd before the
 //! decision it records is reported done.
 //!
-//! Every record has `id` (`rb-000042`: a kind prefix and a sequence number shared by all
-//! kinds, so ids order records), `timestamp` (RFC 3339, milliseconds, UTC) and `kind`. The
-//! log sets these three itself: fields passed to [`Audit::append`] cannot override them.
+//! Every record has `seq` (a sequence number shared by all kinds, so it orders records),
+//! `id`, `timestamp` (RFC 3339, milliseconds, UTC) and `kind`. The log sets these itself:
+//! fields passed to [`Audit::append`] cannot override them. A record's `id` is its kind's
+//! prefix and its `seq` (`rb-000042`), except for a decision replicated through a fleet
+//! (SPEC section 10), whose id is the same in every replica's log: the prefix and the
+//! command's id (`rb-cmd-3fa9c0e1d2b4a576`, [`Audit::append_as`]). Logs written before
+//! `seq` existed are read by the number in their ids.
 //!
 //! # Rotation
 //!
@@ -91,9 +95,21 @@ fn prefix(kind: &str) -> &'static str {
     }
 }
 
-/// The sequence number of an id such as `rb-000042`.
+/// The sequence number of a local id such as `rb-000042` (`None` for a fleet-wide id such
+/// as `rb-cmd-3fa9c0e1d2b4a576`).
 pub fn id_number(id: &str) -> Option<u64> {
-    id.rsplit('-').next()?.parse().ok()
+    let (_, n) = id.split_once('-')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// A record's sequence number: its `seq`, or for records from before `seq`, its id's.
+pub fn record_seq(record: &Value) -> Option<u64> {
+    record["seq"]
+        .as_u64()
+        .or_else(|| record["id"].as_str().and_then(id_number))
 }
 
 /// The audit files in `state_dir`, oldest first (`audit.jsonl.N` ... `audit.jsonl.1`, then
@@ -141,15 +157,17 @@ fn with_path(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
     move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-/// The sequence number of a line that is a JSON object with an `id`; `None` for anything else.
+/// The sequence number of a line that is a JSON record; `None` for anything else.
 fn record_id(line: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
     struct Head {
+        #[serde(default)]
+        seq: Option<u64>,
         id: String,
     }
     serde_json::from_slice::<Head>(line)
         .ok()
-        .and_then(|h| id_number(&h.id))
+        .and_then(|h| h.seq.or_else(|| id_number(&h.id)))
 }
 
 /// Bytes `start..end` of `file`.
@@ -301,11 +319,7 @@ impl Lines {
                 continue;
             }
             let record = serde_json::from_slice::<Value>(&self.line).ok();
-            let Some(n) = record
-                .as_ref()
-                .and_then(|r| r["id"].as_str())
-                .and_then(id_number)
-            else {
+            let Some(n) = record.as_ref().and_then(record_seq) else {
                 tracing::warn!(
                     file = %self.path.display(),
                     offset = start,
@@ -402,6 +416,17 @@ impl Audit {
     /// fsync, a rotation now and then): call it from `spawn_blocking` or a background task,
     /// never from the request path.
     pub fn append(&self, kind: &str, fields: Map<String, Value>) -> io::Result<Value> {
+        self.append_as(kind, fields, None)
+    }
+
+    /// [`append`](Self::append), with the fleet-wide id `{prefix}-{command_id}` when
+    /// `command_id` is given: the same record id on every replica that applies the command.
+    pub fn append_as(
+        &self,
+        kind: &str,
+        fields: Map<String, Value>,
+        command_id: Option<&str>,
+    ) -> io::Result<Value> {
         let mut inner = self.inner();
         if inner.dirty {
             inner.len = end_torn_line(&inner.file, &self.path)?;
@@ -409,10 +434,12 @@ impl Audit {
         }
         let n = inner.last + 1;
         let mut record = fields;
-        record.insert(
-            "id".into(),
-            Value::String(format!("{}-{n:06}", prefix(kind))),
-        );
+        let id = match command_id {
+            Some(c) => format!("{}-{c}", prefix(kind)),
+            None => format!("{}-{n:06}", prefix(kind)),
+        };
+        record.insert("id".into(), Value::String(id));
+        record.insert("seq".into(), Value::from(n));
         record.insert(
             "timestamp".into(),
             Value::String(timestamp(SystemTime::now())),
@@ -469,6 +496,30 @@ impl Audit {
         inner.len = file.metadata()?.len();
         inner.file = file;
         Ok(())
+    }
+
+    /// The sequence number of the record with `id`, newest file first (a fleet-wide id
+    /// carries no number: `GET /api/v1/events?since=rb-cmd-...` finds it here).
+    pub fn seq_of(&self, id: &str) -> io::Result<Option<u64>> {
+        let needle = format!("\"id\":{}", Value::String(id.to_string()));
+        for path in log_files(&self.dir).into_iter().rev() {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in BufReader::new(file).split(b'\n') {
+                let line = line?;
+                if !line.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    continue;
+                }
+                let record = serde_json::from_slice::<Value>(&line).ok();
+                if let Some(r) = record.filter(|r| r["id"] == id) {
+                    return Ok(record_seq(&r));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Up to [`SINCE_LIMIT`] records with a sequence number above `since`, oldest first.

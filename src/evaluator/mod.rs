@@ -349,6 +349,10 @@ struct Track {
     flagged: VecDeque<(Instant, u64)>,
     /// Per-second evidence of every rule, newest last.
     trajectory: VecDeque<(Instant, Vec<(Trigger, f64)>)>,
+    /// The comparison's key in the fleet's pooled counts.
+    pool_key: String,
+    /// Each other replica's published counts as last added: (boot, counts).
+    remote_seen: HashMap<String, (u64, crate::fleet::Counts)>,
 }
 
 /// The identity of a comparison: a change of any part starts a new [`Track`].
@@ -361,10 +365,24 @@ struct TrackKey {
 }
 
 impl Track {
-    fn new(now: Instant, cand: &PairStats, base: Counts, base_samples: u64) -> Self {
+    fn new(
+        now: Instant,
+        cand: &PairStats,
+        base: Counts,
+        base_samples: u64,
+        pool_key: String,
+        remote: Option<&crate::fleet::Remote>,
+    ) -> Self {
         let c = cand.signals.counts();
         let cum = cand.cumulative();
+        // Other replicas' counts so far are not this comparison's: only what they add.
+        let remote_seen = remote
+            .and_then(|r| r.by_key.get(&pool_key))
+            .map(|v| v.iter().map(|(r, b, c)| (r.clone(), (*b, *c))).collect())
+            .unwrap_or_default();
         Track {
+            pool_key,
+            remote_seen,
             incarnation: cand.incarnation(),
             cmp: Comparison::default(),
             cand: Counts::of(&cum, c),
@@ -396,6 +414,7 @@ impl Track {
 
     /// Reads one tick's new observations from the live statistics and feeds them to the
     /// comparison. Returns what the tick's rules were evaluated on.
+    #[allow(clippy::too_many_arguments)]
     fn observe(
         &mut self,
         ev: &EvaluatorConfig,
@@ -404,6 +423,10 @@ impl Track {
         b_now: Counts,
         base_p99: Option<Duration>,
         scratch: &mut (Vec<f64>, Vec<f64>),
+        pool: Option<(
+            &crate::fleet::Remote,
+            &mut BTreeMap<String, crate::fleet::Counts>,
+        )>,
     ) -> Seen {
         let r = &ev.rules;
         let c_sig = cand.signals.counts();
@@ -421,7 +444,7 @@ impl Track {
             ))),
             _ => None,
         };
-        let tick = Tick {
+        let mut tick = Tick {
             candidate_answered: c_now.answered.saturating_sub(self.cand.answered),
             candidate_errors: c_now.errors.saturating_sub(self.cand.errors),
             baseline_answered: b_now.answered.saturating_sub(self.base.answered),
@@ -435,6 +458,9 @@ impl Track {
             drift_pairs: &pairs.0,
             drift_cuts: pairs.1,
         };
+        if let Some((remote, published)) = pool {
+            self.pool(&mut tick, remote, published);
+        }
         self.cmp.observe(ev, &tick);
         let seen = Seen {
             candidate: tick.candidate_answered,
@@ -451,6 +477,57 @@ impl Track {
         self.cand_ttfb = c_cum.ttfb;
         self.base = b_now;
         seen
+    }
+
+    /// In a pooling fleet: adds this tick's own counts to what this replica publishes, and
+    /// the other live replicas' new counts to the tick, so every request of the fleet is
+    /// observed once by this comparison's detectors. Drift samples stay local; a tick whose
+    /// baseline p99 is unknown here judges no latency ratio, pooled or not.
+    fn pool(
+        &mut self,
+        tick: &mut Tick<'_>,
+        remote: &crate::fleet::Remote,
+        published: &mut BTreeMap<String, crate::fleet::Counts>,
+    ) {
+        let own = [
+            tick.candidate_answered,
+            tick.candidate_errors,
+            tick.baseline_answered,
+            tick.baseline_errors,
+            tick.over_sla,
+            tick.over_baseline_p99.unwrap_or(0),
+            tick.candidate_feedback,
+            tick.candidate_incorrect,
+            tick.baseline_feedback,
+            tick.baseline_incorrect,
+        ];
+        let mine = published.entry(self.pool_key.clone()).or_default();
+        for (m, o) in mine.iter_mut().zip(own) {
+            *m = m.saturating_add(o);
+        }
+        let mut add = [0u64; 10];
+        for (replica, boot, counts) in remote.by_key.get(&self.pool_key).into_iter().flatten() {
+            let prev = self.remote_seen.insert(replica.clone(), (*boot, *counts));
+            // A new replica, a restart, or counts that went back (its comparison started
+            // over): everything it published is new.
+            let base = match prev {
+                Some((b, p)) if b == *boot && p.iter().zip(counts).all(|(p, c)| p <= c) => p,
+                _ => [0; 10],
+            };
+            for i in 0..10 {
+                add[i] = add[i].saturating_add(counts[i] - base[i]);
+            }
+        }
+        tick.candidate_answered += add[0];
+        tick.candidate_errors += add[1];
+        tick.baseline_answered += add[2];
+        tick.baseline_errors += add[3];
+        tick.over_sla += add[4];
+        tick.over_baseline_p99 = tick.over_baseline_p99.map(|o| o + add[5]);
+        tick.candidate_feedback += add[6];
+        tick.candidate_incorrect += add[7];
+        tick.baseline_feedback += add[8];
+        tick.baseline_incorrect += add[9];
     }
 
     /// Pairs this tick's new candidate samples with the baseline's new samples of the same
@@ -523,6 +600,8 @@ pub struct Evaluator {
     /// Candidates at or over a rule's threshold this tick (tripped, or waiting behind another
     /// trip): never stepped or promoted in the same tick.
     tripping: Vec<(String, VersionName)>,
+    /// This replica's own cumulative counts per comparison, published to a pooling fleet.
+    published: BTreeMap<String, crate::fleet::Counts>,
 }
 
 /// The evaluator task. Runs until `stop` turns true.
@@ -565,6 +644,12 @@ impl Evaluator {
         let runtime = c.store.runtime_state();
         let mut live = Vec::new();
         let mut trip = None;
+        let pooling = c.fleet().filter(|f| f.config.pool);
+        let remote = pooling.map(|f| f.remote());
+        // With the store down, counts are still kept (and published once it is back), but
+        // only this replica's own are judged.
+        let pooled = pooling.is_some_and(|f| f.pooling());
+        let decides = c.decides();
         for route in table.routes.iter() {
             let paused = runtime.paused.contains(&*route.name);
             let base = route.baseline_member();
@@ -600,13 +685,35 @@ impl Evaluator {
                     fingerprints: fingerprints.clone(),
                 };
                 live.push(key.clone());
-                let track = self.tracks.entry(key).or_insert_with(|| {
-                    Track::new(now, &m.stats, base_now, base_now.signals.samples)
-                });
+                let pool_key = crate::fleet::comparison_key(
+                    &route.name,
+                    v.name.as_str(),
+                    base_version.name.as_str(),
+                    &fingerprints,
+                );
+                let remote = remote.as_deref();
+                let fresh = || {
+                    Track::new(
+                        now,
+                        &m.stats,
+                        base_now,
+                        base_now.signals.samples,
+                        pool_key.clone(),
+                        remote,
+                    )
+                };
+                let track = self.tracks.entry(key).or_insert_with(fresh);
                 if track.incarnation != m.stats.incarnation() {
                     // Rolled back and resumed since the last tick: judged on new traffic only.
-                    *track = Track::new(now, &m.stats, base_now, base_now.signals.samples);
+                    *track = fresh();
                 }
+                let mut own_only = crate::fleet::Remote::default();
+                let pool = match remote {
+                    Some(r) if pooled => Some((r, &mut self.published)),
+                    // Keep publishing our own counts; judge them alone.
+                    Some(_) => Some((&own_only, &mut self.published)),
+                    None => None,
+                };
                 let seen = track.observe(
                     ev,
                     &m.stats,
@@ -614,7 +721,9 @@ impl Evaluator {
                     base_now,
                     base_p99,
                     &mut self.scratch,
+                    pool,
                 );
+                own_only.by_key.clear();
                 if let Some(h) = self.holds.get_mut(&*route.name) {
                     if h.version == v.name && h.fingerprints == fingerprints {
                         h.candidate += seen.candidate;
@@ -654,7 +763,7 @@ impl Evaluator {
                 if progress.iter().any(|p| p.ratio >= 1.0) {
                     self.tripping.push((route.name.to_string(), v.name.clone()));
                 }
-                if paused || trip.is_some() {
+                if paused || trip.is_some() || !decides {
                     continue;
                 }
                 if let Verdict::Trip { trigger, reason } =
@@ -688,6 +797,11 @@ impl Evaluator {
             }
         }
         self.tracks.retain(|k, _| live.contains(k));
+        if let Some(f) = pooling {
+            let keys: Vec<&String> = self.tracks.values().map(|t| &t.pool_key).collect();
+            self.published.retain(|k, _| keys.contains(&k));
+            f.set_local(self.published.clone());
+        }
         if let Some((cmd, t0)) = trip {
             match c.apply_at(cmd, t0).await {
                 Ok(_) => {}
@@ -824,6 +938,10 @@ impl Evaluator {
                 ),
                 _ => format!("rollout step after a clean hold of {:?}", rollout.hold),
             };
+            if !c.decides() {
+                // Another replica of the fleet holds the evaluator lease and steps it.
+                continue;
+            }
             match c.apply(Command::new(cmd, None, Some(reason))).await {
                 Ok(rec) => {
                     tracing::info!(route = %name, version = %candidate, kind = %rec["kind"], "rollout advanced")

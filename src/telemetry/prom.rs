@@ -46,6 +46,10 @@ pub struct Metrics {
     pub requests_shed: Counter,
     /// Each candidate's evidence per rule as a fraction of what trips it (1 trips).
     pub evidence_ratio: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Fleet (SPEC section 10), exported only when `fleet:` is configured ([`Self::with_fleet`]).
+    pub fleet_store_up: Gauge,
+    pub fleet_replicas: Gauge,
+    pub fleet_apply_lag: PromHistogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +84,11 @@ impl Metrics {
             route_degraded: Family::default(),
             requests_shed: Counter::default(),
             evidence_ratio: Family::default(),
+            fleet_store_up: Gauge::default(),
+            fleet_replicas: Gauge::default(),
+            fleet_apply_lag: PromHistogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0,
+            ]),
             registry: Registry::default(),
         };
         // Counters exist from the start, at 0, so `increase()` sees their first event.
@@ -164,6 +173,26 @@ impl Metrics {
         );
         registry.register_collector(Box::new(RequestCollector(telemetry)));
         Metrics { registry, ..m }
+    }
+
+    /// Registers the fleet's metrics (a replica in a fleet exports them; one alone does not).
+    pub fn with_fleet(mut self) -> Self {
+        self.registry.register(
+            "fleet_store_up",
+            "1 while the fleet's store answers",
+            self.fleet_store_up.clone(),
+        );
+        self.registry.register(
+            "fleet_replicas",
+            "Replicas of the fleet seen in the last 3 s, this one included",
+            self.fleet_replicas.clone(),
+        );
+        self.registry.register(
+            "fleet_apply_lag_seconds",
+            "From a decision on any replica to its table swap on this one",
+            self.fleet_apply_lag.clone(),
+        );
+        self
     }
 
     /// The text exposition format.
