@@ -1,5 +1,6 @@
 //! Test harness for rollgate's integration tests: real sockets on port 0, real upstreams that can
-//! be told to misbehave, a proxy builder, a small client, and `assert_eventually!`.
+//! be told to misbehave, a proxy builder, a small client, and `assert_eventually!`; for the fleet
+//! tests, a real `redis-server` and `rollgate` replicas in child processes.
 //!
 //! Each test file that uses it says `#[macro_use] mod support;`. Nothing here sleeps to wait for
 //! something: waits are polls with a deadline.
@@ -13,6 +14,8 @@ pub mod load;
 pub mod metrics;
 pub mod proxy;
 pub mod raw_upstream;
+pub mod redis;
+pub mod replica;
 pub mod sim;
 pub mod upstream;
 
@@ -22,6 +25,8 @@ pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestRespo
 pub use load::Load;
 pub use metrics::metric_sum;
 pub use proxy::{audit_records_in, Route, TestProxy, TestProxyBuilder};
+pub use redis::{RedisServer, RespValue};
+pub use replica::{Replica, ReplicaBuilder};
 pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};
 
 /// Upper bound for any single request made by the harness; a proxy that hangs fails the test
