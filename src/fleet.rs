@@ -227,6 +227,9 @@ pub struct Fleet {
     local: ArcSwap<BTreeMap<String, Counts>>,
     heartbeat_every: Duration,
     scripts: Scripts,
+    /// Commands this replica published and waits to see applied, by id: whichever
+    /// catch-up applies one hands its result to the waiting caller.
+    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Result<Value, Refused>>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -528,7 +531,17 @@ impl Fleet {
                 snapshot: script(SNAPSHOT),
             },
             config,
+            waiting: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn waiters(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<String, tokio::sync::oneshot::Sender<Result<Value, Refused>>>,
+    > {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the store answered the last heartbeat.
@@ -602,20 +615,35 @@ impl Fleet {
     ) -> Result<Value, Refused> {
         controller.check(&cmd)?;
         if self.store_up() {
-            match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&cmd)).await {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            self.waiters().insert(cmd.id.clone(), tx);
+            let published = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&cmd)).await;
+            if !matches!(published, Ok(Ok(Publish::At(_)))) {
+                self.waiters().remove(&cmd.id);
+            }
+            match published {
                 Ok(Ok(Publish::At(seq))) => {
-                    if let Some(result) = self.catch_up(controller, Some(&cmd.id)).await {
+                    self.catch_up(controller).await;
+                    if let Ok(Ok(result)) = tokio::time::timeout(PUBLISH_TIMEOUT, &mut rx).await {
                         return result;
                     }
-                    // Our entry was not read back (the store went away in between): it is
-                    // in the log, so the next sync applies it; apply it here now.
-                    tracing::warn!(seq, command = %cmd.id, "published but not read back; applying locally");
+                    // In the log, but not read back yet (the store went away in between):
+                    // apply it here now, and skip it when the log brings it.
                     let mut c = self.cursor.lock().await;
+                    if self.waiters().remove(&cmd.id).is_none() {
+                        // A catch-up applied it meanwhile and sent its result.
+                        drop(c);
+                        return rx.await.unwrap_or_else(|_| {
+                            Err(Refused::Failed("the fleet applier stopped".into()))
+                        });
+                    }
+                    tracing::warn!(seq, command = %cmd.id, "published but not read back; applying locally");
                     c.remember(&cmd.id);
-                    drop(c);
-                    return controller
+                    let result = controller
                         .apply_local(cmd, began, Some(&self.via(&self.config.replica, Some(seq))))
                         .await;
+                    drop(c);
+                    return result;
                 }
                 Ok(Ok(Publish::Claimed(by))) => {
                     return Err(Refused::Conflict(format!(
@@ -699,16 +727,13 @@ impl Fleet {
         })
     }
 
-    /// Applies the log's entries after the cursor, in order. Returns the result of the
-    /// command `want` if it was among them.
-    async fn catch_up(
-        &self,
-        controller: &Arc<Controller>,
-        want: Option<&str>,
-    ) -> Option<Result<Value, Refused>> {
+    /// Applies the log's entries after the cursor, in order; a command this replica
+    /// published hands its result to [`Self::submit`].
+    async fn catch_up(&self, controller: &Arc<Controller>) {
         let mut cursor = self.cursor.lock().await;
-        let epoch = cursor.epoch.clone()?;
-        let mut wanted = None;
+        let Some(epoch) = cursor.epoch.clone() else {
+            return;
+        };
         let mut conn = self.conn.clone();
         loop {
             let from = format!("{}-0", cursor.seq + 1);
@@ -786,8 +811,8 @@ impl Fleet {
                         tracing::info!(seq, command = %id, origin = %entry.origin, refused = %e, "fleet command refused here")
                     }
                 }
-                if want == Some(id.as_str()) {
-                    wanted = Some(result);
+                if let Some(tx) = self.waiters().remove(&id) {
+                    let _ = tx.send(result);
                 }
             }
             if n < PAGE {
@@ -797,7 +822,6 @@ impl Fleet {
         if let Err(e) = cursor.save(&self.state_dir) {
             tracing::error!(error = %e, "persisting the fleet cursor failed");
         }
-        wanted
     }
 
     async fn write_snapshot(&self, controller: &Controller, epoch: &str, seq: u64) {
@@ -1022,7 +1046,7 @@ impl Fleet {
         let behind = beat.seq > cursor.seq;
         drop(cursor);
         if behind {
-            self.catch_up(controller, None).await;
+            self.catch_up(controller).await;
         }
         self.flush_pending(controller).await;
     }
@@ -1179,7 +1203,7 @@ impl Fleet {
             if beat {
                 self.sync(&controller).await;
             } else if self.store_up() {
-                self.catch_up(&controller, None).await;
+                self.catch_up(&controller).await;
             }
             let live = self.replicas.load().len().max(1);
             controller.store.metrics.fleet_replicas.set(live as i64);

@@ -95,6 +95,9 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.drain_timeout != new.drain_timeout {
         keys.push("drain_timeout");
     }
+    if old.fleet != new.fleet {
+        keys.push("fleet");
+    }
     keys
 }
 
