@@ -8,7 +8,9 @@ PASS/FAIL line; the summary at the end repeats the failures and the exit status 
   kustomize    `kubectl kustomize` renders every kustomization (Components through their users)
   schemas      the rendered objects validate against the Kubernetes OpenAPI schemas (strict)
   manifests    what the manifests promise: directory-mounted ConfigMap, probes on health_listen,
-               hardened securityContext, requests/limits, grace period > preStop + drain_timeout
+               hardened securityContext, requests/limits, grace period > preStop + drain_timeout;
+               with `fleet:` the store password on a Secret and the replica named after the pod;
+               the reference fleet store (components/fleet-redis) single, hardened, password-protected
   dockerfile   multi-stage, --locked, numeric non-root USER, EXPOSE matches the manifests
   prometheus   promtool check/test rules, scrape config, PrometheusRule in sync with the rules
   live         mock models + `rollgate run` + a real Prometheus scraping it at 1 s; load, reloads,
@@ -290,6 +292,8 @@ def lint_manifests(res: Results, rendered: dict[Path, list[dict]]) -> dict:
                     tm = mounts.get(str(Path(token).parent)) if token else None
                     if not token or not tm or "secret" not in volumes.get(tm["name"], {}):
                         problems.append("admin.token_file does not live on a mounted Secret")
+                    if cfg.get("fleet"):
+                        problems += fleet_problems(cfg["fleet"], c, volumes, mounts, docs)
                     sd = cfg.get("state_dir")
                     sm = mounts.get(sd)
                     if not sm or not ({"emptyDir", "persistentVolumeClaim"} & set(volumes.get(sm["name"], {}))):
@@ -330,6 +334,80 @@ def lint_manifests(res: Results, rendered: dict[Path, list[dict]]) -> dict:
                 res.add(f"manifest {where} ({'native sidecar' if is_native else 'container'} rollgate)",
                         not problems, "\n".join(problems))
     return facts
+
+
+def fleet_problems(fleet: dict, c: dict, volumes: dict, mounts: dict, docs: list[dict]) -> list[str]:
+    """What a `fleet:` block needs from its pod (SPEC section 10, deploy/README.md "Fleet")."""
+    problems = []
+    store = str(fleet.get("store", ""))
+    url = urllib.parse.urlsplit(store)
+    if url.password:
+        problems.append("fleet.store has a password in its URL, i.e. in a ConfigMap: use fleet.password_file on a Secret")
+    pw = fleet.get("password_file")
+    if pw:
+        pm = mounts.get(str(Path(pw).parent))
+        secret = volumes.get(pm["name"], {}).get("secret") if pm else None
+        if secret is None:
+            problems.append(f"fleet.password_file {pw} does not live on a mounted Secret")
+        elif secret.get("optional"):
+            problems.append(f"fleet.password_file {pw}: its Secret volume is optional: the pod would start without the password")
+    if not fleet.get("replica"):
+        env = {e["name"]: e for e in c.get("env") or []}
+        named = [n for n in ("ROLLGATE_REPLICA", "POD_NAME")
+                 if ((env.get(n) or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"]
+        if not named:
+            problems.append("fleet.replica is unset and neither ROLLGATE_REPLICA nor POD_NAME is the pod's name (fieldRef metadata.name)")
+    # A store that is a Service of the same kustomization: the URL must name one of its ports.
+    host = (url.hostname or "").split(".")[0]
+    services = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Service"}
+    if host in services:
+        ports = {p["port"] for p in services[host]["spec"].get("ports", [])}
+        if (url.port or 6379) not in ports:
+            problems.append(f"fleet.store {store}: Service {host} has ports {sorted(ports)}")
+    return problems
+
+
+def lint_fleet_stores(res: Results, rendered: dict[Path, list[dict]]) -> None:
+    """The reference store (components/fleet-redis) as rendered in each overlay that uses it."""
+    for d, docs in rendered.items():
+        for wl, pod in pod_templates(docs):
+            if (wl["metadata"].get("labels") or {}).get("app.kubernetes.io/component") != "rollgate-fleet-store":
+                continue
+            problems = []
+            spec = wl["spec"]
+            if spec.get("replicas", 1) != 1 or (spec.get("strategy") or {}).get("type") != "Recreate":
+                problems.append("a single-instance store needs replicas: 1 and strategy Recreate (two pods = two stores)")
+            psc = pod.get("securityContext") or {}
+            for c in pod.get("containers") or []:
+                sc = c.get("securityContext") or {}
+                if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+                    problems.append(f"{c['name']}: runAsNonRoot is not set")
+                if not sc.get("readOnlyRootFilesystem"):
+                    problems.append(f"{c['name']}: readOnlyRootFilesystem is not set")
+                if sc.get("allowPrivilegeEscalation") is not False:
+                    problems.append(f"{c['name']}: allowPrivilegeEscalation is not false")
+                if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                    problems.append(f"{c['name']}: capabilities do not drop ALL")
+                if ((sc.get("seccompProfile") or psc.get("seccompProfile")) or {}).get("type") != "RuntimeDefault":
+                    problems.append(f"{c['name']}: no RuntimeDefault seccomp profile")
+                r = c.get("resources") or {}
+                for kind in ("requests", "limits"):
+                    for what in ("cpu", "memory"):
+                        if what not in (r.get(kind) or {}):
+                            problems.append(f"{c['name']}: no {kind}.{what}")
+                if not re.search(r":[\w.-]+$", c.get("image", "")) or c["image"].endswith(":latest"):
+                    problems.append(f"{c['name']}: image {c.get('image')!r} is not pinned to a version")
+                if not (c.get("readinessProbe") and c.get("livenessProbe")):
+                    problems.append(f"{c['name']}: needs readiness and liveness probes")
+                args = [str(a) for a in c.get("args") or []] + [""]
+                env = {e["name"]: e for e in c.get("env") or []}
+                if "--requirepass" not in args:
+                    problems.append(f"{c['name']}: no --requirepass (an open store lets anyone roll versions back)")
+                else:
+                    m = re.fullmatch(r"\$\((\w+)\)", args[args.index("--requirepass") + 1])
+                    if not m or "secretKeyRef" not in ((env.get(m.group(1)) or {}).get("valueFrom") or {}):
+                        problems.append(f"{c['name']}: --requirepass is not $(VAR) of an env var from a secretKeyRef")
+            res.add(f"manifest {rel(d)}: {wl['kind']}/{wl['metadata']['name']} (fleet store)", not problems, "\n".join(problems))
 
 
 def lint_crds(res: Results) -> None:
@@ -904,6 +982,7 @@ def main() -> int:
         validate_schemas(res, rendered)
         check_configs(res, a.rollgate, rendered, tmp)
         facts = lint_manifests(res, rendered)
+        lint_fleet_stores(res, rendered)
         lint_crds(res)
         check_dockerfile(res, facts)
         check_prometheus_files(res, tmp)
