@@ -124,7 +124,7 @@ fn ids_continue_across_rotation_and_reopen() {
 #[test]
 fn since_across_rotated_files_returns_exactly_the_records_after_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Audit::open_with_limit(dir.path(), 700, 8).unwrap();
+    let a = Audit::open_with_limit(dir.path(), 800, 8).unwrap();
     let total = 40;
     let mut written = Vec::new();
     for _ in 0..total {
