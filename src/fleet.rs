@@ -220,6 +220,9 @@ pub struct Fleet {
     leader: AtomicBool,
     /// Unix ms of the last successful heartbeat (0: none yet).
     last_beat_ms: AtomicU64,
+    /// The cursor's position and queue length, for status without waiting on a catch-up.
+    applied_seq: AtomicU64,
+    queued: AtomicU64,
     cursor: tokio::sync::Mutex<Cursor>,
     wake: Notify,
     replicas: ArcSwap<Vec<Seen>>,
@@ -509,7 +512,10 @@ impl Fleet {
         } else {
             Duration::from_secs(1)
         };
+        let cursor = Cursor::load(state_dir);
         Ok(Fleet {
+            applied_seq: AtomicU64::new(cursor.seq),
+            queued: AtomicU64::new(cursor.pending.len() as u64),
             keys,
             conn,
             push: Mutex::new(None),
@@ -518,7 +524,7 @@ impl Fleet {
             up: AtomicBool::new(false),
             leader: AtomicBool::new(false),
             last_beat_ms: AtomicU64::new(0),
-            cursor: tokio::sync::Mutex::new(Cursor::load(state_dir)),
+            cursor: tokio::sync::Mutex::new(cursor),
             wake: Notify::new(),
             replicas: ArcSwap::from_pointee(Vec::new()),
             remote: ArcSwap::from_pointee(Remote::default()),
@@ -571,11 +577,9 @@ impl Fleet {
     }
 
     /// The `fleet` block of `GET /api/v1/status`.
-    pub async fn status(&self) -> Value {
-        let (seq, pending) = {
-            let c = self.cursor.lock().await;
-            (c.seq, c.pending.len())
-        };
+    pub fn status(&self) -> Value {
+        let seq = self.applied_seq.load(Ordering::Relaxed);
+        let pending = self.queued.load(Ordering::Relaxed);
         json!({
             "name": self.config.name,
             "replica": self.config.replica,
@@ -587,6 +591,13 @@ impl Fleet {
             "pending": pending,
             "replicas": *self.replicas.load_full(),
         })
+    }
+
+    /// Persists the cursor, and mirrors its position and queue for status.
+    fn save(&self, c: &Cursor) -> std::io::Result<()> {
+        self.applied_seq.store(c.seq, Ordering::Relaxed);
+        self.queued.store(c.pending.len() as u64, Ordering::Relaxed);
+        c.save(&self.state_dir)
     }
 
     fn via(&self, origin: &str, seq: Option<u64>) -> Via {
@@ -671,7 +682,7 @@ impl Fleet {
         if result.is_ok() {
             c.remember(&cmd.id);
             c.pending.push(cmd);
-            if let Err(e) = c.save(&self.state_dir) {
+            if let Err(e) = self.save(&c) {
                 tracing::error!(error = %e, "persisting the fleet queue failed; a restart before the store is back would not publish it");
             }
         }
@@ -819,7 +830,7 @@ impl Fleet {
                 break;
             }
         }
-        if let Err(e) = cursor.save(&self.state_dir) {
+        if let Err(e) = self.save(&cursor) {
             tracing::error!(error = %e, "persisting the fleet cursor failed");
         }
     }
@@ -958,7 +969,7 @@ impl Fleet {
             if c.pending.first().is_some_and(|p| p.id == cmd.id) {
                 c.pending.remove(0);
             }
-            if let Err(e) = c.save(&self.state_dir) {
+            if let Err(e) = self.save(&c) {
                 tracing::error!(error = %e, "persisting the fleet queue failed");
             }
         }
@@ -1038,7 +1049,7 @@ impl Fleet {
                 .adopt(controller, &mut cursor, &beat.epoch, wiped)
                 .await
             {
-                if let Err(e) = cursor.save(&self.state_dir) {
+                if let Err(e) = self.save(&cursor) {
                     tracing::error!(error = %e, "persisting the fleet cursor failed");
                 }
             }
@@ -1075,7 +1086,7 @@ impl Fleet {
                 tracing::warn!(%epoch, "seeded the fleet store with this replica's state (new or wiped store)");
                 cursor.epoch = Some(epoch);
                 cursor.seq = 0;
-                if let Err(e) = cursor.save(&self.state_dir) {
+                if let Err(e) = self.save(&cursor) {
                     tracing::error!(error = %e, "persisting the fleet cursor failed");
                 }
                 drop(cursor);

@@ -468,7 +468,7 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
             let table = admin.store.load();
             let mut s = status(&admin.store, &admin.controller.view(), &table);
             if let Some(f) = admin.controller.fleet() {
-                s.fleet = Some(f.status().await);
+                s.fleet = Some(f.status());
             }
             json(StatusCode::OK, &s)
         }

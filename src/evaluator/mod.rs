@@ -770,6 +770,9 @@ impl Evaluator {
                     rules::decide(&e, &ev.rules, ev.min_requests, ev.confidence)
                 {
                     let mut record = rollback_evidence(track, &e, trigger, &progress, now);
+                    // `metrics` are this replica's window; `evidence` what the detectors saw,
+                    // the fleet's pooled counts when pooling.
+                    record["evidence"]["pooled"] = json!(pooled);
                     // A rule tripped by a drill's injected fault is recorded (and counted in
                     // rollback_triggered_total) as `drill`, with the rule that caught it, so
                     // drills never look like incidents.
