@@ -164,10 +164,16 @@ pub async fn start_on(
     // answers within JOIN_TIMEOUT; it never waits longer (SPEC section 10).
     let fleet = match fleet_config {
         Some(fc) => {
+            let last = controller
+                .store
+                .runtime_state()
+                .last_command
+                .and_then(|l| l.fleet);
             let fleet = Arc::new(crate::fleet::Fleet::new(
                 fc,
                 &controller.state_dir,
                 interval,
+                last,
             )?);
             controller.set_fleet(fleet.clone());
             fleet.join(&controller).await;

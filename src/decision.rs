@@ -52,6 +52,10 @@ use crate::routing::store::{Store, Swap};
 use crate::routing::table::{LastCommand, RolloutProgress, Route, RouteBasis, RuntimeState, Table};
 use crate::telemetry::prom::labels;
 
+/// Bounds of a fault command (the admin API's, checked again on every replica).
+const FAULT_LATENCY_MAX_MS: u64 = 60_000;
+const FAULT_DURATION_MAX_MS: u64 = 3_600_000;
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -407,8 +411,58 @@ impl Controller {
 
     /// Whether this replica's evaluator turns evidence into automatic decisions now (in a
     /// pooling fleet with the store up, only the lease holder does).
-    pub fn decides(&self) -> bool {
-        self.fleet.get().is_none_or(|f| f.decides())
+    pub fn decides(&self, comparison: Option<&str>) -> bool {
+        self.fleet.get().is_none_or(|f| f.decides(comparison))
+    }
+
+    /// A rollback from the fleet of a version this replica does not serve: its quarantine
+    /// is kept (with the bundle that was rolled back) for when the version arrives, and
+    /// recorded like any rollback.
+    pub async fn quarantine_absent(
+        &self,
+        cmd: &Command,
+        version: &VersionName,
+        fingerprint: &str,
+        via: &crate::fleet::Via,
+    ) -> Result<Value, Refused> {
+        let serial = self.decisions.lock().await;
+        let mut next = self.store.runtime_state();
+        if next.quarantined.get(version).map(String::as_str) == Some(fingerprint) {
+            return Err(Refused::Conflict(format!(
+                "version {version} is already rolled back"
+            )));
+        }
+        next.quarantined
+            .insert(version.clone(), fingerprint.to_string());
+        let swap = self
+            .store
+            .update(None, move |s| *s = next)
+            .map_err(|e| err_kind(e.kind(), format!("compiling the new table failed: {e}")))?;
+        let mut f = Map::new();
+        f.insert("automatic".into(), json!(cmd.automatic()));
+        f.insert("initiated_by".into(), json!(cmd.operator));
+        f.insert("reason".into(), json!(cmd.reason));
+        if let Action::Rollback { trigger, .. } = &cmd.action {
+            f.insert("trigger".into(), json!(trigger.as_str()));
+        }
+        f.insert("from_version".into(), json!(version.as_str()));
+        f.insert("fingerprint".into(), json!(fingerprint));
+        f.insert(
+            "detail".into(),
+            json!("this replica does not serve the version: its quarantine holds for when it does"),
+        );
+        f.insert("command_id".into(), json!(cmd.id));
+        f.insert("generation_before".into(), json!(swap.generation_before));
+        f.insert("generation_after".into(), json!(swap.generation_after));
+        fleet_fields(&mut f, Some(via));
+        if let Err(e) = self.persist().await {
+            f.insert("persist_error".into(), json!(e.to_string()));
+        }
+        let record = self.record_as("rollback", f, Some(&cmd.id)).await;
+        drop(serial);
+        record.map_err(|e| {
+            Refused::Failed(format!("the rollback's record could not be written: {e}"))
+        })
     }
 
     /// Checks `cmd` against the current state without applying it.
@@ -450,8 +504,21 @@ impl Controller {
         if !dropped.is_empty() {
             fields.insert("overrides_dropped".into(), json!(dropped));
         }
+        let newly: Vec<VersionName> = state
+            .quarantined
+            .keys()
+            .filter(|v| !current.quarantined.contains_key(*v))
+            .cloned()
+            .collect();
         let next = state;
         let swap = self.store.update(None, move |s| *s = next)?;
+        // As after a rollback: judged afresh if resumed, never on the requests of before.
+        let table = self.store.load();
+        for m in table.routes.iter().flat_map(|r| r.members.iter()) {
+            if newly.contains(&table.versions[m.version].name) {
+                m.stats.new_incarnation();
+            }
+        }
         if let Err(e) = self.persist().await {
             tracing::error!(error = %e, "persisting the runtime state failed; it holds until restart");
             fields.insert("persist_error".into(), json!(e.to_string()));
@@ -542,15 +609,23 @@ impl Controller {
 
     /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap. In a
     /// fleet, the command is published first and applied in the fleet's order.
+    ///
+    /// The work runs in a task of its own: a caller that goes away (an admin client that
+    /// disconnects) never leaves a change applied but unrecorded or unpublished.
     pub async fn apply_at(
         self: &Arc<Self>,
         cmd: Command,
         began: Instant,
     ) -> Result<Value, Refused> {
-        match self.fleet.get() {
-            Some(f) => f.clone().submit(self, cmd, began).await,
-            None => self.apply_local(cmd, began, None).await,
-        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.fleet.get().cloned() {
+                Some(f) => f.submit(&this, cmd, began).await,
+                None => this.apply_local(cmd, began, None).await,
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(Refused::Failed(format!("the command's task failed: {e}"))))
     }
 
     /// Applies `cmd` on this replica (see the module docs). `via`: how it came through the
@@ -578,9 +653,33 @@ impl Controller {
             let v = table
                 .version(version)
                 .ok_or_else(|| Refused::NotFound(format!("no version {version}")))?;
+            // Checked here too: a command from the fleet's log did not pass this admin API.
+            if !(0.0..=1.0).contains(error_rate)
+                || *latency_ms > FAULT_LATENCY_MAX_MS
+                || *duration_ms > FAULT_DURATION_MAX_MS
+            {
+                return Err(Refused::Invalid(
+                    "a fault's error_rate is 0 to 1, its latency at most 60s, its duration at most 1h".into(),
+                ));
+            }
+            if via.is_some_and(|v| v.replay) {
+                return Err(Refused::Conflict(
+                    "the fault is already injected here".into(),
+                ));
+            }
+            // A fault lasts from when it was issued, not from when a replica hears of it: a
+            // replica that catches up late injects only what is left, or nothing.
+            let left = cmd
+                .issued_ms
+                .saturating_add(*duration_ms)
+                .saturating_sub(unix_ms())
+                .min(*duration_ms);
+            if left == 0 {
+                return Err(Refused::Stale("the fault's window has passed".into()));
+            }
             let (latency, dur) = (
                 Duration::from_millis(*latency_ms),
-                Duration::from_millis(*duration_ms),
+                Duration::from_millis(left),
             );
             let mut f = Map::new();
             f.insert("automatic".into(), json!(cmd.automatic()));
@@ -606,12 +705,21 @@ impl Controller {
         }
         let remote = via.is_some_and(|v| v.origin != v.replica);
         let mut plan = self.plan(&cmd, &table, &state, remote)?;
+        if via.is_some_and(|v| v.replay) {
+            let mut next = plan.next.clone();
+            next.last_command = state.last_command.clone();
+            if next == state {
+                return Err(Refused::Conflict("already in effect here".into()));
+            }
+            plan.fields.insert("replayed".into(), json!(true));
+        }
         plan.next.last_command = Some(LastCommand {
             id: cmd.id.clone(),
             kind: plan.kind.to_string(),
             subject: json!({"route": plan.fields.get("route"),
                             "version": plan.fields.get("version").or(plan.fields.get("from_version"))}),
             after_seq: self.audit.last_seq(),
+            fleet: via.and_then(|v| Some((v.epoch.clone()?, v.seq?))),
         });
         let in_flight_pairs = plan.rollback.as_ref().map(|rb| {
             table
@@ -1173,10 +1281,7 @@ impl Controller {
                 return Ok(None);
             }
             audit.since_limited(after_seq, 1000).map(|(records, _)| {
-                let first = records
-                    .first()
-                    .and_then(|r| r["id"].as_str())
-                    .and_then(crate::control::audit::id_number);
+                let first = records.first().and_then(crate::control::audit::record_seq);
                 if first.is_some_and(|n| n > after_seq + 1) {
                     return None;
                 }

@@ -66,28 +66,34 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::config::FleetConfig;
+use crate::config::{FleetConfig, VersionName};
 use crate::decision::{unix_ms, Action, Command, Controller, Refused};
 use crate::routing::table::RuntimeState;
 
 /// Commands kept in the store's log (approximately: `XADD MAXLEN ~`). A replica that falls
 /// further behind than this takes the snapshot.
 pub const LOG_CAP: u64 = 10_000;
-/// How long a publish may take before the command is applied locally and queued.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a publish may take before the command is applied locally and queued (a
+/// publish is one script on one round trip: a millisecond when the store is well).
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_millis(100);
 /// A replica unseen for this long drops out of `replicas` and of the pooled counts.
 pub const LIVE: Duration = Duration::from_secs(3);
 /// The evaluator lease: another replica takes over this long after the leader stops.
 pub const LEASE: Duration = Duration::from_secs(3);
 /// How long a rollback's claim holds: concurrent trips of one version make one decision.
 pub const CLAIM_TTL: Duration = Duration::from_secs(10);
+/// How long the store remembers that a command id was published (a retried publish of
+/// the same command returns its first place instead of a second one).
+const PUBLISHED_TTL_MS: u64 = 3_600_000;
 /// Replicas unseen for this long are forgotten by the store.
 const FORGET_MS: u64 = 3_600_000;
-/// Command ids remembered to skip a command seen twice (a publish that timed out but
-/// landed, then was queued and published again).
-const RECENT: usize = 4096;
+/// Ids of commands applied here ahead of the fleet's order, remembered so that the log's
+/// copy is applied again only if it changes something.
+const RECENT: usize = 256;
 /// Entries read from the log per round trip.
 const PAGE: usize = 256;
+/// A replica further behind the log than this takes the snapshot before the rest.
+const BEHIND_MAX: u64 = 64;
 /// How long start-up waits for the store to hand over the fleet's state before it serves
 /// on its own (a refused connection fails at once; this bounds a silent one).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -98,6 +104,10 @@ const FLEET_FILE: &str = "fleet.json";
 pub struct Entry {
     pub origin: String,
     pub cmd: Command,
+    /// For a rollback: the bundle it quarantined on the replica that decided, so a replica
+    /// that does not serve that version yet still keeps the quarantine (SPEC §1).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// How a command reached [`Controller::apply_local`] in a fleet.
@@ -109,6 +119,12 @@ pub struct Via {
     pub origin: String,
     /// Its place in the fleet's order (`None`: applied while the store was unreachable).
     pub seq: Option<u64>,
+    /// The store epoch `seq` belongs to.
+    pub epoch: Option<String>,
+    /// Already applied here ahead of the fleet's order (while the store was unreachable, or
+    /// a publish that timed out): applied again at its place in the order only if that
+    /// changes something, so every replica ends in the same state.
+    pub replay: bool,
 }
 
 /// Per-comparison evidence counts (cumulative since the publishing process started):
@@ -154,7 +170,7 @@ struct Cursor {
     seq: u64,
     /// Applied here while the store was unreachable; published when it is back.
     pending: Vec<Command>,
-    /// Ids of commands applied here, newest last.
+    /// Ids of commands applied here ahead of the fleet's order, newest last.
     recent: VecDeque<String>,
 }
 
@@ -166,14 +182,22 @@ impl Cursor {
         }
     }
 
-    fn load(dir: &Path) -> Cursor {
-        match std::fs::read(dir.join(FLEET_FILE)) {
+    /// The persisted cursor; `last`, the fleet position persisted with the runtime state,
+    /// wins when it is further (a crash between an apply and the cursor's save).
+    fn load(dir: &Path, last: Option<(String, u64)>) -> Cursor {
+        let mut c = match std::fs::read(dir.join(FLEET_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "{FLEET_FILE} is not readable; starting with no fleet cursor (the fleet's snapshot will be taken)");
                 Cursor::default()
             }),
             Err(_) => Cursor::default(),
+        };
+        if let Some((epoch, seq)) = last {
+            if c.epoch.as_deref() == Some(epoch.as_str()) && seq > c.seq {
+                c.seq = seq;
+            }
         }
+        c
     }
 
     fn save(&self, dir: &Path) -> std::io::Result<()> {
@@ -194,11 +218,14 @@ struct Beat {
     now_ms: u64,
     /// `ok`, `empty` (no epoch: a new or wiped store) or `corrupt:<key>`.
     health: String,
+    /// The epoch key as it is (also when another key is corrupt).
     epoch: String,
     seq: u64,
     leader: Option<String>,
     seen: Vec<(String, u64)>,
     counts: Vec<(String, String)>,
+    /// Another live process uses this replica's name.
+    duplicate: bool,
 }
 
 /// The pooled counts of the other live replicas: comparison key -> (replica, boot, counts).
@@ -207,32 +234,41 @@ pub struct Remote {
     pub by_key: HashMap<String, Vec<(String, u64, Counts)>>,
 }
 
+type Waiters = HashMap<String, tokio::sync::oneshot::Sender<Result<Value, Refused>>>;
+
 /// A replica's link to its fleet.
 pub struct Fleet {
     pub config: FleetConfig,
     keys: Keys,
     conn: ConnectionManager,
-    /// For pub/sub pushes (RESP3), subscribed to `wake`.
+    /// The pub/sub connection (RESP3), subscribed to `wake`, kept alive here.
     push: Mutex<Option<ConnectionManager>>,
     boot: u64,
     state_dir: PathBuf,
     up: AtomicBool,
     leader: AtomicBool,
-    /// Unix ms of the last successful heartbeat (0: none yet).
-    last_beat_ms: AtomicU64,
-    /// The cursor's position and queue length, for status without waiting on a catch-up.
+    duplicate: AtomicBool,
+    /// When the last heartbeat succeeded (ms since `started`; 0: never): a stalled loop
+    /// reads as a store that is down, and loses the lease.
+    last_beat: AtomicU64,
+    started: Instant,
+    /// The cursor's position, epoch and queue length, for status and publish without
+    /// waiting on a catch-up.
     applied_seq: AtomicU64,
     queued: AtomicU64,
+    epoch: ArcSwap<Option<String>>,
     cursor: tokio::sync::Mutex<Cursor>,
     wake: Notify,
     replicas: ArcSwap<Vec<Seen>>,
     remote: ArcSwap<Remote>,
+    /// Comparisons the lease holder publishes counts for: the ones it judges.
+    leader_keys: ArcSwap<std::collections::HashSet<String>>,
     local: ArcSwap<BTreeMap<String, Counts>>,
     heartbeat_every: Duration,
     scripts: Scripts,
     /// Commands this replica published and waits to see applied, by id: whichever
     /// catch-up applies one hands its result to the waiting caller.
-    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Result<Value, Refused>>>>,
+    waiting: Mutex<Waiters>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -249,11 +285,13 @@ struct Keys {
     seq: String,
     log: String,
     snapshot: String,
+    origin: String,
     seen: String,
     counts: String,
     leader: String,
     wake: String,
     claim_prefix: String,
+    published_prefix: String,
 }
 
 impl Keys {
@@ -264,11 +302,13 @@ impl Keys {
             seq: format!("{p}seq"),
             log: format!("{p}log"),
             snapshot: format!("{p}snapshot"),
+            origin: format!("{p}origin"),
             seen: format!("{p}seen"),
             counts: format!("{p}counts"),
             leader: format!("{p}leader"),
             wake: format!("{p}wake"),
             claim_prefix: format!("{p}claim:"),
+            published_prefix: format!("{p}published:"),
         }
     }
 }
@@ -278,89 +318,128 @@ struct Scripts {
     publish: Script,
     reseed: Script,
     snapshot: Script,
+    release: Script,
 }
 
-/// Lua helpers shared by the scripts: a key's type, and whether it is usable as `want`.
-const LUA_TYPE: &str = r#"
+/// Lua helpers shared by the scripts: a key's type; whether it is usable as `want`; the
+/// log's state (`nil` when the sequence or the log is not what rollgate writes).
+const LUA_HELPERS: &str = r#"
 local function ty(k) local t = redis.call('TYPE', k); if type(t) == 'table' then return t['ok'] end; return t end
 local function fits(k, want) local t = ty(k); return t == 'none' or t == want end
+local function seq_of(kseq, klog)
+  if not fits(kseq, 'string') or not fits(klog, 'stream') then return nil end
+  local s = tonumber(redis.call('GET', kseq) or '0')
+  if s == nil or s < 0 or s ~= math.floor(s) then return nil end
+  local last = redis.call('XREVRANGE', klog, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local top = tonumber(string.match(last[1][1], '^(%d+)-'))
+    if top == nil or top > s then return nil end
+  end
+  return s
+end
 "#;
 
 /// KEYS: epoch seq log snapshot seen counts leader. ARGV: replica, counts json ('' = none),
-/// want_leader (1/0), lease ms, forget ms.
+/// want_leader (1/0), lease ms, forget ms, boot, live ms.
 const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live_ms = tonumber(ARGV[7])
+local epoch = ''
+if ty(KEYS[1]) == 'string' then epoch = redis.call('GET', KEYS[1]) end
 local health = 'ok'
+local seq = 0
 if not fits(KEYS[1], 'string') then health = 'corrupt:epoch'
-elseif not fits(KEYS[2], 'string') or (ty(KEYS[2]) == 'string' and tonumber(redis.call('GET', KEYS[2])) == nil) then health = 'corrupt:seq'
-elseif not fits(KEYS[3], 'stream') then health = 'corrupt:log'
 elseif not fits(KEYS[4], 'string') then health = 'corrupt:snapshot'
+else
+  local s = seq_of(KEYS[2], KEYS[3])
+  if s == nil then health = 'corrupt:log'
+  elseif epoch == '' then health = 'empty'
+  else seq = s end
 end
 for _, k in ipairs({KEYS[5], KEYS[6]}) do if not fits(k, 'hash') then redis.call('DEL', k) end end
 if not fits(KEYS[7], 'string') then redis.call('DEL', KEYS[7]) end
-local epoch = ''
-if health == 'ok' then
-  epoch = redis.call('GET', KEYS[1]) or ''
-  if epoch == '' then health = 'empty' end
+local function stamp(v) if not v then return nil end return tonumber(string.match(v, '^(%d+)')) end
+local dup = 0
+local mine = redis.call('HGET', KEYS[5], ARGV[1])
+if mine then
+  local ts, b = string.match(mine, '^(%d+) (%S+)$')
+  if b and b ~= ARGV[6] and math.abs(now - tonumber(ts)) <= live_ms then dup = 1 end
 end
-local seq = 0
-if health == 'ok' then seq = tonumber(redis.call('GET', KEYS[2]) or '0') end
-redis.call('HSET', KEYS[5], ARGV[1], now)
+redis.call('HSET', KEYS[5], ARGV[1], now .. ' ' .. ARGV[6])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[6], ARGV[1], ARGV[2]) else redis.call('HDEL', KEYS[6], ARGV[1]) end
 local leader = redis.call('GET', KEYS[7])
-if ARGV[3] == '1' then
+if leader and leader ~= ARGV[1] then
+  local ts = stamp(redis.call('HGET', KEYS[5], leader))
+  if ts == nil or math.abs(now - ts) > live_ms or redis.call('PTTL', KEYS[7]) < 0 then
+    redis.call('DEL', KEYS[7]); leader = false
+  end
+end
+if ARGV[3] == '1' and dup == 0 then
   if not leader then redis.call('SET', KEYS[7], ARGV[1], 'PX', ARGV[4]); leader = ARGV[1]
   elseif leader == ARGV[1] then redis.call('PEXPIRE', KEYS[7], ARGV[4]) end
 elseif leader == ARGV[1] then redis.call('DEL', KEYS[7]); leader = false end
 local seen = redis.call('HGETALL', KEYS[5])
 local live = {}
+local counts = {}
 for i = 1, #seen, 2 do
-  local ts = tonumber(seen[i + 1])
-  if ts == nil or now - ts > tonumber(ARGV[5]) then
+  local ts = stamp(seen[i + 1])
+  if ts == nil or math.abs(now - ts) > tonumber(ARGV[5]) then
     redis.call('HDEL', KEYS[5], seen[i]); redis.call('HDEL', KEYS[6], seen[i])
   else
-    table.insert(live, seen[i]); table.insert(live, seen[i + 1])
+    table.insert(live, seen[i]); table.insert(live, tostring(ts))
+    if math.abs(now - ts) > live_ms then
+      redis.call('HDEL', KEYS[6], seen[i])
+    elseif ARGV[2] ~= '' and seen[i] ~= ARGV[1] then
+      local c = redis.call('HGET', KEYS[6], seen[i])
+      if c then table.insert(counts, seen[i]); table.insert(counts, c) end
+    end
   end
 end
-local counts = {}
-if ARGV[2] ~= '' then counts = redis.call('HGETALL', KEYS[6]) end
-return {now, health, epoch, seq, leader or '', live, counts}
+return {now, health, epoch, seq, leader or '', live, counts, dup}
 "#;
 
-/// KEYS: epoch seq log claim unclaim. ARGV: epoch, entry json, claim id ('' = none), claim
-/// ms, unclaim (1/0), log cap, wake channel.
+/// KEYS: epoch seq log claim unclaim published. ARGV: epoch, entry json, claim id ('' =
+/// none), claim ms, unclaim (1/0), log cap, wake channel, published ms. Validates before it
+/// writes anything; a command published before returns its first place.
 const PUBLISH: &str = r#"
-if not fits(KEYS[1], 'string') or not fits(KEYS[2], 'string') or not fits(KEYS[3], 'stream') then
-  return redis.error_reply('rollgate: a fleet key holds a value of the wrong type')
-end
-local e = redis.call('GET', KEYS[1]) or ''
+if not fits(KEYS[1], 'string') then return redis.error_reply('rollgate: the fleet epoch is not a string') end
+local e = ''
+if ty(KEYS[1]) == 'string' then e = redis.call('GET', KEYS[1]) end
 if e ~= ARGV[1] then return {0, e} end
+local s = seq_of(KEYS[2], KEYS[3])
+if s == nil then return redis.error_reply('rollgate: the fleet sequence or log is malformed') end
+if ty(KEYS[6]) == 'string' then
+  local done = tonumber(redis.call('GET', KEYS[6]))
+  if done ~= nil then return {done, e} end
+end
 if ARGV[3] ~= '' then
   if not fits(KEYS[4], 'string') then redis.call('DEL', KEYS[4]) end
-  local ok = redis.call('SET', KEYS[4], ARGV[3], 'NX', 'PX', ARGV[4])
-  if not ok then return {-1, redis.call('GET', KEYS[4]) or ''} end
+  local holder = redis.call('GET', KEYS[4])
+  if holder and holder ~= ARGV[3] then return {-1, holder} end
+  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 end
 if ARGV[5] == '1' then redis.call('DEL', KEYS[5]) end
-if tonumber(redis.call('GET', KEYS[2]) or '0') == nil then
-  return redis.error_reply('rollgate: the fleet sequence is not a number')
-end
-local s = redis.call('INCR', KEYS[2])
+s = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], s .. '-1', 'c', ARGV[2])
+if not fits(KEYS[6], 'string') then redis.call('DEL', KEYS[6]) end
+redis.call('SET', KEYS[6], s, 'PX', ARGV[8])
 redis.call('PUBLISH', ARGV[7], s)
 return {s, e}
 "#;
 
-/// KEYS: epoch seq log snapshot. ARGV: the epoch observed ('' = none or broken), the new
-/// epoch, the snapshot json. Returns the epoch in force afterwards.
+/// KEYS: epoch seq log snapshot origin. ARGV: the epoch observed as it was, the new epoch,
+/// the snapshot json, where the seed's state came from ("<epoch> <seq>"). Compare-and-set
+/// on the epoch: returns the epoch in force afterwards.
 const RESEED: &str = r#"
 local cur = ''
 if ty(KEYS[1]) == 'string' then cur = redis.call('GET', KEYS[1]) end
-if cur ~= '' and cur ~= ARGV[1] then return cur end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if cur ~= ARGV[1] then return cur end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], '0')
 redis.call('SET', KEYS[4], '0 ' .. ARGV[3])
+redis.call('SET', KEYS[5], ARGV[4])
 return ARGV[2]
 "#;
 
@@ -375,8 +454,15 @@ redis.call('SET', KEYS[2], ARGV[2] .. ' ' .. ARGV[3])
 return 1
 "#;
 
+/// KEYS: a key. ARGV: a value. Deletes the key if it holds the value (a claim or a lease
+/// given back).
+const RELEASE: &str = r#"
+if ty(KEYS[1]) == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 fn script(body: &str) -> Script {
-    Script::new(&format!("{LUA_TYPE}{body}"))
+    Script::new(&format!("{LUA_HELPERS}{body}"))
 }
 
 fn new_epoch() -> String {
@@ -433,7 +519,7 @@ fn pairs(v: &RValue) -> Vec<(String, String)> {
 
 fn parse_beat(v: &RValue) -> Option<Beat> {
     let RValue::Array(a) = v else { return None };
-    if a.len() != 7 {
+    if a.len() != 8 {
         return None;
     }
     let leader = as_string(&a[4])?;
@@ -448,6 +534,7 @@ fn parse_beat(v: &RValue) -> Option<Beat> {
             .filter_map(|(r, t)| Some((r, t.parse().ok()?)))
             .collect(),
         counts: pairs(&a[6]),
+        duplicate: as_u64(&a[7]) == Some(1),
     })
 }
 
@@ -471,12 +558,35 @@ fn parse_range(v: &RValue) -> Vec<(u64, Option<String>)> {
         .collect()
 }
 
+/// The snapshot's value: "<seq> <json RuntimeState>".
+fn parse_snapshot(v: &RValue) -> Option<(u64, RuntimeState)> {
+    let s = as_string(v)?;
+    let (seq, json) = s.split_once(' ')?;
+    Some((seq.parse().ok()?, serde_json::from_str(json).ok()?))
+}
+
+fn redis_err(what: &'static str) -> redis::RedisError {
+    (redis::ErrorKind::Client, what).into()
+}
+
+/// How [`Fleet::adopt`] treats this replica's own state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Adopt {
+    /// The fleet's state wins (a new replica, or one the capped log left behind).
+    Fleet,
+    /// The store lost its data: keep this replica's quarantines and publish the ones the
+    /// fleet lacks.
+    KeepQuarantines,
+}
+
 impl Fleet {
-    /// Connects lazily (nothing here waits on the store).
+    /// Connects lazily (nothing here waits on the store). `last`: the fleet position
+    /// persisted with the runtime state.
     pub fn new(
         config: FleetConfig,
         state_dir: &Path,
         interval: Duration,
+        last: Option<(String, u64)>,
     ) -> std::io::Result<Fleet> {
         crate::proxy::client::crypto_provider();
         let mut info = redis::IntoConnectionInfo::into_connection_info(config.store.as_str())
@@ -494,17 +604,15 @@ impl Fleet {
                 .set_password(password.trim_end());
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info.clone())
+        let client = redis::Client::open(info)
             .map_err(|e| std::io::Error::other(format!("fleet.store: {e}")))?;
-        let manager_config = || {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(Duration::from_secs(1)))
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(1))
-                .set_number_of_retries(1)
-        };
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config())
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| std::io::Error::other(format!("fleet.store: {e}")))?;
         let keys = Keys::new(&config.name);
         let heartbeat_every = if config.pool {
@@ -512,10 +620,11 @@ impl Fleet {
         } else {
             Duration::from_secs(1)
         };
-        let cursor = Cursor::load(state_dir);
+        let cursor = Cursor::load(state_dir, last);
         Ok(Fleet {
             applied_seq: AtomicU64::new(cursor.seq),
             queued: AtomicU64::new(cursor.pending.len() as u64),
+            epoch: ArcSwap::from_pointee(cursor.epoch.clone()),
             keys,
             conn,
             push: Mutex::new(None),
@@ -523,11 +632,14 @@ impl Fleet {
             state_dir: state_dir.to_path_buf(),
             up: AtomicBool::new(false),
             leader: AtomicBool::new(false),
-            last_beat_ms: AtomicU64::new(0),
+            duplicate: AtomicBool::new(false),
+            last_beat: AtomicU64::new(0),
+            started: Instant::now(),
             cursor: tokio::sync::Mutex::new(cursor),
             wake: Notify::new(),
             replicas: ArcSwap::from_pointee(Vec::new()),
             remote: ArcSwap::from_pointee(Remote::default()),
+            leader_keys: ArcSwap::from_pointee(Default::default()),
             local: ArcSwap::from_pointee(BTreeMap::new()),
             heartbeat_every,
             scripts: Scripts {
@@ -535,35 +647,49 @@ impl Fleet {
                 publish: script(PUBLISH),
                 reseed: script(RESEED),
                 snapshot: script(SNAPSHOT),
+                release: script(RELEASE),
             },
             config,
             waiting: Mutex::new(HashMap::new()),
         })
     }
 
-    fn waiters(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        HashMap<String, tokio::sync::oneshot::Sender<Result<Value, Refused>>>,
-    > {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether the store answered the last heartbeat.
+    /// Whether the store answered a heartbeat within the lease: a store that stopped
+    /// answering, or a sync loop that stalled, reads as down.
     pub fn store_up(&self) -> bool {
+        let last = self.last_beat.load(Ordering::Relaxed);
         self.up.load(Ordering::Relaxed)
+            && last > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                < LEASE.as_millis() as u64
     }
 
-    /// Whether this replica makes automatic decisions now: always, unless the fleet pools
-    /// its evidence, the store is up, and another replica holds the evaluator lease.
-    pub fn decides(&self) -> bool {
-        !(self.config.pool && self.store_up() && !self.leader.load(Ordering::Relaxed))
+    /// Whether this replica makes automatic decisions about `comparison` now: always,
+    /// unless the fleet pools its evidence, the store is up, and another live replica holds
+    /// the evaluator lease and judges that comparison too.
+    pub fn decides(&self, comparison: Option<&str>) -> bool {
+        if !self.store_up() {
+            return true;
+        }
+        if self.duplicate.load(Ordering::Relaxed) {
+            // Another live process has this name: leave decisions to the others.
+            return false;
+        }
+        if !self.config.pool || self.leader.load(Ordering::Relaxed) {
+            return true;
+        }
+        // The lease holder may not serve this comparison (a rolling config update): then
+        // whoever does decides.
+        comparison.is_some_and(|k| !self.leader_keys.load().contains(k))
     }
 
     /// Whether the evaluator should add the other replicas' counts.
     pub fn pooling(&self) -> bool {
-        self.config.pool && self.store_up()
+        self.config.pool && self.store_up() && !self.duplicate.load(Ordering::Relaxed)
     }
 
     /// The other live replicas' published counts.
@@ -578,33 +704,39 @@ impl Fleet {
 
     /// The `fleet` block of `GET /api/v1/status`.
     pub fn status(&self) -> Value {
-        let seq = self.applied_seq.load(Ordering::Relaxed);
-        let pending = self.queued.load(Ordering::Relaxed);
         json!({
             "name": self.config.name,
             "replica": self.config.replica,
             "store": self.config.redacted(),
             "store_up": self.store_up(),
             "pool": self.config.pool,
-            "leader": self.leader.load(Ordering::Relaxed),
-            "seq": seq,
-            "pending": pending,
+            "leader": self.leader.load(Ordering::Relaxed) && self.store_up(),
+            "duplicate_name": self.duplicate.load(Ordering::Relaxed),
+            "seq": self.applied_seq.load(Ordering::Relaxed),
+            "pending": self.queued.load(Ordering::Relaxed),
             "replicas": *self.replicas.load_full(),
         })
     }
 
-    /// Persists the cursor, and mirrors its position and queue for status.
-    fn save(&self, c: &Cursor) -> std::io::Result<()> {
+    /// Persists the cursor, and mirrors its position, epoch and queue.
+    fn save(&self, c: &Cursor) {
         self.applied_seq.store(c.seq, Ordering::Relaxed);
         self.queued.store(c.pending.len() as u64, Ordering::Relaxed);
-        c.save(&self.state_dir)
+        if **self.epoch.load() != c.epoch {
+            self.epoch.store(Arc::new(c.epoch.clone()));
+        }
+        if let Err(e) = c.save(&self.state_dir) {
+            tracing::error!(error = %e, "persisting the fleet cursor failed; a restart may apply a command again or lose a queued one");
+        }
     }
 
-    fn via(&self, origin: &str, seq: Option<u64>) -> Via {
+    fn via(&self, origin: &str, seq: Option<u64>, epoch: Option<&str>, replay: bool) -> Via {
         Via {
             replica: self.config.replica.clone(),
             origin: origin.to_string(),
             seq,
+            epoch: epoch.map(str::to_string),
+            replay,
         }
     }
 
@@ -617,7 +749,8 @@ impl Fleet {
     }
 
     /// A command made on this replica: checked, published, then applied in the fleet's
-    /// order; with the store unreachable, applied at once and queued.
+    /// order; with the store unreachable (or slower than [`PUBLISH_TIMEOUT`]), queued and
+    /// applied at once. Called in a task of its own ([`Controller::apply_at`]).
     pub async fn submit(
         &self,
         controller: &Arc<Controller>,
@@ -628,7 +761,8 @@ impl Fleet {
         if self.store_up() {
             let (tx, mut rx) = tokio::sync::oneshot::channel();
             self.waiters().insert(cmd.id.clone(), tx);
-            let published = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&cmd)).await;
+            let published =
+                tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(controller, &cmd)).await;
             if !matches!(published, Ok(Ok(Publish::At(_)))) {
                 self.waiters().remove(&cmd.id);
             }
@@ -639,10 +773,10 @@ impl Fleet {
                         return result;
                     }
                     // In the log, but not read back yet (the store went away in between):
-                    // apply it here now, and skip it when the log brings it.
+                    // apply it here now; the log's copy is applied again at its place only
+                    // if that changes something.
                     let mut c = self.cursor.lock().await;
                     if self.waiters().remove(&cmd.id).is_none() {
-                        // A catch-up applied it meanwhile and sent its result.
                         drop(c);
                         return rx.await.unwrap_or_else(|_| {
                             Err(Refused::Failed("the fleet applier stopped".into()))
@@ -650,11 +784,9 @@ impl Fleet {
                     }
                     tracing::warn!(seq, command = %cmd.id, "published but not read back; applying locally");
                     c.remember(&cmd.id);
-                    let result = controller
-                        .apply_local(cmd, began, Some(&self.via(&self.config.replica, Some(seq))))
-                        .await;
-                    drop(c);
-                    return result;
+                    self.save(&c);
+                    let via = self.via(&self.config.replica, None, None, false);
+                    return controller.apply_local(cmd, began, Some(&via)).await;
                 }
                 Ok(Ok(Publish::Claimed(by))) => {
                     return Err(Refused::Conflict(format!(
@@ -671,31 +803,37 @@ impl Fleet {
                 }
             }
         }
+        // Queued (durably) before it is applied: a crash in between publishes a command
+        // that was never applied here, which the log then applies; never the reverse.
         let mut c = self.cursor.lock().await;
-        let result = controller
-            .apply_local(
-                cmd.clone(),
-                began,
-                Some(&self.via(&self.config.replica, None)),
-            )
-            .await;
-        if result.is_ok() {
-            c.remember(&cmd.id);
-            c.pending.push(cmd);
-            if let Err(e) = self.save(&c) {
-                tracing::error!(error = %e, "persisting the fleet queue failed; a restart before the store is back would not publish it");
-            }
+        c.remember(&cmd.id);
+        c.pending.push(cmd.clone());
+        self.save(&c);
+        let via = self.via(&self.config.replica, None, None, false);
+        let result = controller.apply_local(cmd.clone(), began, Some(&via)).await;
+        if result.is_err() {
+            c.pending.retain(|p| p.id != cmd.id);
+            self.save(&c);
         }
         result
     }
 
-    async fn publish(&self, cmd: &Command) -> redis::RedisResult<Publish> {
-        let epoch = self.cursor.lock().await.epoch.clone().unwrap_or_default();
+    async fn publish(&self, controller: &Controller, cmd: &Command) -> redis::RedisResult<Publish> {
+        let epoch = (**self.epoch.load()).clone().unwrap_or_default();
+        let fingerprint = match &cmd.action {
+            Action::Rollback { version, .. } => controller
+                .store
+                .load()
+                .version(version)
+                .map(|v| v.config.fingerprint.clone()),
+            _ => None,
+        };
         let entry = serde_json::to_string(&Entry {
             origin: self.config.replica.clone(),
             cmd: cmd.clone(),
+            fingerprint,
         })
-        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "json", e.to_string())))?;
+        .map_err(|_| redis_err("a command that does not serialize"))?;
         let (claim, unclaim) = match &cmd.action {
             Action::Rollback { version, .. } => (Some(version.as_str()), None),
             Action::Resume { version } => (None, Some(version.as_str())),
@@ -715,6 +853,7 @@ impl Fleet {
             .key(&self.keys.log)
             .key(&claim_key)
             .key(&claim_key)
+            .key(format!("{}{}", self.keys.published_prefix, cmd.id))
             .arg(&epoch)
             .arg(entry)
             .arg(if claim.is_some() { cmd.id.as_str() } else { "" })
@@ -722,10 +861,11 @@ impl Fleet {
             .arg(if unclaim.is_some() { "1" } else { "0" })
             .arg(LOG_CAP)
             .arg(&self.keys.wake)
+            .arg(PUBLISHED_TTL_MS)
             .invoke_async(&mut conn)
             .await?;
         let RValue::Array(a) = &reply else {
-            return Err((redis::ErrorKind::Client, "unexpected publish reply").into());
+            return Err(redis_err("unexpected publish reply"));
         };
         let first = a.first().and_then(|v| match v {
             RValue::Int(n) => Some(*n),
@@ -738,17 +878,36 @@ impl Fleet {
         })
     }
 
+    /// Gives back a rollback's claim that the fleet refused (a pause or reload came first),
+    /// so a rollback decided next is not blocked for the claim's TTL.
+    async fn release_claim(&self, version: &VersionName, id: &str) {
+        let mut conn = self.conn.clone();
+        let _: redis::RedisResult<RValue> = self
+            .scripts
+            .release
+            .key(format!("{}{}", self.keys.claim_prefix, version))
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await;
+    }
+
     /// Applies the log's entries after the cursor, in order; a command this replica
-    /// published hands its result to [`Self::submit`].
+    /// published hands its result to [`Self::submit`]. Entries beyond the store's own
+    /// sequence are not rollgate's and are skipped; a gap the snapshot covers is taken from
+    /// the snapshot, any other gap is passed (and logged).
     async fn catch_up(&self, controller: &Arc<Controller>) {
         let mut cursor = self.cursor.lock().await;
         let Some(epoch) = cursor.epoch.clone() else {
             return;
         };
         let mut conn = self.conn.clone();
+        let mut applied = false;
         loop {
-            let from = format!("{}-0", cursor.seq + 1);
-            let reply: redis::RedisResult<RValue> = redis::cmd("XRANGE")
+            let from = format!("{}-0", cursor.seq.saturating_add(1));
+            let reply: redis::RedisResult<(Option<String>, RValue)> = redis::pipe()
+                .cmd("GET")
+                .arg(&self.keys.seq)
+                .cmd("XRANGE")
                 .arg(&self.keys.log)
                 .arg(&from)
                 .arg("+")
@@ -756,82 +915,147 @@ impl Fleet {
                 .arg(PAGE)
                 .query_async(&mut conn)
                 .await;
-            let entries = match reply {
-                Ok(v) => parse_range(&v),
+            let (store_seq, entries) = match reply {
+                Ok((s, v)) => (
+                    s.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                    parse_range(&v),
+                ),
                 Err(e) => {
-                    self.mark_down(controller, &e);
+                    // A wrong-typed key is the heartbeat's to repair; a dead store, the
+                    // next round's.
+                    tracing::warn!(error = %e, "reading the fleet log failed");
                     break;
                 }
             };
+            let entries: Vec<_> = entries
+                .into_iter()
+                .filter(|(seq, _)| *seq > cursor.seq && *seq <= store_seq)
+                .collect();
             if entries.is_empty() {
+                if store_seq > cursor.seq {
+                    // The log holds none of what the sequence says was published (trimmed,
+                    // or lost): take the snapshot, or pass the gap.
+                    self.skip_gap(controller, &mut cursor, &epoch, store_seq + 1)
+                        .await;
+                }
                 break;
             }
-            if entries[0].0 > cursor.seq + 1 {
-                // The capped log no longer holds what came after our cursor.
-                tracing::warn!(
-                    cursor = cursor.seq,
-                    first = entries[0].0,
-                    "the fleet log was trimmed past this replica's position; taking the snapshot"
-                );
-                if !self.adopt(controller, &mut cursor, &epoch, false).await {
-                    break;
+            let first = entries[0].0;
+            if first > cursor.seq + 1 {
+                self.skip_gap(controller, &mut cursor, &epoch, first).await;
+                if cursor.seq >= first {
+                    continue;
                 }
-                continue;
             }
             let n = entries.len();
             for (seq, payload) in entries {
                 if seq <= cursor.seq {
                     continue;
                 }
-                cursor.seq = seq;
-                let entry = payload.as_deref().map(serde_json::from_str::<Entry>);
-                let entry = match entry {
-                    Some(Ok(e)) => e,
-                    Some(Err(e)) => {
-                        tracing::error!(seq, error = %e, "ignoring a malformed entry in the fleet log");
-                        continue;
-                    }
-                    None => {
-                        tracing::error!(seq, "ignoring a fleet log entry without a command");
-                        continue;
-                    }
-                };
-                if cursor.recent.contains(&entry.cmd.id) {
-                    continue;
-                }
-                cursor.remember(&entry.cmd.id);
-                let lag = unix_ms().saturating_sub(entry.cmd.issued_ms);
-                let id = entry.cmd.id.clone();
-                let mine = entry.origin == self.config.replica;
-                let result = controller
-                    .apply_local(
-                        entry.cmd,
-                        Instant::now(),
-                        Some(&self.via(&entry.origin, Some(seq))),
-                    )
+                self.apply_entry(controller, &cursor, &epoch, seq, payload)
                     .await;
-                controller
-                    .store
-                    .metrics
-                    .fleet_apply_lag
-                    .observe(lag as f64 / 1000.0);
-                match &result {
-                    Ok(_) if mine => self.write_snapshot(controller, &epoch, seq).await,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::info!(seq, command = %id, origin = %entry.origin, refused = %e, "fleet command refused here")
-                    }
-                }
-                if let Some(tx) = self.waiters().remove(&id) {
-                    let _ = tx.send(result);
-                }
+                cursor.seq = seq;
+                applied = true;
             }
             if n < PAGE {
                 break;
             }
         }
-        if let Err(e) = self.save(&cursor) {
-            tracing::error!(error = %e, "persisting the fleet cursor failed");
+        if applied {
+            self.save(&cursor);
+        }
+    }
+
+    /// The log does not hold the entries from `cursor + 1` to `next - 1`: the snapshot, if
+    /// it covers them, else the gap is passed.
+    async fn skip_gap(
+        &self,
+        controller: &Arc<Controller>,
+        cursor: &mut Cursor,
+        epoch: &str,
+        next: u64,
+    ) {
+        tracing::warn!(
+            cursor = cursor.seq,
+            next,
+            "the fleet log lacks entries after this replica's position; taking the snapshot"
+        );
+        let before = cursor.seq;
+        self.adopt(controller, cursor, epoch, Adopt::Fleet).await;
+        if cursor.seq < next - 1 {
+            tracing::error!(
+                from = before + 1,
+                to = next - 1,
+                "fleet log entries lost and not covered by the snapshot; passing them"
+            );
+            cursor.seq = next - 1;
+        }
+        self.save(cursor);
+    }
+
+    async fn apply_entry(
+        &self,
+        controller: &Arc<Controller>,
+        cursor: &Cursor,
+        epoch: &str,
+        seq: u64,
+        payload: Option<String>,
+    ) {
+        let entry = match payload.as_deref().map(serde_json::from_str::<Entry>) {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                tracing::error!(seq, error = %e, "ignoring a malformed entry in the fleet log");
+                return;
+            }
+            None => {
+                tracing::error!(seq, "ignoring a fleet log entry without a command");
+                return;
+            }
+        };
+        let id = entry.cmd.id.clone();
+        let replay = cursor.recent.contains(&id);
+        let lag = unix_ms().saturating_sub(entry.cmd.issued_ms);
+        let mine = entry.origin == self.config.replica;
+        let rollback = match &entry.cmd.action {
+            Action::Rollback { version, .. } => Some(version.clone()),
+            _ => None,
+        };
+        let via = self.via(&entry.origin, Some(seq), Some(epoch), replay);
+        let mut result = controller
+            .apply_local(entry.cmd.clone(), Instant::now(), Some(&via))
+            .await;
+        if let (Err(Refused::NotFound(_)), Some(version), Some(fp)) =
+            (&result, &rollback, &entry.fingerprint)
+        {
+            // A version this replica does not serve (yet): keep its quarantine for when it
+            // does, with the bundle that was rolled back.
+            result = controller
+                .quarantine_absent(&entry.cmd, version, fp, &via)
+                .await;
+        }
+        if !replay {
+            controller
+                .store
+                .metrics
+                .fleet_apply_lag
+                .observe(lag as f64 / 1000.0);
+        }
+        match &result {
+            Ok(_) if mine => self.write_snapshot(controller, epoch, seq).await,
+            Ok(_) => {}
+            Err(e) => {
+                if replay {
+                    tracing::debug!(seq, command = %id, "a command applied here ahead of the fleet's order changes nothing at its place");
+                } else {
+                    tracing::info!(seq, command = %id, origin = %entry.origin, refused = %e, "fleet command refused here");
+                }
+                if let (true, Some(v)) = (mine && !replay, &rollback) {
+                    self.release_claim(v, &id).await;
+                }
+            }
+        }
+        if let Some(tx) = self.waiters().remove(&id) {
+            let _ = tx.send(result);
         }
     }
 
@@ -857,48 +1081,34 @@ impl Fleet {
         }
     }
 
-    /// Takes the store's snapshot as this replica's state. `keep_quarantines`: the store
-    /// lost its data (a new epoch over ours), so this replica's quarantines are kept too and
-    /// the ones the store lacks are published again. Returns false if there is no usable
-    /// snapshot (the cursor then moves to the store's sequence, and the local state stays).
+    /// Takes the store's snapshot as this replica's state (see [`Adopt`]). Moves the cursor
+    /// to the snapshot's sequence; without a usable snapshot, keeps the local state and
+    /// leaves the cursor where it is.
     async fn adopt(
         &self,
         controller: &Arc<Controller>,
         cursor: &mut Cursor,
         epoch: &str,
-        keep_quarantines: bool,
-    ) -> bool {
+        how: Adopt,
+    ) {
         let mut conn = self.conn.clone();
         let raw: redis::RedisResult<RValue> = redis::cmd("GET")
             .arg(&self.keys.snapshot)
             .query_async(&mut conn)
             .await;
-        let parsed = raw.ok().as_ref().and_then(as_string).and_then(|s| {
-            let (seq, json) = s.split_once(' ')?;
-            Some((
-                seq.parse::<u64>().ok()?,
-                serde_json::from_str::<RuntimeState>(json).ok()?,
-            ))
-        });
-        let Some((seq, mut state)) = parsed else {
+        let Some((seq, mut state)) = raw.ok().as_ref().and_then(parse_snapshot) else {
             tracing::error!(
                 "the fleet snapshot is missing or malformed; keeping this replica's state"
             );
-            let store_seq: u64 = redis::cmd("GET")
-                .arg(&self.keys.seq)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(cursor.seq);
             cursor.epoch = Some(epoch.to_string());
-            cursor.seq = store_seq;
-            return false;
+            return;
         };
+        if cursor.epoch.as_deref() == Some(epoch) && seq <= cursor.seq {
+            return;
+        }
         let local = controller.store.runtime_state();
         let mut reassert = Vec::new();
-        if keep_quarantines {
+        if how == Adopt::KeepQuarantines {
             for (v, fp) in &local.quarantined {
                 if !state.quarantined.contains_key(v) {
                     state.quarantined.insert(v.clone(), fp.clone());
@@ -912,21 +1122,17 @@ impl Fleet {
         fields.insert("epoch".into(), json!(epoch));
         fields.insert(
             "reason".into(),
-            json!(if keep_quarantines {
-                "the fleet store lost its state; took the state it was reseeded with, keeping this replica's quarantines"
-            } else {
-                "took the fleet's state (joining, or behind the store's capped log)"
+            json!(match how {
+                Adopt::KeepQuarantines => "the fleet store lost its state; took the state it was reseeded with, keeping this replica's quarantines",
+                Adopt::Fleet => "took the fleet's state (joining, or behind the store's log)",
             }),
         );
         if let Err(e) = controller.adopt(state, fields).await {
             tracing::error!(error = %e, "taking the fleet's state failed");
-            return false;
+            return;
         }
         cursor.epoch = Some(epoch.to_string());
         cursor.seq = seq;
-        // Commands applied before the adopt may have been overwritten by it: apply them
-        // again when the log brings them.
-        cursor.recent.clear();
         for v in reassert {
             let cmd = Command::new(
                 Action::Rollback {
@@ -942,9 +1148,9 @@ impl Fleet {
                     self.config.replica
                 )),
             );
+            cursor.remember(&cmd.id);
             cursor.pending.push(cmd);
         }
-        true
     }
 
     /// Publishes the queue of commands applied while the store was unreachable, in order.
@@ -952,7 +1158,7 @@ impl Fleet {
         loop {
             let next = self.cursor.lock().await.pending.first().cloned();
             let Some(cmd) = next else { return };
-            match self.publish(&cmd).await {
+            match self.publish(controller, &cmd).await {
                 Ok(Publish::At(seq)) => {
                     tracing::info!(seq, command = %cmd.id, "published a decision made while the store was unreachable");
                 }
@@ -969,18 +1175,15 @@ impl Fleet {
             if c.pending.first().is_some_and(|p| p.id == cmd.id) {
                 c.pending.remove(0);
             }
-            if let Err(e) = self.save(&c) {
-                tracing::error!(error = %e, "persisting the fleet queue failed");
-            }
+            self.save(&c);
         }
     }
 
     async fn beat(&self) -> redis::RedisResult<Beat> {
-        let local = self.local.load_full();
         let counts = if self.config.pool {
             serde_json::to_string(&Published {
                 boot: self.boot,
-                counts: (*local).clone(),
+                counts: (**self.local.load()).clone(),
             })
             .unwrap_or_default()
         } else {
@@ -1002,10 +1205,11 @@ impl Fleet {
             .arg(if self.config.pool { "1" } else { "0" })
             .arg(LEASE.as_millis() as u64)
             .arg(FORGET_MS)
+            .arg(format!("{:016x}", self.boot))
+            .arg(LIVE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
-        parse_beat(&reply)
-            .ok_or_else(|| (redis::ErrorKind::Client, "unexpected heartbeat reply").into())
+        parse_beat(&reply).ok_or_else(|| redis_err("unexpected heartbeat reply"))
     }
 
     /// One round: heartbeat, then whatever it calls for (seed, join, catch up, publish the
@@ -1021,8 +1225,15 @@ impl Fleet {
         if !self.up.swap(true, Ordering::Relaxed) {
             tracing::info!(store = %self.config.redacted(), fleet = %self.config.name, replica = %self.config.replica, "fleet store reachable");
         }
+        self.last_beat.store(
+            (self.started.elapsed().as_millis() as u64).max(1),
+            Ordering::Relaxed,
+        );
         controller.store.metrics.fleet_store_up.set(1);
-        self.last_beat_ms.store(beat.now_ms, Ordering::Relaxed);
+        if beat.duplicate && !self.duplicate.load(Ordering::Relaxed) {
+            tracing::error!(replica = %self.config.replica, "another live process uses this replica name: not taking the evaluator lease or pooling until it is gone (set fleet.replica or ROLLGATE_REPLICA)");
+        }
+        self.duplicate.store(beat.duplicate, Ordering::Relaxed);
         self.leader.store(
             beat.leader.as_deref() == Some(self.config.replica.as_str()),
             Ordering::Relaxed,
@@ -1030,29 +1241,42 @@ impl Fleet {
         self.take_counts(&beat);
         if beat.health != "ok" {
             if beat.health.starts_with("corrupt") {
-                tracing::error!(health = %beat.health, "a fleet key holds a value of the wrong type; reseeding the store from this replica's state");
+                tracing::error!(health = %beat.health, "a fleet key holds a value rollgate did not write; reseeding the store from this replica's state");
             }
-            let observed = if beat.health == "empty" {
-                String::new()
-            } else {
-                beat.epoch.clone()
-            };
-            self.reseed(controller, &observed).await;
+            self.reseed(controller, &beat.epoch).await;
             return;
         }
         let mut cursor = self.cursor.lock().await;
         let ours = cursor.epoch.clone();
         if ours.as_deref() != Some(beat.epoch.as_str()) || beat.seq < cursor.seq {
-            // A new replica (no cursor), or a store that lost its data since our cursor.
-            let wiped = ours.is_some();
-            if self
-                .adopt(controller, &mut cursor, &beat.epoch, wiped)
-                .await
-            {
-                if let Err(e) = self.save(&cursor) {
-                    tracing::error!(error = %e, "persisting the fleet cursor failed");
+            match ours {
+                // A new replica: the fleet's state.
+                None => {
+                    self.adopt(controller, &mut cursor, &beat.epoch, Adopt::Fleet)
+                        .await
+                }
+                // The store lost its data since our cursor. If it was reseeded from a
+                // replica that had seen less of the old log than we had, our state is the
+                // better seed.
+                Some(old) => {
+                    if self.seeded_behind(&old, cursor.seq).await {
+                        drop(cursor);
+                        tracing::warn!("the fleet store was reseeded from a replica behind this one; reseeding it from this replica's state");
+                        self.reseed(controller, &beat.epoch).await;
+                        return;
+                    }
+                    cursor.seq = 0;
+                    self.adopt(controller, &mut cursor, &beat.epoch, Adopt::KeepQuarantines)
+                        .await;
                 }
             }
+            self.save(&cursor);
+        } else if beat.seq > cursor.seq + BEHIND_MAX {
+            // Far behind (a replica that was down): the snapshot, then the tail.
+            let epoch = beat.epoch.clone();
+            self.adopt(controller, &mut cursor, &epoch, Adopt::Fleet)
+                .await;
+            self.save(&cursor);
         }
         let behind = beat.seq > cursor.seq;
         drop(cursor);
@@ -1062,12 +1286,30 @@ impl Fleet {
         self.flush_pending(controller).await;
     }
 
+    /// Whether the store's current seed came from the old epoch `old` at a position before
+    /// `seq`.
+    async fn seeded_behind(&self, old: &str, seq: u64) -> bool {
+        let mut conn = self.conn.clone();
+        let origin: Option<String> = redis::cmd("GET")
+            .arg(&self.keys.origin)
+            .query_async(&mut conn)
+            .await
+            .ok()
+            .flatten();
+        origin
+            .as_deref()
+            .and_then(|o| o.split_once(' '))
+            .is_some_and(|(e, s)| e == old && s.parse::<u64>().is_ok_and(|s| s < seq))
+    }
+
+    /// Seeds the store with this replica's state, if its epoch is still `observed`.
     async fn reseed(&self, controller: &Arc<Controller>, observed: &str) {
         let mut cursor = self.cursor.lock().await;
         let mut state = controller.store.runtime_state();
         state.last_command = None;
         let json = serde_json::to_string(&state).unwrap_or_default();
         let epoch = new_epoch();
+        let origin = format!("{} {}", cursor.epoch.as_deref().unwrap_or("-"), cursor.seq);
         let mut conn = self.conn.clone();
         let r: redis::RedisResult<String> = self
             .scripts
@@ -1076,19 +1318,19 @@ impl Fleet {
             .key(&self.keys.seq)
             .key(&self.keys.log)
             .key(&self.keys.snapshot)
+            .key(&self.keys.origin)
             .arg(observed)
             .arg(&epoch)
             .arg(json)
+            .arg(origin)
             .invoke_async(&mut conn)
             .await;
         match r {
             Ok(e) if e == epoch => {
-                tracing::warn!(%epoch, "seeded the fleet store with this replica's state (new or wiped store)");
+                tracing::warn!(%epoch, "seeded the fleet store with this replica's state (a new, wiped or corrupted store)");
                 cursor.epoch = Some(epoch);
                 cursor.seq = 0;
-                if let Err(e) = self.save(&cursor) {
-                    tracing::error!(error = %e, "persisting the fleet cursor failed");
-                }
+                self.save(&cursor);
                 drop(cursor);
                 self.flush_pending(controller).await;
             }
@@ -1102,20 +1344,25 @@ impl Fleet {
         let live: Vec<Seen> = beat
             .seen
             .iter()
-            .filter(|(_, t)| beat.now_ms.saturating_sub(*t) <= LIVE.as_millis() as u64)
+            .filter(|(_, t)| beat.now_ms.abs_diff(*t) <= LIVE.as_millis() as u64)
             .map(|(r, t)| Seen {
                 replica: r.clone(),
                 last_seen_ms: *t,
             })
             .collect();
         let mut remote = Remote::default();
+        let mut leader_keys = std::collections::HashSet::new();
         for (replica, json) in &beat.counts {
             if replica == &self.config.replica || !live.iter().any(|s| &s.replica == replica) {
                 continue;
             }
             match serde_json::from_str::<Published>(json) {
                 Ok(p) => {
+                    let leads = beat.leader.as_deref() == Some(replica.as_str());
                     for (k, c) in p.counts {
+                        if leads {
+                            leader_keys.insert(k.clone());
+                        }
                         remote
                             .by_key
                             .entry(k)
@@ -1127,6 +1374,7 @@ impl Fleet {
             }
         }
         self.remote.store(Arc::new(remote));
+        self.leader_keys.store(Arc::new(leader_keys));
         self.replicas.store(Arc::new(live));
     }
 
@@ -1154,41 +1402,46 @@ impl Fleet {
             .set_max_delay(Duration::from_secs(1))
             .set_push_sender(tx)
             .set_automatic_resubscription();
-        let this = self.clone();
+        let this = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut subscribed = false;
             loop {
+                let Some(fleet) = this.upgrade() else { return };
                 if !subscribed {
                     let manager =
                         ConnectionManager::new_lazy_with_config(client.clone(), config.clone());
                     if let Ok(mut m) = manager {
-                        if m.subscribe(&this.keys.wake).await.is_ok() {
+                        if m.subscribe(&fleet.keys.wake).await.is_ok() {
                             subscribed = true;
-                            *this.push.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+                            *fleet.push.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
                         }
                     }
                     if !subscribed {
+                        drop(fleet);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                 }
+                drop(fleet);
                 match rx.recv().await {
-                    Some(_) => this.wake.notify_one(),
-                    None => {
-                        subscribed = false;
+                    Some(_) => {
+                        if let Some(f) = this.upgrade() {
+                            f.wake.notify_one();
+                        }
                     }
+                    None => subscribed = false,
                 }
             }
         });
     }
 
     /// The first sync at start-up, bounded by [`JOIN_TIMEOUT`]: with the store reachable,
-    /// this replica takes the fleet's state before it serves.
-    pub async fn join(&self, controller: &Arc<Controller>) {
-        if tokio::time::timeout(JOIN_TIMEOUT, self.sync(controller))
-            .await
-            .is_err()
-        {
+    /// this replica takes the fleet's state before it serves. The sync goes on in its own
+    /// task if the bound passes (it is never cut in the middle of an apply).
+    pub async fn join(self: &Arc<Self>, controller: &Arc<Controller>) {
+        let (this, c) = (self.clone(), controller.clone());
+        let task = tokio::spawn(async move { this.sync(&c).await });
+        if tokio::time::timeout(JOIN_TIMEOUT, task).await.is_err() {
             tracing::warn!(
                 "the fleet store did not answer in time; serving on this replica's own state"
             );
@@ -1218,20 +1471,25 @@ impl Fleet {
             }
             let live = self.replicas.load().len().max(1);
             controller.store.metrics.fleet_replicas.set(live as i64);
+            controller
+                .store
+                .metrics
+                .fleet_store_up
+                .set(i64::from(self.store_up()));
         }
         // Step down at once so another replica takes the evaluator lease without waiting.
         if self.leader.swap(false, Ordering::Relaxed) {
             let mut conn = self.conn.clone();
             let _ = tokio::time::timeout(
                 Duration::from_millis(500),
-                redis::Script::new(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                )
-                .key(&self.keys.leader)
-                .arg(&self.config.replica)
-                .invoke_async::<RValue>(&mut conn),
+                self.scripts
+                    .release
+                    .key(&self.keys.leader)
+                    .arg(&self.config.replica)
+                    .invoke_async::<RValue>(&mut conn),
             )
             .await;
         }
+        *self.push.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

@@ -378,7 +378,11 @@ impl Track {
         // Other replicas' counts so far are not this comparison's: only what they add.
         let remote_seen = remote
             .and_then(|r| r.by_key.get(&pool_key))
-            .map(|v| v.iter().map(|(r, b, c)| (r.clone(), (*b, *c))).collect())
+            .map(|v| {
+                v.iter()
+                    .map(|(r, b, c)| (format!("{r}\t{b}"), (*b, *c)))
+                    .collect()
+            })
             .unwrap_or_default();
         Track {
             pool_key,
@@ -507,27 +511,45 @@ impl Track {
         }
         let mut add = [0u64; 10];
         for (replica, boot, counts) in remote.by_key.get(&self.pool_key).into_iter().flatten() {
-            let prev = self.remote_seen.insert(replica.clone(), (*boot, *counts));
-            // A new replica, a restart, or counts that went back (its comparison started
-            // over): everything it published is new.
-            let base = match prev {
-                Some((b, p)) if b == *boot && p.iter().zip(counts).all(|(p, c)| p <= c) => p,
-                _ => [0; 10],
+            // Per process (replica and boot): two processes under one name, or a restart,
+            // each count from where they were first seen.
+            let prev = self
+                .remote_seen
+                .insert(format!("{replica}\t{boot}"), (*boot, *counts));
+            let Some((_, base)) = prev else {
+                // First seen by this comparison: what it counted before is not evidence
+                // about this comparison (it may predate a rollback and resume).
+                continue;
             };
+            if base.iter().zip(counts).any(|(b, c)| b > c) {
+                // Its comparison started over: count from here.
+                continue;
+            }
             for i in 0..10 {
-                add[i] = add[i].saturating_add(counts[i] - base[i]);
+                // Bounded per replica and tick: a foreign value cannot overflow the evidence.
+                add[i] = add[i].saturating_add((counts[i] - base[i]).min(1 << 30));
             }
         }
-        tick.candidate_answered += add[0];
-        tick.candidate_errors += add[1];
-        tick.baseline_answered += add[2];
-        tick.baseline_errors += add[3];
-        tick.over_sla += add[4];
-        tick.over_baseline_p99 = tick.over_baseline_p99.map(|o| o + add[5]);
-        tick.candidate_feedback += add[6];
-        tick.candidate_incorrect += add[7];
-        tick.baseline_feedback += add[8];
-        tick.baseline_incorrect += add[9];
+        self.remote_seen.retain(|k, _| {
+            remote
+                .by_key
+                .get(&self.pool_key)
+                .is_some_and(|v| v.iter().any(|(r, b, _)| k == &format!("{r}\t{b}")))
+        });
+        // Errors never above answers, whatever a foreign value says.
+        let errors = add[1].min(add[0]);
+        tick.candidate_answered = tick.candidate_answered.saturating_add(add[0]);
+        tick.candidate_errors = tick.candidate_errors.saturating_add(errors);
+        tick.baseline_answered = tick.baseline_answered.saturating_add(add[2]);
+        tick.baseline_errors = tick.baseline_errors.saturating_add(add[3].min(add[2]));
+        tick.over_sla = tick.over_sla.saturating_add(add[4].min(add[0]));
+        tick.over_baseline_p99 = tick
+            .over_baseline_p99
+            .map(|o| o.saturating_add(add[5].min(add[0])));
+        tick.candidate_feedback = tick.candidate_feedback.saturating_add(add[6]);
+        tick.candidate_incorrect = tick.candidate_incorrect.saturating_add(add[7].min(add[6]));
+        tick.baseline_feedback = tick.baseline_feedback.saturating_add(add[8]);
+        tick.baseline_incorrect = tick.baseline_incorrect.saturating_add(add[9].min(add[8]));
     }
 
     /// Pairs this tick's new candidate samples with the baseline's new samples of the same
@@ -649,7 +671,6 @@ impl Evaluator {
         // With the store down, counts are still kept (and published once it is back), but
         // only this replica's own are judged.
         let pooled = pooling.is_some_and(|f| f.pooling());
-        let decides = c.decides();
         for route in table.routes.iter() {
             let paused = runtime.paused.contains(&*route.name);
             let base = route.baseline_member();
@@ -763,7 +784,7 @@ impl Evaluator {
                 if progress.iter().any(|p| p.ratio >= 1.0) {
                     self.tripping.push((route.name.to_string(), v.name.clone()));
                 }
-                if paused || trip.is_some() || !decides {
+                if paused || trip.is_some() || !c.decides(Some(&pool_key)) {
                     continue;
                 }
                 if let Verdict::Trip { trigger, reason } =
@@ -941,7 +962,7 @@ impl Evaluator {
                 ),
                 _ => format!("rollout step after a clean hold of {:?}", rollout.hold),
             };
-            if !c.decides() {
+            if !c.decides(None) {
                 // Another replica of the fleet holds the evaluator lease and steps it.
                 continue;
             }

@@ -39,8 +39,8 @@ impl Faults {
         self.error_ppm.store(ppm, Ordering::Relaxed);
         self.latency_us
             .store(latency.as_micros() as u64, Ordering::Relaxed);
-        self.until_ms
-            .store(now_ms() + duration.as_millis() as u64, Ordering::Release);
+        let until = now_ms().saturating_add(duration.as_millis().min(u128::from(u64::MAX)) as u64);
+        self.until_ms.store(until, Ordering::Release);
     }
 
     pub fn clear(&self) {

@@ -264,6 +264,10 @@ pub struct LastCommand {
     /// comes soon after.
     #[serde(default)]
     pub after_seq: u64,
+    /// Its place in the fleet's log, (store epoch, seq), when it came through it: persisted
+    /// with the state it made, so a restart never applies it twice.
+    #[serde(default)]
+    pub fleet: Option<(String, u64)>,
 }
 
 /// What the file said of a route when a runtime override was made.
