@@ -415,9 +415,9 @@ impl Controller {
         self.fleet.get().is_none_or(|f| f.decides(comparison))
     }
 
-    /// A rollback from the fleet of a version this replica does not serve: its quarantine
-    /// is kept (with the bundle that was rolled back) for when the version arrives, and
-    /// recorded like any rollback.
+    /// A rollback from the fleet of a bundle this replica does not serve (the version is
+    /// absent, or here it is another bundle): its quarantine is kept with that bundle's
+    /// fingerprint, for when it arrives, and recorded like any rollback.
     pub async fn quarantine_absent(
         &self,
         cmd: &Command,
@@ -427,9 +427,9 @@ impl Controller {
     ) -> Result<Value, Refused> {
         let serial = self.decisions.lock().await;
         let mut next = self.store.runtime_state();
-        if next.quarantined.get(version).map(String::as_str) == Some(fingerprint) {
+        if next.quarantined.contains_key(version) {
             return Err(Refused::Conflict(format!(
-                "version {version} is already rolled back"
+                "version {version} is already rolled back here"
             )));
         }
         next.quarantined
@@ -449,7 +449,7 @@ impl Controller {
         f.insert("fingerprint".into(), json!(fingerprint));
         f.insert(
             "detail".into(),
-            json!("this replica does not serve the version: its quarantine holds for when it does"),
+            json!("this replica does not serve this bundle of the version: its quarantine holds for when it does"),
         );
         f.insert("command_id".into(), json!(cmd.id));
         f.insert("generation_before".into(), json!(swap.generation_before));

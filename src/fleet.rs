@@ -1021,18 +1021,29 @@ impl Fleet {
             _ => None,
         };
         let via = self.via(&entry.origin, Some(seq), Some(epoch), replay);
-        let mut result = controller
-            .apply_local(entry.cmd.clone(), Instant::now(), Some(&via))
-            .await;
-        if let (Err(Refused::NotFound(_)), Some(version), Some(fp)) =
-            (&result, &rollback, &entry.fingerprint)
-        {
-            // A version this replica does not serve (yet): keep its quarantine for when it
-            // does, with the bundle that was rolled back.
-            result = controller
-                .quarantine_absent(&entry.cmd, version, fp, &via)
-                .await;
-        }
+        // A rollback of a bundle this replica does not serve (the version is absent here, or
+        // here it is another bundle: a rolling update): its quarantine is kept for that
+        // bundle, never applied to another one.
+        let elsewhere = match (&rollback, &entry.fingerprint) {
+            (Some(v), Some(fp)) => controller
+                .store
+                .load()
+                .version(v)
+                .is_none_or(|local| &local.config.fingerprint != fp),
+            _ => false,
+        };
+        let result = match (&rollback, &entry.fingerprint) {
+            (Some(version), Some(fp)) if elsewhere => {
+                controller
+                    .quarantine_absent(&entry.cmd, version, fp, &via)
+                    .await
+            }
+            _ => {
+                controller
+                    .apply_local(entry.cmd.clone(), Instant::now(), Some(&via))
+                    .await
+            }
+        };
         if !replay {
             controller
                 .store
