@@ -13,7 +13,9 @@
 //! | `seq` | string (int) | the last command's sequence number (`INCR`) |
 //! | `log` | stream | entry `<seq>-1`, field `c`: an [`Entry`] (capped near [`LOG_CAP`]) |
 //! | `snapshot` | string | `"<seq> <json RuntimeState>"`: the state after command `seq` |
+//! | `origin` | string | `"<epoch> <seq>"`: the position of the replica that seeded the store |
 //! | `claim:<version>` | string | the command id rolling `version` back (`SET NX PX`) |
+//! | `published:<id>` | string | the `seq` a command got (1 h): a retried publish is not a second one |
 //! | `seen` | hash | replica -> last heartbeat, in the store's clock (ms) |
 //! | `counts` | hash | replica -> its [`Published`] evidence counts |
 //! | `leader` | string | the replica whose evaluator decides for the pooled fleet |
@@ -33,24 +35,36 @@
 //! # Store down
 //!
 //! Nothing waits on the store: a publish that fails or takes over [`PUBLISH_TIMEOUT`] is
-//! applied locally at once and queued (persisted in `state_dir/fleet.json`), and published
-//! when the store is back. The store's `epoch` tells a restart that lost its data: the
-//! first replica back seeds it with its state, the others take that state *plus* their own
-//! quarantines, and publish the quarantines the store lacks: a version rolled back
-//! anywhere stays rolled back everywhere until resumed. A replica that joins (no cursor
-//! for this epoch, or a cursor the capped log no longer covers) takes the snapshot first.
-//! A malformed entry is logged and skipped; a key of the wrong type makes the replica
-//! reseed the store (a new epoch) rather than stop.
+//! queued (persisted in `state_dir/fleet.json`) and applied locally at once, and published
+//! when the store is back. When the log brings such a command back, it is applied again at
+//! its place in the order if that changes anything (a replica that acted alone ends in the
+//! fleet's state, not its own). The store's `epoch` tells a restart that lost its data: the
+//! first replica back seeds it with its state (and records the position it had reached in
+//! the old log; a replica that had seen more reseeds it again), the others take that state
+//! *plus* their own quarantines, and publish the quarantines the store lacks: a version
+//! rolled back anywhere stays rolled back everywhere until resumed. A replica that joins
+//! (no cursor for this epoch, or more than [`BEHIND_MAX`] behind) takes the snapshot
+//! first. A malformed entry is logged and skipped; entries beyond the store's `seq` are not
+//! rollgate's and are ignored; a key of the wrong type, a sequence that is not a count or a
+//! log ahead of its sequence makes the replica reseed the store (a new epoch) rather than
+//! stop. A rollback of a bundle a replica does not serve (a rolling update) keeps that
+//! bundle's quarantine there. Commands run in tasks of their own: a caller that goes away
+//! never leaves a change applied but unpublished or unrecorded. Two live processes with
+//! one replica name are detected; neither takes the lease or decides while both live.
 //!
 //! # Pooling (SPEC section 10, `pool: true`)
 //!
 //! Every heartbeat publishes this replica's cumulative counts per comparison (route,
 //! candidate, baseline, fingerprints) and reads everyone's; the evaluator adds the other
-//! live replicas' increments to its own each tick, so every event is counted once. Only
-//! one replica (the `leader`, a 3 s lease renewed by the heartbeat) turns pooled evidence
-//! into automatic decisions: the fleet runs one detector per comparison, whose false-alarm
-//! guarantee is the single replica's. With the store down, or `pool: false`, every replica
-//! decides on its own counts.
+//! live replicas' increments to its own each tick, so every event is counted once (a
+//! replica's counts are added from the tick this comparison first sees that process, never
+//! what it counted before). Only one replica (the `leader`, a 3 s lease renewed by the
+//! heartbeat, taken over when its holder is not live) turns pooled evidence into automatic
+//! decisions: the fleet runs one detector per comparison, whose false-alarm guarantee is
+//! the single replica's. A comparison the lease holder does not judge (it does not serve
+//! it) is decided by the replicas that do. With the store down, or `pool: false`, every
+//! replica decides on its own counts (with `pool: false`, N replicas are N detectors: up to
+//! N times the false-alarm rate). Drift samples and feedback ids stay per replica.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
