@@ -43,7 +43,7 @@
 //! the old log; a replica that had seen more reseeds it again), the others take that state
 //! *plus* their own quarantines, and publish the quarantines the store lacks: a version
 //! rolled back anywhere stays rolled back everywhere until resumed. A replica that joins
-//! (no cursor for this epoch, or more than [`BEHIND_MAX`] behind) takes the snapshot
+//! (no cursor for this epoch, or more than `BEHIND_MAX` entries behind) takes the snapshot
 //! first. A malformed entry is logged and skipped; entries beyond the store's `seq` are not
 //! rollgate's and are ignored; a key of the wrong type, a sequence that is not a count or a
 //! log ahead of its sequence makes the replica reseed the store (a new epoch) rather than
