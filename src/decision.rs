@@ -674,7 +674,8 @@ impl Controller {
                 .saturating_add(*duration_ms)
                 .saturating_sub(unix_ms())
                 .min(*duration_ms);
-            if left == 0 {
+            // (A duration of 0 clears the fault: always applied.)
+            if left == 0 && *duration_ms > 0 {
                 return Err(Refused::Stale("the fault's window has passed".into()));
             }
             let (latency, dur) = (
