@@ -14,7 +14,7 @@
 //! | `log` | stream | entry `<seq>-1`, field `c`: an [`Entry`] (capped near [`LOG_CAP`]) |
 //! | `snapshot` | string | `"<seq> <json RuntimeState>"`: the state after command `seq` |
 //! | `origin` | string | `"<epoch> <seq>"`: the position of the replica that seeded the store |
-//! | `claim:<version>` | string | the command id rolling `version` back (`SET NX PX`) |
+//! | `claim:<version>` | string | `"<epoch> <command id>"` rolling `version` back (`SET NX PX`) |
 //! | `published:<id>` | string | the `seq` a command got (1 h): a retried publish is not a second one |
 //! | `seen` | hash | replica -> last heartbeat, in the store's clock (ms) |
 //! | `counts` | hash | replica -> its [`Published`] evidence counts |
@@ -186,6 +186,10 @@ struct Cursor {
     pending: Vec<Command>,
     /// Ids of commands applied here ahead of the fleet's order, newest last.
     recent: VecDeque<String>,
+    /// The runtime state before the first queued command: what this replica seeds a wiped
+    /// store with, so the queued decisions reach every replica as themselves (under their
+    /// ids) rather than as part of a snapshot.
+    base: Option<RuntimeState>,
 }
 
 impl Cursor {
@@ -240,6 +244,8 @@ struct Beat {
     counts: Vec<(String, String)>,
     /// Another live process uses this replica's name.
     duplicate: bool,
+    /// The snapshot's sequence number (`None`: missing or unreadable).
+    snapshot: Option<u64>,
 }
 
 /// The pooled counts of the other live replicas: comparison key -> (replica, boot, counts).
@@ -363,8 +369,10 @@ local epoch = ''
 if ty(KEYS[1]) == 'string' then epoch = redis.call('GET', KEYS[1]) end
 local health = 'ok'
 local seq = 0
+if not fits(KEYS[4], 'string') then redis.call('DEL', KEYS[4]) end
+local snap = -1
+if ty(KEYS[4]) == 'string' then snap = tonumber(string.match(redis.call('GET', KEYS[4]), '^(%d+) ')) or -1 end
 if not fits(KEYS[1], 'string') then health = 'corrupt:epoch'
-elseif not fits(KEYS[4], 'string') then health = 'corrupt:snapshot'
 else
   local s = seq_of(KEYS[2], KEYS[3])
   if s == nil then health = 'corrupt:log'
@@ -410,7 +418,7 @@ for i = 1, #seen, 2 do
     end
   end
 end
-return {now, health, epoch, seq, leader or '', live, counts, dup}
+return {now, health, epoch, seq, leader or '', live, counts, dup, snap}
 "#;
 
 /// KEYS: epoch seq log claim unclaim published. ARGV: epoch, entry json, claim id ('' =
@@ -430,8 +438,12 @@ end
 if ARGV[3] ~= '' then
   if not fits(KEYS[4], 'string') then redis.call('DEL', KEYS[4]) end
   local holder = redis.call('GET', KEYS[4])
-  if holder and holder ~= ARGV[3] then return {-1, holder} end
-  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
+  if holder then
+    local he, hid = string.match(holder, '^(%S+) (%S+)$')
+    -- A claim of an earlier epoch (before a reseed) or a foreign value holds nothing.
+    if he == e and hid ~= ARGV[3] then return {-1, hid} end
+  end
+  redis.call('SET', KEYS[4], e .. ' ' .. ARGV[3], 'PX', ARGV[4])
 end
 if ARGV[5] == '1' then redis.call('DEL', KEYS[5]) end
 s = redis.call('INCR', KEYS[2])
@@ -533,7 +545,7 @@ fn pairs(v: &RValue) -> Vec<(String, String)> {
 
 fn parse_beat(v: &RValue) -> Option<Beat> {
     let RValue::Array(a) = v else { return None };
-    if a.len() != 8 {
+    if a.len() != 9 {
         return None;
     }
     let leader = as_string(&a[4])?;
@@ -549,6 +561,7 @@ fn parse_beat(v: &RValue) -> Option<Beat> {
             .collect(),
         counts: pairs(&a[6]),
         duplicate: as_u64(&a[7]) == Some(1),
+        snapshot: as_u64(&a[8]),
     })
 }
 
@@ -820,6 +833,11 @@ impl Fleet {
         // Queued (durably) before it is applied: a crash in between publishes a command
         // that was never applied here, which the log then applies; never the reverse.
         let mut c = self.cursor.lock().await;
+        if c.pending.is_empty() {
+            let mut base = controller.store.runtime_state();
+            base.last_command = None;
+            c.base = Some(base);
+        }
         c.remember(&cmd.id);
         c.pending.push(cmd.clone());
         self.save(&c);
@@ -827,6 +845,9 @@ impl Fleet {
         let result = controller.apply_local(cmd.clone(), began, Some(&via)).await;
         if result.is_err() {
             c.pending.retain(|p| p.id != cmd.id);
+            if c.pending.is_empty() {
+                c.base = None;
+            }
             self.save(&c);
         }
         result
@@ -894,13 +915,13 @@ impl Fleet {
 
     /// Gives back a rollback's claim that the fleet refused (a pause or reload came first),
     /// so a rollback decided next is not blocked for the claim's TTL.
-    async fn release_claim(&self, version: &VersionName, id: &str) {
+    async fn release_claim(&self, version: &VersionName, epoch: &str, id: &str) {
         let mut conn = self.conn.clone();
         let _: redis::RedisResult<RValue> = self
             .scripts
             .release
             .key(format!("{}{}", self.keys.claim_prefix, version))
-            .arg(id)
+            .arg(format!("{epoch} {id}"))
             .invoke_async(&mut conn)
             .await;
     }
@@ -1075,7 +1096,7 @@ impl Fleet {
                     tracing::info!(seq, command = %id, origin = %entry.origin, refused = %e, "fleet command refused here");
                 }
                 if let (true, Some(v)) = (mine && !replay, &rollback) {
-                    self.release_claim(v, &id).await;
+                    self.release_claim(v, epoch, &id).await;
                 }
             }
         }
@@ -1200,6 +1221,9 @@ impl Fleet {
             if c.pending.first().is_some_and(|p| p.id == cmd.id) {
                 c.pending.remove(0);
             }
+            if c.pending.is_empty() {
+                c.base = None;
+            }
             self.save(&c);
         }
     }
@@ -1273,7 +1297,26 @@ impl Fleet {
         }
         let mut cursor = self.cursor.lock().await;
         let ours = cursor.epoch.clone();
-        if ours.as_deref() != Some(beat.epoch.as_str()) || beat.seq < cursor.seq {
+        let mut store_seq = beat.seq;
+        if ours.as_deref() == Some(beat.epoch.as_str()) && store_seq < cursor.seq {
+            // The heartbeat may have read `seq` before a catch-up moved the cursor on: read
+            // it again now that no catch-up runs. Still lower: the store lost commands (a
+            // failover to a replica behind) and this is handled as a wipe.
+            let mut conn = self.conn.clone();
+            let again: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                .arg(&self.keys.seq)
+                .query_async(&mut conn)
+                .await;
+            match again {
+                Ok(v) => store_seq = v.and_then(|v| v.parse().ok()).unwrap_or(0),
+                Err(e) => {
+                    drop(cursor);
+                    self.mark_down(controller, &e);
+                    return;
+                }
+            }
+        }
+        if ours.as_deref() != Some(beat.epoch.as_str()) || store_seq < cursor.seq {
             match ours {
                 // A new replica: the fleet's state.
                 None => {
@@ -1296,17 +1339,23 @@ impl Fleet {
                 }
             }
             self.save(&cursor);
-        } else if beat.seq > cursor.seq + BEHIND_MAX {
+        } else if store_seq > cursor.seq + BEHIND_MAX {
             // Far behind (a replica that was down): the snapshot, then the tail.
             let epoch = beat.epoch.clone();
             self.adopt(controller, &mut cursor, &epoch, Adopt::Fleet)
                 .await;
             self.save(&cursor);
         }
-        let behind = beat.seq > cursor.seq;
+        let behind = store_seq > cursor.seq;
+        // A replica that is current repairs a missing or unreadable snapshot (joiners need it).
+        let current = !behind && beat.snapshot.is_none_or(|s| s > store_seq) && store_seq > 0;
         drop(cursor);
         if behind {
             self.catch_up(controller).await;
+        }
+        if current {
+            self.write_snapshot(controller, &beat.epoch, store_seq)
+                .await;
         }
         self.flush_pending(controller).await;
     }
@@ -1321,16 +1370,24 @@ impl Fleet {
             .await
             .ok()
             .flatten();
-        origin
-            .as_deref()
-            .and_then(|o| o.split_once(' '))
-            .is_some_and(|(e, s)| e == old && s.parse::<u64>().is_ok_and(|s| s < seq))
+        // Seeded by a replica that had no place in any log (new, or its state lost), while
+        // this one had one; or by one that had seen less of the same log.
+        seq > 0
+            && origin
+                .as_deref()
+                .and_then(|o| o.split_once(' '))
+                .is_some_and(|(e, s)| {
+                    e == "-" || (e == old && s.parse::<u64>().is_ok_and(|s| s < seq))
+                })
     }
 
     /// Seeds the store with this replica's state, if its epoch is still `observed`.
     async fn reseed(&self, controller: &Arc<Controller>, observed: &str) {
         let mut cursor = self.cursor.lock().await;
-        let mut state = controller.store.runtime_state();
+        let mut state = match (&cursor.base, cursor.pending.is_empty()) {
+            (Some(base), false) => base.clone(),
+            _ => controller.store.runtime_state(),
+        };
         state.last_command = None;
         let json = serde_json::to_string(&state).unwrap_or_default();
         let epoch = new_epoch();

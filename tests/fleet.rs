@@ -11,9 +11,6 @@
 //! a 2-core CI machine already keep it busy, and the timing claims (applied within 1 s) are
 //! about rollgate, not about a machine running two fleets at once. When a test fails, the
 //! replicas' logs are printed (see [`Fleet`]'s `Drop`).
-//!
-//! Tests marked `#[ignore = "bug: ..."]` show a bug in `src/fleet.rs` that is not fixed yet
-//! (the reason says which); run them with `cargo test --test fleet -- --ignored`.
 
 #[macro_use]
 mod support;
@@ -672,7 +669,6 @@ async fn with_the_store_down_replicas_serve_and_decide_and_publish_when_it_is_ba
 /// appeared). Three outages: r2 reseeds first (the others held with SIGSTOP until it has),
 /// then r1 does, then whoever wins the race.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: when the replica that decided during the outage reseeds the empty store, the others take the quarantine with the snapshot (a fleet_sync record) and hold no rollback record under the decision's id"]
 async fn a_decision_made_while_the_store_was_away_keeps_its_id_on_every_replica() {
     let _serial = SERIAL.lock().await;
     let stable = TestUpstream::start("stable").await;
@@ -1138,7 +1134,6 @@ impl Drop for Paused {
 /// other replicas are held (SIGSTOP) while r4 joins, so r4 is the first to find the damage,
 /// every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a joining replica reseeds a store whose snapshot has the wrong type from its own empty state; the others re-publish the quarantine, the still-held claim refuses it, and the joiner serves the rolled-back version"]
 async fn a_snapshot_of_the_wrong_type_next_to_an_intact_epoch_is_repaired() {
     let _serial = SERIAL.lock().await;
     let stable = TestUpstream::start("stable").await;
@@ -1510,7 +1505,6 @@ async fn every_kind_of_decision_propagates_with_one_id() {
 /// the snapshot again (no `fleet_sync` record after the fleet formed), none goes back to an
 /// older state, none applies a command twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: Fleet::sync compares a heartbeat seq read before a concurrent catch-up with the advanced cursor (beat.seq < cursor.seq, same epoch) and takes the snapshot as if the store were wiped: state goes back or forward, records duplicated or missing"]
 async fn replicas_publishing_back_to_back_never_mistake_their_progress_for_a_wiped_store() {
     let _serial = SERIAL.lock().await;
     let stable = TestUpstream::start("stable").await;
