@@ -18,13 +18,18 @@
 //!      1 h.
 //!    - D. `min_error_rate` after a change of regime: does `error_rate_ratio` trip while
 //!      the candidate's error rate is below the floor?
+//!    - F. The seed scenario with the canary's traffic spread over 10 replicas: one replica
+//!      seeing it all, a pooling fleet (the deciding replica adds the others' counts one
+//!      or three intervals late) and a fleet that does not pool (first of 10 to trip);
+//!      and the pooling fleet's false rollbacks on healthy traffic over A's horizon.
 //! 2. Trip-to-swap of the real rollback path (`Controller::apply_at` with an
 //!    `Action::Rollback` on a compiled table), read from the audit record it writes.
 //!
 //! `cargo bench --bench evaluator` runs the full sizes (200 runs per row; 7.5 minutes on 2
-//! idle cores, plus the build); without a `--bench` argument (`cargo test --benches`) it
+//! idle cores for A to D and swap, and F's 200 fleet-days of false-alarm simulation 3 to 6
+//! more, plus the build); without a `--bench` argument (`cargo test --benches`) it
 //! runs a smoke version with tiny sizes. `ROLLGATE_BENCH_RUNS=N` changes the runs per row
-//! of the full run; `ROLLGATE_BENCH_ONLY=AB,C,D,swap` (any subset) runs only those
+//! of the full run; `ROLLGATE_BENCH_ONLY=AB,C,D,F,swap` (any subset) runs only those
 //! sections. Runs are independent and spread over the available cores.
 
 use std::path::Path;
@@ -1169,6 +1174,274 @@ fn effect_floor(z: &Sizes) {
 }
 
 // ---------------------------------------------------------------------------------------
+// F: the seed scenario spread over a fleet
+
+/// Replicas the canary's traffic is spread over in F.
+const REPLICAS: usize = 10;
+/// How late the other replicas' counts reach the deciding replica, in ticks: one heartbeat
+/// (the model of SPEC section 10); three (the worst case of the real path: a replica's
+/// evaluator tick, its next heartbeat, the leader's next heartbeat, the leader's next
+/// tick); ten (a heartbeat of 1 s with the 100 ms interval, a cheaper store's cadence).
+const POOL_LAGS: [usize; 3] = [1, 3, 10];
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.cand += o.cand;
+        self.cand_errors += o.cand_errors;
+        self.base += o.base;
+        self.base_errors += o.base_errors;
+        self.over_sla += o.over_sla;
+        self.over_ratio = match (self.over_ratio, o.over_ratio) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.cand_feedback += o.cand_feedback;
+        self.cand_incorrect += o.cand_incorrect;
+        self.base_feedback += o.base_feedback;
+        self.base_incorrect += o.base_incorrect;
+    }
+
+    /// The tick a comparison sees (error and latency counts; no drift samples).
+    fn as_tick(&self) -> Tick<'static> {
+        Tick {
+            candidate_answered: self.cand,
+            candidate_errors: self.cand_errors,
+            baseline_answered: self.base,
+            baseline_errors: self.base_errors,
+            over_sla: self.over_sla,
+            over_baseline_p99: self.over_ratio,
+            candidate_feedback: self.cand_feedback,
+            candidate_incorrect: self.cand_incorrect,
+            baseline_feedback: self.base_feedback,
+            baseline_incorrect: self.base_incorrect,
+            drift_pairs: &[],
+            drift_cuts: None,
+        }
+    }
+}
+
+/// The deciding replica of a pooling fleet: its own tick plus the other replicas' ticks of
+/// `lag` ticks ago (nothing from before the comparison began).
+struct Pooled {
+    lag: usize,
+    /// The other replicas' summed counts of the last `lag` ticks, oldest first.
+    late: std::collections::VecDeque<Counts>,
+    judges: Vec<Judge>,
+}
+
+impl Pooled {
+    fn new(lag: usize, judges: Vec<Judge>) -> Self {
+        Pooled {
+            lag,
+            late: std::collections::VecDeque::new(),
+            judges,
+        }
+    }
+
+    /// What the deciding replica (replica 0) observes this tick.
+    fn tick(&mut self, ticks: &[Counts]) -> Counts {
+        let mut others = Counts::default();
+        for c in &ticks[1..] {
+            others.add(c);
+        }
+        self.late.push_back(others);
+        let mut seen = ticks[0];
+        if self.late.len() > self.lag {
+            if let Some(old) = self.late.pop_front() {
+                seen.add(&old);
+            }
+        }
+        seen
+    }
+}
+
+/// F: detection delay of the seed scenario (8 % vs 2 % errors, 50 canary req/s in total)
+/// when the canary's traffic is spread evenly over [`REPLICAS`] replicas: (a) one replica
+/// seeing it all (B's fresh row, same seeds), (b) pooled: the deciding replica observes
+/// its own share plus the others' counts `lag` ticks late, (c) not pooled: every replica
+/// judges its own share and the fleet rolls back at the first trip. (b) and (c) run on
+/// the same per-replica draws. Then (b)'s false rollbacks on healthy traffic over A's
+/// horizon.
+fn fleet_detection(z: &Sizes) {
+    let began = WallClock::now();
+    let ratio = Arc::new(evaluator(&[
+        ("error_rate_ratio", "2.0"),
+        ("min_error_rate", "0.005"),
+    ]));
+    let max = Arc::new(evaluator(&[("error_rate_max", "0.05")]));
+    let pair = || vec![Judge::new(&ratio), Judge::new(&max)];
+    let min_requests = ratio.min_requests;
+    let total = 50.0;
+    let share = total / REPLICAS as f64;
+    let regression = Traffic {
+        cand_err: 0.08,
+        ..Traffic::healthy(total)
+    };
+    let regression_share = Traffic {
+        canary_rps: share,
+        ..regression
+    };
+    let sims = |row: u64, run: usize| -> Vec<Sim> {
+        (0..REPLICAS)
+            .map(|j| Sim::new(seed(row + j as u64, run), min_requests))
+            .collect()
+    };
+
+    // (a): exactly B's fresh row.
+    let single: Vec<Vec<Option<u64>>> = par_map(z.runs, |run| {
+        let mut sim = Sim::new(seed(10, run), min_requests);
+        let mut js = pair();
+        regress(&mut sim, &mut js, regression, z.cap)
+    });
+    // (b) for each lag and (c), on the same draws. Per run: [pooled lag.., unpooled], each
+    // the first trip tick of (ratio, max).
+    let fleet: Vec<Vec<[Option<u64>; 2]>> = par_map(z.runs, |run| {
+        let mut sims = sims(100, run);
+        let ph = Phase::new(regression_share, &pair().iter().collect::<Vec<_>>());
+        let mut pooled: Vec<Pooled> = POOL_LAGS.iter().map(|&l| Pooled::new(l, pair())).collect();
+        let mut alone: Vec<Vec<Judge>> = (0..REPLICAS).map(|_| pair()).collect();
+        let mut first = vec![[None; 2]; POOL_LAGS.len() + 1];
+        let mut ticks = vec![Counts::default(); REPLICAS];
+        for i in 1..=z.cap {
+            for (c, sim) in ticks.iter_mut().zip(sims.iter_mut()) {
+                *c = sim.tick(&ph);
+            }
+            for (p, f) in pooled.iter_mut().zip(first.iter_mut()) {
+                let seen = p.tick(&ticks).as_tick();
+                for (j, fj) in p.judges.iter_mut().zip(f.iter_mut()) {
+                    if fj.is_none() && j.step(&seen).is_some() {
+                        *fj = Some(i);
+                    }
+                }
+            }
+            let f = first.last_mut().expect("unpooled slot");
+            for (js, c) in alone.iter_mut().zip(&ticks) {
+                let seen = c.as_tick();
+                for (j, fj) in js.iter_mut().zip(f.iter_mut()) {
+                    if fj.is_none() && j.step(&seen).is_some() {
+                        *fj = Some(i);
+                    }
+                }
+            }
+            if first.iter().flatten().all(Option::is_some) {
+                break;
+            }
+        }
+        first
+    });
+    let cap = z.label(z.cap);
+    let both = |r: [Option<u64>; 2]| match (r[0], r[1]) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    println!(
+        "\n## F. The seed scenario spread over {REPLICAS} replicas: 8 % vs 2 % errors, {total:.0} canary req/s in total ({share:.0} per replica), {} runs per row\n",
+        z.runs
+    );
+    println!("Delay from the change (detectors fresh at the change, as B's first row) to the first tick whose `decide` trips. (a) is B's t = 0 row (same seeds). (b) pooled (`pool: true`): the deciding replica's comparison observes, each tick, its own 1/{REPLICAS} share plus the other {} replicas' counts of `lag` ticks before (nothing from before the change); one comparison decides. (c) not pooled (`pool: false`): {REPLICAS} comparisons, one per replica, each on its 1/{REPLICAS}; the fleet's delay is the first of them to trip. (b) and (c) share the per-replica draws.\n", REPLICAS - 1);
+    println!("| fleet | rules | detected within {cap} | within 5 min | median delay (s) | p90 delay (s) | median / (a) | p90 / (a) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    // (fleet, delays with the ratio rule alone, delays with error_rate_max too)
+    type Row = (String, Vec<Option<u64>>, Vec<Option<u64>>);
+    let mut rows: Vec<Row> = vec![(
+        "(a) one replica sees all traffic".into(),
+        single.iter().map(|r| r[0]).collect(),
+        single.iter().map(|r| both([r[0], r[1]])).collect(),
+    )];
+    for (k, lag) in POOL_LAGS.iter().enumerate() {
+        rows.push((
+            format!(
+                "(b) pooled, the others {lag} interval{} late",
+                if *lag == 1 { "" } else { "s" }
+            ),
+            fleet.iter().map(|r| r[k][0]).collect(),
+            fleet.iter().map(|r| both(r[k])).collect(),
+        ));
+    }
+    rows.push((
+        format!("(c) not pooled, first of {REPLICAS} to trip"),
+        fleet.iter().map(|r| r[POOL_LAGS.len()][0]).collect(),
+        fleet.iter().map(|r| both(r[POOL_LAGS.len()])).collect(),
+    ));
+    let reference = [Delays::of(&rows[0].1), Delays::of(&rows[0].2)];
+    let ratio_cell = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    for (name, without, with) in &rows {
+        for (k, (rules, delays)) in [
+            (
+                "error_rate_ratio 2.0, min_error_rate 0.005, error_rate_max null",
+                without,
+            ),
+            ("... and error_rate_max 0.05", with),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = Delays::of(delays);
+            println!(
+                "| {name} | {rules} | {} | {} | {} |",
+                d.cells(&cap),
+                ratio_cell(d.median, reference[k].median),
+                ratio_cell(d.p90, reference[k].p90)
+            );
+        }
+    }
+    let delays_s = began.elapsed().as_secs_f64();
+
+    // (b)'s false rollbacks: healthy traffic over A's horizon, one interval late.
+    let began = WallClock::now();
+    let healthy_share = Traffic::healthy(share);
+    let falses: Vec<[u64; 2]> = par_map(z.runs, |run| {
+        let mut sims = sims(200, run);
+        let ph = Phase::new(healthy_share, &pair().iter().collect::<Vec<_>>());
+        let mut p = Pooled::new(POOL_LAGS[0], pair());
+        let mut trips = [0u64; 2];
+        let mut ticks = vec![Counts::default(); REPLICAS];
+        for _ in 0..z.day {
+            for (c, sim) in ticks.iter_mut().zip(sims.iter_mut()) {
+                *c = sim.tick(&ph);
+            }
+            let seen = p.tick(&ticks).as_tick();
+            for (j, n) in p.judges.iter_mut().zip(trips.iter_mut()) {
+                if j.step(&seen).is_some() {
+                    *n += 1;
+                    j.restart();
+                }
+            }
+        }
+        trips
+    });
+    let days = z.runs as f64 * z.day as f64 * TICK_S / 86_400.0;
+    println!(
+        "\n(b), pooled one interval late, on healthy traffic (2 % vs 2 %, {total:.0} canary req/s in total over {REPLICAS} replicas), {} runs of {} (A's horizon; each rule in a comparison of its own, restarted after a trip):\n",
+        z.runs,
+        z.label(z.day)
+    );
+    println!("| rule | candidate-days | false rollbacks | per candidate-day | 95 % upper bound |");
+    println!("|---|---:|---:|---:|---:|");
+    for (k, name) in [
+        "error_rate_ratio 2.0 (min_error_rate 0.005)",
+        "error_rate_max 0.05",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let n: u64 = falses.iter().map(|t| t[k]).sum();
+        println!(
+            "| {name} | {days:.1} | {n} | {:.4} | {:.4} |",
+            n as f64 / days,
+            poisson_upper95(n) / days
+        );
+    }
+    println!(
+        "\n(F took {delays_s:.0} s for the delays and {:.0} s for the false rollbacks.) Not simulated: (c)'s false rollbacks ({REPLICAS} comparisons, each with the single comparison's guarantee, so up to {REPLICAS}x the per-candidate rate by the union bound), and the latency rules pooled.",
+        began.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Trip-to-swap
 
 fn trip_to_swap(z: &Sizes) {
@@ -1266,6 +1539,9 @@ fn main() {
     }
     if run("D") {
         effect_floor(&z);
+    }
+    if run("F") {
+        fleet_detection(&z);
     }
     if run("swap") {
         trip_to_swap(&z);
