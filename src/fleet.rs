@@ -1434,8 +1434,10 @@ impl Fleet {
             .collect();
         let mut remote = Remote::default();
         let mut leader_keys = std::collections::HashSet::new();
+        let live_names: std::collections::HashSet<&str> =
+            live.iter().map(|s| s.replica.as_str()).collect();
         for (replica, json) in &beat.counts {
-            if replica == &self.config.replica || !live.iter().any(|s| &s.replica == replica) {
+            if replica == &self.config.replica || !live_names.contains(replica.as_str()) {
                 continue;
             }
             match serde_json::from_str::<Published>(json) {

@@ -510,12 +510,13 @@ impl Track {
             *m = m.saturating_add(o);
         }
         let mut add = [0u64; 10];
+        let mut current = std::collections::HashSet::new();
         for (replica, boot, counts) in remote.by_key.get(&self.pool_key).into_iter().flatten() {
             // Per process (replica and boot): two processes under one name, or a restart,
             // each count from where they were first seen.
-            let prev = self
-                .remote_seen
-                .insert(format!("{replica}\t{boot}"), (*boot, *counts));
+            let key = format!("{replica}\t{boot}");
+            current.insert(key.clone());
+            let prev = self.remote_seen.insert(key, (*boot, *counts));
             let Some((_, base)) = prev else {
                 // First seen by this comparison: what it counted before is not evidence
                 // about this comparison (it may predate a rollback and resume).
@@ -530,12 +531,7 @@ impl Track {
                 add[i] = add[i].saturating_add((counts[i] - base[i]).min(1 << 30));
             }
         }
-        self.remote_seen.retain(|k, _| {
-            remote
-                .by_key
-                .get(&self.pool_key)
-                .is_some_and(|v| v.iter().any(|(r, b, _)| k == &format!("{r}\t{b}")))
-        });
+        self.remote_seen.retain(|k, _| current.contains(k));
         // Errors never above answers, whatever a foreign value says.
         let errors = add[1].min(add[0]);
         tick.candidate_answered = tick.candidate_answered.saturating_add(add[0]);
