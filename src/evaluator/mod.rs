@@ -724,7 +724,7 @@ impl Evaluator {
                     // Rolled back and resumed since the last tick: judged on new traffic only.
                     *track = fresh();
                 }
-                let mut own_only = crate::fleet::Remote::default();
+                let own_only = crate::fleet::Remote::default();
                 let pool = match remote {
                     Some(r) if pooled => Some((r, &mut self.published)),
                     // Keep publishing our own counts; judge them alone.
@@ -740,7 +740,6 @@ impl Evaluator {
                     &mut self.scratch,
                     pool,
                 );
-                own_only.by_key.clear();
                 if let Some(h) = self.holds.get_mut(&*route.name) {
                     if h.version == v.name && h.fingerprints == fingerprints {
                         h.candidate += seen.candidate;
