@@ -104,6 +104,21 @@ pub struct FileConfig {
     /// decisions (SPEC section 10). Absent or null: this replica decides alone.
     #[serde(default)]
     pub fleet: Option<L<FileFleet>>,
+    /// One JSON line per request (SPEC section 7). Absent or null: no access log.
+    #[serde(default)]
+    pub access_log: Option<L<FileAccessLog>>,
+}
+
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccessLog {
+    /// `stdout`, `stderr`, or a file path (relative to the config file's directory; its
+    /// directory must exist; reopened on SIGUSR1 for logrotate). Default `stdout`.
+    #[serde(default)]
+    pub path: Option<L<String>>,
+    /// Share of requests logged (default 1.0; above 0, at most 1).
+    #[serde(default)]
+    pub sample: Option<L<f64>>,
 }
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
@@ -232,6 +247,10 @@ pub struct FileRoute {
     /// (default 10MiB; 0 to 1GiB).
     #[serde(default)]
     pub max_request_body: Option<L<String>>,
+    /// gRPC status codes (0 to 16) that count against a version (default [2, 4, 13, 14,
+    /// 15]: UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS; an empty list: none).
+    #[serde(default)]
+    pub grpc_fault_codes: Option<Vec<L<u32>>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, JsonSchema)]

@@ -90,7 +90,42 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// `None`: this replica decides alone.
     pub fleet: Option<FleetConfig>,
+    /// `None`: no access log (the default). Reloadable: a reload that changes it replaces
+    /// the running access log (new path and sample rate take effect at once).
+    pub access_log: Option<AccessLogConfig>,
 }
+
+/// The `access_log:` block, validated (SPEC sections 3 and 7): one JSON line per request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    pub path: AccessLogPath,
+    /// Share of requests logged, in (0, 1].
+    pub sample: f64,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogPath {
+    Stdout,
+    Stderr,
+    /// Resolved against the config file's directory; reopened on SIGUSR1 (logrotate).
+    File(PathBuf),
+}
+
+impl fmt::Display for AccessLogPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLogPath::Stdout => f.write_str("stdout"),
+            AccessLogPath::Stderr => f.write_str("stderr"),
+            AccessLogPath::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// gRPC status codes that count against a version unless a route says otherwise: UNKNOWN
+/// (2), DEADLINE_EXCEEDED (4), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15), as a
+/// [`RouteConfig::grpc_fault_codes`] bitmask.
+pub const DEFAULT_GRPC_FAULT_CODES: u32 = (1 << 2) | (1 << 4) | (1 << 13) | (1 << 14) | (1 << 15);
 
 /// The `fleet:` block, validated (SPEC section 10).
 #[derive(Debug, Clone, PartialEq)]
@@ -236,6 +271,16 @@ pub struct RouteConfig {
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
     pub max_request_body: u64,
+    /// gRPC status codes that count against a version: bit `n` set means code `n` (0 to
+    /// 16) is the version's fault. Default [`DEFAULT_GRPC_FAULT_CODES`].
+    pub grpc_fault_codes: u32,
+}
+
+impl RouteConfig {
+    /// Whether a response's `grpc-status` counts against the version that gave it.
+    pub fn is_grpc_fault(&self, code: u32) -> bool {
+        code < 32 && self.grpc_fault_codes & (1 << code) != 0
+    }
 }
 
 #[derive(Debug, Clone)]

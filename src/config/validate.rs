@@ -19,7 +19,7 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use super::file::{FileConfig, FileFleet, FileRoute, FileVersion, Located};
+use super::file::{FileAccessLog, FileConfig, FileFleet, FileRoute, FileVersion, Located};
 use super::*;
 
 /// The range of every number in the file, in one place.
@@ -63,6 +63,9 @@ pub(crate) mod bounds {
     pub const SAFETY_MAX: (u64, u64) = (0, 1_000_000);
     pub const SAFETY_PER: DurSpan = DurSpan::new(SECOND, WEEK);
     pub const ADMIN_HOST_LEN: usize = 253;
+    /// gRPC status codes are 0 (OK) to 16 (UNAUTHENTICATED).
+    pub const GRPC_STATUS: (u64, u64) = (0, 16);
+    pub const ACCESS_LOG_SAMPLE: Span = Span::open_closed(0.0, 1.0);
 }
 
 /// A range of real numbers, each end open or closed; never contains NaN or infinities.
@@ -671,6 +674,10 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         .collect();
 
     let fleet = f.fleet.as_ref().and_then(|l| fleet(&mut p, l, origin));
+    let access_log = f
+        .access_log
+        .as_ref()
+        .and_then(|l| access_log(&mut p, l, origin));
 
     if !p.list.is_empty() {
         return Err(ConfigError {
@@ -713,7 +720,67 @@ fn validate(f: FileConfig, origin: &Path, hash: String) -> Result<Config, Config
         },
         alerts: AlertsConfig { webhooks },
         fleet,
+        access_log,
     })
+}
+
+/// The `access_log:` block: `stdout`, `stderr` or a file in an existing directory, and a
+/// sample rate in (0, 1]. The file is not opened here: `check` creates nothing.
+fn access_log(
+    p: &mut Problems,
+    l: &Located<FileAccessLog>,
+    origin: &Path,
+) -> Option<AccessLogConfig> {
+    let f = &l.value;
+    let sample = f.sample.as_ref().map_or(1.0, |s| {
+        p.number(s, "access_log.sample", bounds::ACCESS_LOG_SAMPLE, "0.1")
+    });
+    let path = match &f.path {
+        None => AccessLogPath::Stdout,
+        Some(lp) => {
+            let written = lp.value.trim();
+            match written {
+                "stdout" => AccessLogPath::Stdout,
+                "stderr" => AccessLogPath::Stderr,
+                "" => {
+                    p.at(
+                        lp,
+                        "access_log.path",
+                        "path must not be empty: write stdout, stderr or a file path",
+                    );
+                    return None;
+                }
+                _ => {
+                    let path = relative(origin, written);
+                    let dir = match path.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    if path.is_dir() {
+                        p.at(
+                            lp,
+                            "access_log.path",
+                            format!("{} is a directory, not a file", path.display()),
+                        );
+                        return None;
+                    }
+                    if !dir.is_dir() {
+                        p.at(
+                            lp,
+                            "access_log.path",
+                            format!(
+                                "directory {} does not exist (write stdout, stderr or a file in an existing directory)",
+                                dir.display()
+                            ),
+                        );
+                        return None;
+                    }
+                    AccessLogPath::File(path)
+                }
+            }
+        }
+    };
+    Some(AccessLogConfig { path, sample })
 }
 
 /// The `fleet:` block: a store URL the client accepts, a fleet name usable inside a key,
@@ -1207,6 +1274,22 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
         },
     };
 
+    let grpc_fault_codes = match &r.grpc_fault_codes {
+        None => DEFAULT_GRPC_FAULT_CODES,
+        Some(codes) => codes.iter().enumerate().fold(0u32, |mask, (j, c)| {
+            let code = p.integer(
+                c,
+                &format!("{key}.grpc_fault_codes[{j}]"),
+                bounds::GRPC_STATUS,
+            );
+            if u64::from(code) <= bounds::GRPC_STATUS.1 {
+                mask | (1 << code)
+            } else {
+                mask
+            }
+        }),
+    };
+
     Some(RouteConfig {
         name: Arc::from(name.as_str()),
         owner: r.owner.clone(),
@@ -1231,6 +1314,7 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
         timeouts,
         retry,
         max_request_body,
+        grpc_fault_codes,
     })
 }
 
@@ -1527,6 +1611,14 @@ mod tests {
                 "routes[0].max_request_body",
             ),
             (
+                route_key("grpc_fault_codes: [2, 17]"),
+                ROUTE_LINE,
+                "routes[0].grpc_fault_codes[1]",
+            ),
+            (top("access_log: {sample: 0}"), 8, "access_log.sample"),
+            (top("access_log: {sample: 1.01}"), 8, "access_log.sample"),
+            (top("access_log: {sample: .nan}"), 8, "access_log.sample"),
+            (
                 route_key("shadow: {version: b, percent: 101}"),
                 ROUTE_LINE,
                 "routes[0].shadow.percent",
@@ -1636,6 +1728,10 @@ mod tests {
             route_key("retry: {budget_percent: 100, min_per_second: 100000}"),
             route_key("max_request_body: 1GiB"),
             route_key("max_request_body: 0"),
+            route_key("grpc_fault_codes: [0, 16]"),
+            route_key("grpc_fault_codes: []"),
+            top("access_log: {sample: 1}"),
+            top("access_log: {sample: 0.000001}"),
             route_key("shadow: {version: b, percent: 0}"),
             route_key("shadow: {version: b, percent: 100}"),
             route_key("rollout: {steps: [1, 100], hold: 1ms}"),
@@ -1758,6 +1854,54 @@ mod tests {
             );
             assert!(p.message.contains(why), "{bad}: {}", p.message);
         }
+    }
+
+    #[test]
+    fn grpc_fault_codes_compile_to_a_bitmask() {
+        let c = accepted(MINIMAL);
+        assert_eq!(c.routes[0].grpc_fault_codes, DEFAULT_GRPC_FAULT_CODES);
+        for code in [2, 4, 13, 14, 15] {
+            assert!(c.routes[0].is_grpc_fault(code), "{code}");
+        }
+        for code in [0, 1, 3, 5, 12, 16, 17, 99] {
+            assert!(!c.routes[0].is_grpc_fault(code), "{code}");
+        }
+        let c = accepted(&route_key("grpc_fault_codes: [0, 16, 16]"));
+        assert_eq!(c.routes[0].grpc_fault_codes, 1 | 1 << 16);
+        let c = accepted(&route_key("grpc_fault_codes: []"));
+        assert_eq!(c.routes[0].grpc_fault_codes, 0);
+        let p = only_problem(&route_key("grpc_fault_codes: [-1]"));
+        assert!(p.key.starts_with("routes[0].grpc_fault_codes"), "{p:?}");
+    }
+
+    #[test]
+    fn access_log_defaults_and_paths() {
+        assert_eq!(accepted(MINIMAL).access_log, None);
+        assert_eq!(accepted(&top("access_log: null")).access_log, None);
+        let a = accepted(&top("access_log: {}")).access_log.unwrap();
+        assert_eq!((a.path, a.sample), (AccessLogPath::Stdout, 1.0));
+        let a = accepted(&top("access_log: {path: stderr, sample: 0.25}"))
+            .access_log
+            .unwrap();
+        assert_eq!((a.path, a.sample), (AccessLogPath::Stderr, 0.25));
+        let dir = std::env::temp_dir();
+        let origin = dir.join("rollgate.yaml");
+        let c = Config::from_str(&top("access_log: {path: access.log}"), &origin).unwrap();
+        assert_eq!(
+            c.access_log.unwrap().path,
+            AccessLogPath::File(dir.join("access.log"))
+        );
+        for (bad, why) in [
+            ("''", "must not be empty"),
+            ("/nonexistent-rollgate-dir/a.log", "does not exist"),
+            (dir.to_str().unwrap(), "is a directory"),
+        ] {
+            let p = only_problem(&top(&format!("access_log: {{path: '{bad}'}}")));
+            assert_eq!((p.key.as_str(), p.line), ("access_log.path", 8), "{p:?}");
+            assert!(p.message.contains(why), "{bad}: {}", p.message);
+        }
+        let p = only_problem(&top("access_log: {path: stdout, format: json}"));
+        assert!(p.message.contains("format"), "{p:?}");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub config_last_reload_successful: Gauge,
     pub route_degraded: Family<Labels, Gauge>,
     pub requests_shed: Counter,
+    /// Shadow copies not sent, by route and reason (SPEC section 4: shed first under load).
+    pub shadow_dropped: Family<Labels, Counter>,
+    /// Access log lines dropped because the writer fell behind (SPEC section 7).
+    pub access_log_dropped: Counter,
     /// Each candidate's evidence per rule as a fraction of what trips it (1 trips).
     pub evidence_ratio: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Fleet (SPEC section 10), exported only when `fleet:` is configured ([`Self::with_fleet`]).
@@ -83,6 +87,8 @@ impl Metrics {
             config_last_reload_successful: Gauge::default(),
             route_degraded: Family::default(),
             requests_shed: Counter::default(),
+            shadow_dropped: Family::default(),
+            access_log_dropped: Counter::default(),
             evidence_ratio: Family::default(),
             fleet_store_up: Gauge::default(),
             fleet_replicas: Gauge::default(),
@@ -162,6 +168,16 @@ impl Metrics {
             "requests_shed",
             "Requests refused by the in-flight cap",
             m.requests_shed.clone(),
+        );
+        registry.register(
+            "shadow_dropped",
+            "Shadow copies not sent, by route and reason (shed first under load)",
+            m.shadow_dropped.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer could not keep up",
+            m.access_log_dropped.clone(),
         );
         registry.register(
             "build",
