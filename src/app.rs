@@ -24,6 +24,7 @@ use crate::evaluator::{self, Controller};
 use crate::proxy::server::{self, CertStore};
 use crate::proxy::service::{self, ConnInfo, Shared};
 use crate::routing::store::Store;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::prom::Metrics;
 use crate::telemetry::Telemetry;
 
@@ -84,6 +85,9 @@ pub enum DataPlane {
 /// attempts with their back-off ([`crate::control::alerts`]) fit.
 pub const FINISH: Duration = Duration::from_secs(8);
 
+/// How long shutdown waits for the access log's last lines to be written.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(2);
+
 /// A started rollgate.
 #[derive(Debug)]
 pub struct Running {
@@ -133,6 +137,14 @@ pub async fn start_on(
         None => metrics,
     });
     let fleet_config = config.fleet.clone();
+    // Started before anything serves, so a file that cannot be opened fails the start.
+    let access_log = match &config.access_log {
+        Some(c) => Some(Arc::new(AccessLog::new(
+            c,
+            metrics.access_log_dropped.clone(),
+        )?)),
+        None => None,
+    };
     if let DataPlane::Workers(n) = plane {
         crate::proxy::client::set_data_workers(n);
     }
@@ -159,6 +171,8 @@ pub async fn start_on(
     ));
     controller.reconcile().await;
     let reloader = Arc::new(Reloader::new(controller.clone(), certs)?);
+    // The request path finds it through `access_log::current()`; a reload may replace it.
+    reloader.set_access_log(access_log);
     let (stop, stop_rx) = watch::channel(false);
     // A replica in a fleet takes the fleet's state before it serves, when the store
     // answers within JOIN_TIMEOUT; it never waits longer (SPEC section 10).
@@ -298,6 +312,10 @@ impl Running {
         self.admin.accepting.store(false, Ordering::Relaxed);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
+        // Every request has ended: the access log's last lines are written before the exit.
+        if let Some(log) = self.reloader.take_access_log() {
+            let _ = tokio::time::timeout(ACCESS_LOG_FLUSH, log.flush()).await;
+        }
         // The evaluator keeps deciding while the data plane drains; once it has stopped, the
         // alerts and follow-up records of the last decisions go out before the exit, within
         // FINISH (the 10 s margin of the deploy manifests' grace period covers it).

@@ -1892,7 +1892,7 @@ mod tests {
             AccessLogPath::File(dir.join("access.log"))
         );
         for (bad, why) in [
-            ("''", "must not be empty"),
+            ("", "must not be empty"),
             ("/nonexistent-rollgate-dir/a.log", "does not exist"),
             (dir.to_str().unwrap(), "is a directory"),
         ] {

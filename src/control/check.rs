@@ -50,6 +50,7 @@ pub fn report(config: Config) -> std::io::Result<String> {
         cfg.admin.listen,
         cfg.state_dir.display()
     );
+    let _ = writeln!(out, "{}", access_log_line(cfg));
     let _ = writeln!(out, "\nversions:");
     for v in cfg.versions.iter() {
         let endpoints: Vec<&str> = v.endpoints.iter().map(|e| e.url.as_str()).collect();
@@ -128,6 +129,17 @@ pub fn report(config: Config) -> std::io::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// `access_log off`, or where the access log goes and which share of requests it records.
+pub fn access_log_line(config: &Config) -> String {
+    match &config.access_log {
+        None => "access_log off".to_string(),
+        Some(a) => format!(
+            "access_log on: {}, sample {} (one JSON line per request; a file reopens on SIGUSR1)",
+            a.path, a.sample
+        ),
+    }
 }
 
 /// Rules that cannot work as configured, one sentence each (empty: none found). The file is
@@ -468,5 +480,19 @@ mod tests {
         // A route with no candidate has nothing to roll back.
         let single = "  - {name: one, baseline: a, split: {a: 1}}\n";
         assert!(warnings(&config(single, rules)).is_empty());
+    }
+
+    #[test]
+    fn the_access_log_line_says_on_or_off_and_where() {
+        assert_eq!(
+            access_log_line(&config(&route(""), QUIET)),
+            "access_log off"
+        );
+        let on = config(&route(""), "access_log: {path: stderr, sample: 0.5}\n");
+        assert!(
+            access_log_line(&on).starts_with("access_log on: stderr, sample 0.5"),
+            "{}",
+            access_log_line(&on)
+        );
     }
 }

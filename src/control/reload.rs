@@ -7,6 +7,11 @@
 //! column, key) is logged, counted in `rollgate_config_reloads_total{result="error"}` and
 //! written as a `config_reload` audit record. TLS certificates are re-read on every reload
 //! and on changes in their directories; a bad PEM keeps the old certificate.
+//!
+//! A reload that changes `access_log` starts the new access log (its file opened, or the
+//! reload refused if it cannot be) and installs it once the new table serves: the new path
+//! and sample rate apply to the next request; the old log writes the lines it holds and
+//! closes. `access_log: null` turns it off. No restart is needed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +28,7 @@ use super::admin::read_token;
 use crate::config::{content_hash, Config};
 use crate::evaluator::Controller;
 use crate::proxy::server::CertStore;
+use crate::telemetry::access_log::{self, AccessLog};
 use crate::telemetry::prom::labels;
 
 /// How long the directory must stay quiet before a watched change is applied. Long enough
@@ -66,6 +72,9 @@ pub struct Reloader {
     /// Hash of the last file content a watched change tried and failed to load, so one
     /// broken edit gives one error record, not one per unrelated event.
     last_failed: Mutex<Option<String>>,
+    /// The access log this instance started and installed (see [`access_log::install`]).
+    /// Its lock is cold: taken at start, on a reload and at shutdown.
+    access_log: Mutex<Option<Arc<AccessLog>>>,
 }
 
 /// Config keys whose change needs a restart: reported, not applied.
@@ -120,7 +129,40 @@ impl Reloader {
             certs,
             admin_token: ArcSwapOption::from(token.map(Arc::new)),
             last_failed: Mutex::new(None),
+            access_log: Mutex::new(None),
         })
+    }
+
+    /// The access log this instance serves with, if one is on.
+    pub fn access_log(&self) -> Option<Arc<AccessLog>> {
+        self.access_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes `log` this instance's access log and the process's ([`access_log::install`]).
+    pub fn set_access_log(&self, log: Option<Arc<AccessLog>>) {
+        let mut slot = self.access_log.lock().unwrap_or_else(|e| e.into_inner());
+        match (&log, slot.as_ref()) {
+            (Some(_), _) => access_log::install(log.clone()),
+            (None, Some(old)) => access_log::uninstall(old),
+            (None, None) => {}
+        }
+        *slot = log;
+    }
+
+    /// Turns this instance's access log off and returns it (shutdown flushes it).
+    pub fn take_access_log(&self) -> Option<Arc<AccessLog>> {
+        let log = self
+            .access_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(l) = &log {
+            access_log::uninstall(l);
+        }
+        log
     }
 
     /// Re-reads the token file; a broken file keeps the old token.
@@ -207,6 +249,25 @@ impl Reloader {
             );
             return Err(self.reject(cause, file_hash, error).await);
         }
+        // Opened before anything changes, so a path that cannot be opened refuses the
+        // whole reload.
+        let new_access_log = if old.access_log != new.access_log {
+            match &new.access_log {
+                None => Some(None),
+                Some(c) => {
+                    let dropped = self.controller.store.metrics.access_log_dropped.clone();
+                    match AccessLog::new(c, dropped) {
+                        Ok(l) => Some(Some(Arc::new(l))),
+                        Err(e) => {
+                            let error = format!("{}: {e}", self.path.display());
+                            return Err(self.reject(cause, file_hash, error).await);
+                        }
+                    }
+                }
+            }
+        } else {
+            None
+        };
         *self.last_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let restart = restart_required(&old, &new);
         let tls_error = self.reload_certs(&new);
@@ -223,9 +284,19 @@ impl Reloader {
         if let Some(e) = tls_error {
             fields.insert("tls_error".into(), json!(e));
         }
+        if new_access_log.is_some() {
+            let value = match &new.access_log {
+                None => Value::Null,
+                Some(c) => json!({"path": c.path.to_string(), "sample": c.sample}),
+            };
+            fields.insert("access_log".into(), value);
+        }
         let hash = new.hash.clone();
         match self.controller.reload(new, fields).await {
             Ok(record) => {
+                if let Some(log) = new_access_log {
+                    self.set_access_log(log);
+                }
                 self.count("ok");
                 self.refresh_token(&self.controller.store.config());
                 tracing::info!(config_hash = %hash, cause = cause.as_str(), "config reloaded");

@@ -4,6 +4,7 @@
 //! is compiled (cold path, short lock), so handles, and with them counters and windows,
 //! survive table swaps and config reloads for as long as the (route, version) pair exists.
 
+pub mod access_log;
 pub mod prom;
 pub mod recorder;
 pub mod signals;
