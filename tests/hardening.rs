@@ -27,10 +27,10 @@
 //! | 10 | Host and authority | `a10_host_and_authority_conflicts_are_400_and_routing_uses_the_forwarded_value` | data_plane `bad_requests_get_4xx_and_reach_no_upstream` (h1 statuses only) |
 //! | 11 | Expect: 100-continue | `a11_expect_100_continue_goes_out_only_when_the_body_is_read` | |
 //! | 12 | head limits | `b12_head_limits_431_above_64k_of_headers_414_above_8k_of_target` | data_plane `bad_requests_get_4xx_and_reach_no_upstream` (120 headers, 9000-byte target) |
-//! | 13 | slowloris | `b13_slowloris_and_idle_connections_close_at_the_header_read_timeout` | |
+//! | 13 | slowloris | `b13_slowloris_and_idle_connections_close_at_the_header_read_timeout`, `b13_stalled_partial_h2_prefaces_cost_no_cpu_and_close_at_the_header_read_timeout` | |
 //! | 14 | slow body, slow reader | `b14_slow_body_gets_408_and_a_slow_reader_is_cut_off_cancelling_the_upstream` | |
 //! | 15 | body size | `b15_body_limits_hold_before_connect_while_streaming_and_for_retries` | data_plane `body_over_the_limit_gets_413_and_never_reaches_the_upstream` (buffered path) |
-//! | 16 | TLS handshake stall | `b16_tls_handshake_stall_is_closed_after_10s` | |
+//! | 16 | TLS handshake stall | `b16_tls_handshake_stall_is_closed_after_10s`, `b16_silent_tls_clients_close_at_the_header_read_timeout_whatever_the_alpn` | |
 //! | 17 | rapid reset | `c17_rapid_reset_gets_goaway_and_cancels_upstream_requests` | |
 //! | 18 | MadeYouReset | `c18_made_you_reset_gets_goaway` | |
 //! | 19 | CONTINUATION flood | `c19_continuation_flood_gets_goaway` | |
@@ -38,7 +38,7 @@
 //! | 21 | h2 -> h1 downgrade | `c21_h2_requests_with_h1_framing_or_bad_fields_are_rejected_and_reach_no_upstream` | |
 //! | 22 | stream load | `c22_stream_load_queues_without_refused_streams` | |
 //! | 23 | hop-by-hop | `d23_hop_by_hop_headers_are_stripped_both_ways_and_nomination_cannot_remove_framing` | data_plane `hop_by_hop_headers_never_reach_the_upstream_and_forwarding_headers_are_set` (requests only) |
-//! | 24 | spoofed forwarding headers | `d24_spoofed_forwarding_headers_are_not_trusted` | |
+//! | 24 | spoofed forwarding headers | `d24_spoofed_forwarding_headers_are_not_trusted`, `d24_every_x_forwarded_for_line_reaches_the_upstream_in_order_then_the_peer` | |
 //! | 25 | client-set control headers | `d25_client_set_control_headers_never_reach_the_upstream` | data_plane `pin_reaches_weight_zero_version_and_unknown_pin_is_400` (pin header not forwarded) |
 //! | 26 | connection refused | `e26_connection_refused_is_a_fast_502_and_connect_has_a_timeout` | data_plane `closed_canary_port_still_gives_the_client_a_200_from_the_baseline` (POST retried, counted) |
 //! | 27 | RST mid-response | `e27_reset_mid_response_aborts_downstream_and_is_not_retried` | |
@@ -52,6 +52,10 @@
 //! | 35 | hot reload with a bad config | `f35_bad_reloads_keep_the_old_table_and_the_last_good_hash` | control_plane `invalid_edit_keeps_the_old_table_and_a_fixed_file_applies` (unknown key, bad weight), `configmap_symlink_swap_reloads_under_load_without_a_failed_request` (valid swap) |
 //! | 36 | admin API | `f36_admin_api_refuses_other_sources_ignores_xff_and_has_no_cors` | control_plane `post_endpoints_refuse_get_and_get_endpoints_refuse_post` (405), `token_guards_every_post_and_a_refused_call_changes_nothing` (401); constant-time comparison is code review only (`admin.rs` `constant_time_eq`) |
 //! | 37 | TLS | `f37_tls_versions_alpn_no_0rtt_and_upstream_name_verification` | data_plane `tls_certificates_reload_and_a_bad_pem_keeps_the_old_one` (bad PEM), `https_upstream_is_verified_with_sni_and_a_private_ca` (untrusted CA), `downstream_tls_serves_h1_and_h2_by_alpn` |
+//!
+//! The h2 idle-connection timeout (HARDENING "Defaults to set explicitly") is tested in
+//! `tests/conn_h2_idle.rs`: it is shortened there for the whole process, which would disturb
+//! the h2 tests here.
 
 #[macro_use]
 mod support;
@@ -1377,6 +1381,115 @@ async fn b13_slowloris_and_idle_connections_close_at_the_header_read_timeout() {
     proxy.shutdown().await;
 }
 
+/// CPU time used so far by the calling thread. A `#[tokio::test]` runs on a current-thread
+/// runtime, and the in-process proxy's tasks are spawned on it, so this is the proxy's CPU
+/// (plus the test's own), untouched by the tests running in parallel on other threads.
+/// `/proc/thread-self/schedstat` counts nanoseconds; `stat` (clock ticks) is the fallback.
+fn thread_cpu() -> Duration {
+    if let Some(ns) = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        return Duration::from_nanos(ns);
+    }
+    stat_cpu("/proc/thread-self/stat").expect("no /proc/thread-self: this test needs Linux")
+}
+
+/// utime + stime of a `/proc/.../stat` file (USER_HZ is 100 on Linux).
+fn stat_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name in parentheses start at field 3; utime and stime are
+    // fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// A connection that sent part of the h2 preface and stalls must cost nothing while the
+/// proxy waits for the rest (the wait used to be a 5 ms peek loop: a thousand such
+/// connections kept a core busy), and is closed at `header_read_timeout` (10 s).
+#[tokio::test]
+async fn b13_stalled_partial_h2_prefaces_cost_no_cpu_and_close_at_the_header_read_timeout() {
+    const CONNS: usize = 1000;
+    const WINDOW: Duration = Duration::from_secs(2);
+    const LIMIT: Duration = Duration::from_millis(12_500);
+    assert_eq!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread,
+        "the CPU measurement needs the proxy on this test's thread"
+    );
+    let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
+    let proxy = proxy_for(&up.url(), &[], &[]).await;
+    let addr = proxy.data_addr();
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut s = TcpStream::connect(addr).await.expect("connect to proxy");
+        s.write_all(b"P").await.unwrap();
+        conns.push(s);
+    }
+    // Answered only after the accept loop took every earlier connection.
+    let (r, _) = one_response(
+        addr,
+        b"GET /v1/after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+
+    let (cpu0, proc0, wall0) = (thread_cpu(), stat_cpu("/proc/self/stat"), Instant::now());
+    // The measurement window (nothing is awaited: the stalled connections just sit).
+    tokio::time::sleep(WINDOW).await;
+    let (cpu1, proc1, wall) = (thread_cpu(), stat_cpu("/proc/self/stat"), wall0.elapsed());
+    let share = (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64();
+    let proc_share = proc0
+        .zip(proc1)
+        .map(|(a, b)| (b - a).as_secs_f64() / wall.as_secs_f64());
+    eprintln!(
+        "{CONNS} stalled partial prefaces: proxy thread CPU {:?} over {wall:?} = {:.1} % of a \
+         core (whole test process, other tests included: {:?})",
+        cpu1 - cpu0,
+        share * 100.0,
+        proc_share.map(|p| format!("{:.1} %", p * 100.0))
+    );
+    let mut open = 0;
+    for s in &conns {
+        let mut b = [0u8; 8];
+        if matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            open += 1;
+        }
+    }
+    assert_eq!(
+        open,
+        CONNS,
+        "stalled connections were closed before the header read timeout ({:?} after the first)",
+        start.elapsed()
+    );
+    assert!(
+        share < 0.10,
+        "{CONNS} connections stalled in the h2 preface used {:.1} % of a core",
+        share * 100.0
+    );
+
+    // Every one is closed at the header read timeout.
+    let mut readers = tokio::task::JoinSet::new();
+    for mut s in conns {
+        readers.spawn(async move {
+            let mut b = [0u8; 64];
+            let left = LIMIT.saturating_sub(start.elapsed());
+            matches!(
+                tokio::time::timeout(left, s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            )
+        });
+    }
+    let closed = readers.join_all().await.into_iter().filter(|c| *c).count();
+    assert_eq!(
+        closed, CONNS,
+        "stalled partial prefaces still open after {LIMIT:?}"
+    );
+    proxy.shutdown().await;
+}
+
 /// HARDENING 14 with route `timeouts: {idle: 1s}` (a key the owner adds; see the
 /// module docs): a client that stalls its body gets 408, one that stops reading is cut off,
 /// and either way the upstream request is cancelled and nothing counts against the version.
@@ -1579,6 +1692,99 @@ async fn b16_tls_handshake_stall_is_closed_after_10s() {
     assert!(
         partial.is_some(),
         "a stalled ClientHello was still connected after {LIMIT:?}"
+    );
+    proxy.shutdown().await;
+}
+
+/// HARDENING 16, after the handshake: a TLS client that completes the handshake and then
+/// sends nothing is closed at `header_read_timeout` (10 s), whatever it negotiated. With
+/// ALPN `h2` the wait for the preface is bounded by rollgate (h2 has no header read timeout
+/// of its own); with no ALPN the protocol is sniffed from the first bytes, which
+/// hyper-util's detection would wait for forever; with `http/1.1` hyper's header read
+/// timeout applies. Clients without ALPN that do speak are served in either protocol.
+#[tokio::test]
+async fn b16_silent_tls_clients_close_at_the_header_read_timeout_whatever_the_alpn() {
+    const LIMIT: Duration = Duration::from_millis(12_500);
+    let up = TestUpstream::start("v1").await;
+    let ca = TestCa::new("rollgate b16 silent CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_tls_files(&ca, dir.path());
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1"))
+        .top(&format!(
+            "tls: {{cert: \"{}\", key: \"{}\"}}",
+            cert.display(),
+            key.display()
+        ))
+        .start()
+        .await;
+    let addr = proxy.data_addr();
+    let silent = |alpn: &[&[u8]]| {
+        let cfg = Arc::new(tls_client(&ca, &[&rustls::version::TLS13], alpn));
+        async move {
+            let mut s = tls_connect(addr, cfg).await.expect("TLS handshake");
+            let negotiated = s
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            let start = Instant::now();
+            let mut b = [0u8; 256];
+            loop {
+                let left = LIMIT.saturating_sub(start.elapsed());
+                match tokio::time::timeout(left, s.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return (negotiated, Some(start.elapsed())),
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return (negotiated, None),
+                }
+            }
+        }
+    };
+    let (h2, none, h1) = tokio::join!(silent(&[b"h2"]), silent(&[]), silent(&[b"http/1.1"]));
+    eprintln!("silent TLS clients closed after: ALPN h2 {h2:?}, no ALPN {none:?}, http/1.1 {h1:?}");
+    for ((negotiated, closed), want) in [(h2, Some("h2")), (none, None), (h1, Some("http/1.1"))] {
+        assert_eq!(negotiated.as_deref(), want, "ALPN negotiated");
+        let Some(after) = closed else {
+            panic!("a silent TLS client with ALPN {want:?} was still connected after {LIMIT:?}")
+        };
+        assert!(
+            after > Duration::from_secs(8),
+            "a silent TLS client with ALPN {want:?} was closed after {after:?}, before the header read timeout"
+        );
+    }
+
+    // Without ALPN, HTTP/1.1 and h2 (prior knowledge) are both served.
+    let cfg = Arc::new(tls_client(&ca, &[&rustls::version::TLS13], &[]));
+    let mut s = tls_connect(addr, cfg.clone()).await.expect("TLS handshake");
+    s.write_all(b"GET /v1/no-alpn-h1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "HTTP/1.1 over TLS without ALPN: {}",
+        String::from_utf8_lossy(&out)
+    );
+    let s = tls_connect(addr, cfg).await.expect("TLS handshake");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .expect("h2 over TLS without ALPN");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://localhost/v1/no-alpn-h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("an h2 response in time")
+        .expect("an h2 response");
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, http::Version::HTTP_2)
     );
     proxy.shutdown().await;
 }
@@ -2212,6 +2418,56 @@ async fn d24_spoofed_forwarding_headers_are_not_trusted() {
         "{}\n-- the upstream saw --\n{head}",
         problems.join("\n")
     );
+    proxy.shutdown().await;
+}
+
+/// HARDENING 24 with several `X-Forwarded-For` lines: they are one list (RFC 9110 §5.3), so
+/// every entry reaches the upstream in order, then the socket peer, on one line as Envoy
+/// sends it; from HTTP/1.1 and h2 clients alike.
+#[tokio::test]
+async fn d24_every_x_forwarded_for_line_reaches_the_upstream_in_order_then_the_peer() {
+    let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
+    let proxy = proxy_for(&up.url(), &[], &[]).await;
+    let mut c = RawConn::from_source(proxy.data_addr(), "127.0.0.2").await;
+    c.send(
+        b"GET /v1/xff-h1 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\n\
+          X-Forwarded-For: 10.0.0.2, 10.0.0.3\r\nX-Between: 1\r\nX-Forwarded-For: 10.0.0.4\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .await;
+    let r = c.response(WAIT).await.expect("a response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let r = TestClient::h2c()
+        .send(
+            request(Method::GET, &proxy.url("/v1/xff-h2"))
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("x-forwarded-for", "10.0.0.2, 10.0.0.3")
+                .header("x-between", "1")
+                .header("x-forwarded-for", "10.0.0.4")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.requests();
+    for (target, peer) in [("/v1/xff-h1", "127.0.0.2"), ("/v1/xff-h2", "127.0.0.1")] {
+        let req = seen
+            .iter()
+            .find(|r| r.target() == target)
+            .unwrap_or_else(|| panic!("{target} never reached the upstream"));
+        assert_eq!(
+            list_values(req, "x-forwarded-for"),
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", peer],
+            "{target}: the upstream saw\n{}",
+            req.head_text()
+        );
+        assert_eq!(
+            req.header_count("x-forwarded-for"),
+            1,
+            "{target}: not one joined line\n{}",
+            req.head_text()
+        );
+    }
     proxy.shutdown().await;
 }
 

@@ -164,6 +164,9 @@ pub fn sanitize_request(headers: &mut HeaderMap, pin: &HeaderName) {
 /// sent them, never trusted for decisions), appends the addressed authority to
 /// `x-forwarded-host` and an element to a client's `forwarded`, and overwrites
 /// `x-forwarded-proto`.
+///
+/// Several `x-forwarded-for` lines are one list (RFC 9110 §5.3): the upstream gets a
+/// single line joining all of them in order, then the peer, as Envoy sends it.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -171,19 +174,26 @@ pub fn add_forwarded(
     host: Option<HeaderValue>,
 ) {
     let ip = peer_value(peer);
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => {
-            let mut s = String::with_capacity(prev.len() + 2 + ip.len());
-            s.push_str(prev);
-            s.push_str(", ");
-            s.push_str(ip.to_str().unwrap_or_default());
-            HeaderValue::from_str(&s).ok()
+    let mut prev = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .map(<[u8]>::trim_ascii)
+        .filter(|v| !v.is_empty())
+        .peekable();
+    let value = if prev.peek().is_none() {
+        ip
+    } else {
+        // Bytes, not text: a value hyper accepted is forwarded as it came.
+        let mut list = Vec::with_capacity(64);
+        for v in prev {
+            list.extend_from_slice(v);
+            list.extend_from_slice(b", ");
         }
-        _ => Some(ip),
+        list.extend_from_slice(ip.as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(list)).unwrap_or(ip)
     };
-    if let Some(v) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), value);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(h) = host {
         // Appended like X-Forwarded-For: the last element is the authority this hop saw.
@@ -286,6 +296,21 @@ mod tests {
         add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_in_order() {
+        let mut h = HeaderMap::new();
+        for v in ["10.1.1.1", "10.2.2.2, 10.3.3.3", " ", "10.4.4.4"] {
+            h.append(&X_FORWARDED_FOR, HeaderValue::from_static(v));
+        }
+        add_forwarded(&mut h, "127.0.0.2".parse().unwrap(), "http", None);
+        let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(
+            all,
+            ["10.1.1.1, 10.2.2.2, 10.3.3.3, 10.4.4.4, 127.0.0.2"],
+            "one line, every client entry in order, then the peer"
+        );
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! library defaults. The accept loop survives `EMFILE` (it backs off and continues rather than
 //! returning), and shutdown is graceful: listeners close, h1 connections finish their
 //! response with `Connection: close`, h2 connections get GOAWAY and finish their streams.
+//!
+//! No connection waits for its client without a time limit: the TLS handshake has
+//! [`TLS_HANDSHAKE_TIMEOUT`]; the first bytes (which tell h2 from HTTP/1.1 on cleartext and
+//! on TLS without ALPN, and must be the h2 preface with ALPN `h2`) and every HTTP/1.1
+//! request head have [`HEADER_READ_TIMEOUT`]; an h2 connection with no stream open is
+//! closed after [`H2_IDLE_TIMEOUT`]. Waiting costs a pending read and a timer, never a poll
+//! loop.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,19 +20,21 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -151,11 +160,14 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let builders = Arc::new(Builders {
-        auto: http_builder(),
         h1: http_builder().http1_only(),
         h2: http_builder().http2_only(),
     });
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a clone of `live` until it ends, and the drain waits for
+    // the last one to go: the counting hyper-util's `GracefulShutdown` does, done here
+    // because its watcher owns the connection, and an idle h2 connection must be closed
+    // gracefully by the connection's own task too.
+    let (live_tx, live) = watch::channel(());
     loop {
         let accepted = tokio::select! {
             biased;
@@ -172,7 +184,10 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let life = Lifecycle {
+            stop: shutdown.clone(),
+            _live: live.clone(),
+        };
         tokio::spawn(serve_connection(
             stream,
             peer,
@@ -180,55 +195,77 @@ pub async fn serve<H, F>(
             builders.clone(),
             write_stall.clone(),
             handler.clone(),
-            watcher,
+            life,
         ));
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(live);
+    if tokio::time::timeout(drain, live_tx.closed()).await.is_err() {
         tracing::warn!(?drain, "drain timeout reached with connections still open");
     }
 }
 
-/// Connection builders: by protocol when it is known before the first request (ALPN, or
-/// the first bytes of a cleartext connection), else hyper-util's detection.
+/// Connection builders by protocol, which is always known before the first request: from
+/// ALPN, or from the first bytes of the connection ([`sniff_h2`]). hyper-util's own
+/// detection is not used: it waits for those bytes with no time limit.
 struct Builders {
-    auto: auto::Builder<TokioExecutor>,
     h1: auto::Builder<TokioExecutor>,
     h2: auto::Builder<TokioExecutor>,
 }
 
+/// A connection task's tie to its listener: the stop signal, and a token the drain counts
+/// until the task ends.
+struct Lifecycle {
+    stop: watch::Receiver<bool>,
+    _live: watch::Receiver<()>,
+}
+
+impl Lifecycle {
+    /// Resolves once the listener is stopping (or whoever could stop it is gone).
+    async fn stopping(&mut self) {
+        let _ = self.stop.wait_for(|stop| *stop).await;
+    }
+}
+
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether a cleartext connection speaks h2 (prior knowledge), from its first bytes,
-/// without consuming them. `None` when the client closed or sent nothing within
-/// [`HEADER_READ_TIMEOUT`]: a silent connection is closed like a slow request head
-/// (hyper-util's own detection would wait for it forever).
-async fn sniff_h2(stream: &TcpStream) -> Option<bool> {
-    let sniff = async {
-        let mut buf = [0u8; 24];
-        loop {
-            let n = stream.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Some(false);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(true);
-            }
-            // Part of the preface so far: peek returns at once with the same bytes, so
-            // wait a little for the rest.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+/// Reads a connection's first bytes, up to the length of the h2 preface or up to the first
+/// byte that departs from it, and returns whether they are the preface, with the
+/// connection rewound to its start. `None` when the client closed, or had not settled the
+/// question within [`HEADER_READ_TIMEOUT`], or the listener is stopping: a silent
+/// connection is closed like a slow request head. The wait is a pending read and a timer,
+/// so a client that stalls half-way through the preface costs no CPU.
+async fn sniff_h2<I>(mut io: I, life: &mut Lifecycle) -> Option<(bool, Rewind<I>)>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let read = tokio::select! {
+        r = tokio::time::timeout(HEADER_READ_TIMEOUT, read_preface(&mut io, &mut buf)) => r,
+        _ = life.stopping() => return None,
     };
-    tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
-        .await
-        .ok()
-        .flatten()
+    let (h2, filled) = read.ok().flatten()?;
+    Some((h2, Rewind::new(io, Bytes::copy_from_slice(&buf[..filled]))))
+}
+
+/// Fills `buf` while the bytes match the h2 preface: (whether all of it came, bytes read),
+/// or `None` at end of stream or on an error.
+async fn read_preface<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut [u8; H2_PREFACE.len()],
+) -> Option<(bool, usize)> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = io.read(&mut buf[filled..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        filled += n;
+        if buf[..filled] != H2_PREFACE[..filled] {
+            return Some((false, filled));
+        }
+    }
+    Some((true, filled))
 }
 
 async fn serve_connection<H, F>(
@@ -238,75 +275,319 @@ async fn serve_connection<H, F>(
     builders: Arc<Builders>,
     write_stall: WriteStall,
     handler: H,
-    watcher: Watcher,
+    mut life: Lifecycle,
 ) where
     H: Fn(SocketAddr, bool, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
-    let is_tls = tls.is_some();
-    let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let service = service_fn(move |req: Request<Incoming>| {
-        let last = req.version() < hyper::Version::HTTP_2
-            && served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-                >= MAX_REQUESTS_PER_CONNECTION;
-        let fut = handler(peer, is_tls, req);
-        async move {
-            let mut resp = fut.await;
-            if last {
-                resp.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static("close"),
-                );
-            }
-            Ok::<_, Infallible>(resp)
-        }
-    });
+    let stream = StallGuard::new(stream, write_stall);
+    let conn = Conn {
+        peer,
+        is_tls: tls.is_some(),
+        builders: &builders,
+    };
     let result = match tls {
         None => {
-            let builder = match sniff_h2(&stream).await {
-                Some(true) => &builders.h2,
-                Some(false) => &builders.h1,
-                None => return,
+            let Some((h2, io)) = sniff_h2(stream, &mut life).await else {
+                return;
             };
-            let stream = StallGuard::new(stream, write_stall);
-            watcher
-                .watch(
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned(),
-                )
-                .await
+            conn.serve(io, h2, handler, life).await
         }
         Some(acceptor) => {
-            let stream = StallGuard::new(stream, write_stall);
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => {
-                    let builder = match tls_stream.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => &builders.h2,
-                        Some(b"http/1.1") => &builders.h1,
-                        _ => &builders.auto,
-                    };
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(tls_stream), service)
-                                .into_owned(),
-                        )
-                        .await
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let tls_stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = life.stopping() => return,
+            };
+            let alpn = tls_stream.get_ref().1.alpn_protocol();
+            let (alpn_h1, alpn_h2) = (alpn == Some(b"http/1.1"), alpn == Some(b"h2"));
+            if alpn_h1 {
+                // hyper's header read timeout bounds the wait for the first request.
+                let io = Rewind::new(tls_stream, Bytes::new());
+                conn.serve(io, false, handler, life).await
+            } else {
+                // h2 (by ALPN, or sniffed when the client sent no ALPN) has no header read
+                // timeout: the wait for the preface is bounded here, as on cleartext. With
+                // ALPN h2, hyper answers anything but the preface with a GOAWAY.
+                let Some((h2, io)) = sniff_h2(tls_stream, &mut life).await else {
+                    tracing::debug!(%peer, "TLS client closed, silent or stopped before a request");
                     return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
+                };
+                conn.serve(io, h2 || alpn_h2, handler, life).await
             }
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// One accepted connection, once its protocol is known.
+struct Conn<'a> {
+    peer: SocketAddr,
+    is_tls: bool,
+    builders: &'a Builders,
+}
+
+impl Conn<'_> {
+    /// Serves HTTP/1.1 or h2 on `io` until the connection ends. It is closed gracefully
+    /// (h1: `Connection: close` on the response in progress; h2: GOAWAY, open streams
+    /// finish) when the listener stops and, for h2, after [`H2_IDLE_TIMEOUT`] with no
+    /// stream open.
+    async fn serve<I, H, F>(
+        self,
+        io: I,
+        h2: bool,
+        handler: H,
+        mut life: Lifecycle,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: Fn(SocketAddr, bool, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<RespBody>> + Send + 'static,
+    {
+        let (peer, is_tls) = (self.peer, self.is_tls);
+        let streams = h2.then(|| Arc::new(Streams::new()));
+        let counted = streams.clone();
+        let served = Arc::new(AtomicU32::new(0));
+        let service = service_fn(move |req: Request<Incoming>| {
+            let last = req.version() < hyper::Version::HTTP_2
+                && served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS_PER_CONNECTION;
+            let stream = counted.as_ref().map(Streams::open);
+            let fut = handler(peer, is_tls, req);
+            async move {
+                let mut resp = fut.await;
+                if last {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp.map(|body| Tracked {
+                    body,
+                    _stream: stream,
+                }))
+            }
+        });
+        let builder = if h2 {
+            &self.builders.h2
+        } else {
+            &self.builders.h1
+        };
+        let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+        let idle = async {
+            match &streams {
+                Some(s) => s.idle_for(h2_idle_timeout()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut idle = std::pin::pin!(idle);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => return r,
+                _ = life.stopping(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = idle.as_mut(), if !closing => {
+                    tracing::debug!(%peer, "h2 connection idle; sending GOAWAY");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// How long an h2 connection may stay open with no stream in flight before it gets a
+/// GOAWAY (NO_ERROR) and is closed. Envoy's `idle_timeout` defaults to 1 h; an idle h2
+/// connection holds a socket, hyper's buffers and a keep-alive ping every 30 s (which
+/// proves the peer alive, not that it needs the connection), so rollgate lets one go after
+/// 5 minutes: longer than the gap between a client's bursts, short enough that abandoned
+/// connections do not pile up. A client that opens no stream at all is counted from the
+/// connection's start. HTTP/1.1 connections need no such limit: an idle keep-alive
+/// connection is closed at [`HEADER_READ_TIMEOUT`].
+pub const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// A replacement for [`H2_IDLE_TIMEOUT`] in milliseconds, 0 for none.
+static H2_IDLE_OVERRIDE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Replaces [`H2_IDLE_TIMEOUT`] for the h2 connections that start from now on, in this whole
+/// process. For tests, which cannot wait 5 minutes (a test binary that uses it should
+/// serve nothing else that a short timeout could disturb); not a config key.
+#[doc(hidden)]
+pub fn set_h2_idle_timeout_for_tests(limit: Duration) {
+    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+    H2_IDLE_OVERRIDE_MS.store(ms, Ordering::Relaxed);
+}
+
+fn h2_idle_timeout() -> Duration {
+    match H2_IDLE_OVERRIDE_MS.load(Ordering::Relaxed) {
+        0 => H2_IDLE_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+/// The streams of one h2 connection that are in flight (from the request head until hyper
+/// drops the response body, or the service future when the stream was reset first), for
+/// its idle timeout.
+struct Streams {
+    open: AtomicUsize,
+    /// When the last stream ended, in milliseconds after `since` (0: none yet).
+    last_end_ms: AtomicU64,
+    since: tokio::time::Instant,
+    ended: tokio::sync::Notify,
+}
+
+impl Streams {
+    fn new() -> Streams {
+        Streams {
+            open: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            since: tokio::time::Instant::now(),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            if self.open.load(Ordering::Acquire) > 0 {
+                // notify_one keeps a permit, so an end between the load and here is not lost.
+                self.ended.notified().await;
+                continue;
+            }
+            let last_end = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+            let deadline = self.since + last_end + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            // A stream that opens and ends meanwhile moves `last_end`: checked on waking.
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One in-flight stream of [`Streams`].
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let s = &self.0;
+        let ms = u64::try_from(s.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        s.last_end_ms.store(ms, Ordering::Release);
+        if s.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            s.ended.notify_one();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its stream counted in [`Streams`] until hyper drops it
+    /// (sent to the end, or reset).
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _stream: Option<StreamGuard>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection whose first reads return `prefix` (the bytes read to tell h2 from
+    /// HTTP/1.1), then the connection's own bytes; writes go straight through.
+    struct Rewind<T> {
+        prefix: Bytes,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    fn new(inner: T, prefix: Bytes) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() && buf.remaining() > 0 {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -337,7 +618,7 @@ impl<T> StallGuard<T> {
     }
 }
 
-impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for StallGuard<T> {
+impl<T: AsyncRead> AsyncRead for StallGuard<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -369,7 +650,7 @@ fn guard<R>(
     }
 }
 
-impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for StallGuard<T> {
+impl<T: AsyncWrite> AsyncWrite for StallGuard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
