@@ -254,7 +254,7 @@ pub async fn call(
         None => Bytes::new(),
     };
     let req = b
-        .body(crate::proxy::body::ReqBody::full(bytes))
+        .body(crate::proxy::body::ReqBody::full(bytes, None))
         .map_err(|e| format!("invalid --admin URL {:?}: {e}", target.admin))?;
     // A rollback waits for the candidate's in-flight requests to drain.
     let resp = tokio::time::timeout(Duration::from_secs(90), client.request(req))

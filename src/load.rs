@@ -46,7 +46,7 @@ impl Load {
                             .method(Method::POST)
                             .uri(&url)
                             .header("content-type", "application/json")
-                            .body(ReqBody::full(body.clone()));
+                            .body(ReqBody::full(body.clone(), None));
                         let Ok(req) = req else { return };
                         let answered = match client.request(req).await {
                             Ok(resp) => {

@@ -511,7 +511,6 @@ async fn a_reload_replaces_the_access_log() {
 }
 
 #[tokio::test]
-#[ignore = "needs service.rs wiring"]
 async fn each_proxied_request_gets_one_line() {
     let _process_log = PROCESS_LOG.lock().await;
     let up = TestUpstream::start("v1").await;

@@ -94,7 +94,7 @@ async fn deliver(client: &HttpClient, url: String, body: bytes::Bytes) -> AlertR
                 header::USER_AGENT,
                 concat!("rollgate/", env!("CARGO_PKG_VERSION")),
             )
-            .body(ReqBody::full(body.clone()));
+            .body(ReqBody::full(body.clone(), None));
         let req = match req {
             Ok(r) => r,
             Err(e) => {

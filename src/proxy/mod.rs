@@ -4,5 +4,6 @@ pub mod body;
 pub mod client;
 pub mod faults;
 pub mod headers;
+pub mod outcome;
 pub mod server;
 pub mod service;

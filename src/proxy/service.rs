@@ -2,8 +2,12 @@
 //!
 //! The table is loaded once per request (`Arc` clone, no lock). Statistics handles come
 //! from the table, so recording does no label lookup. No lock is held across `.await`.
-//! Errors the proxy answers itself are typed by whose fault they are (see [`Refusal`]):
-//! only upstream faults are recorded as [`Class::Error`] against a version.
+//!
+//! The flow reads top to bottom in [`proxy`]: check the head, choose the route and the
+//! version, then [`Exchange::run`] makes at most two attempts. Each attempt ends in a typed
+//! [`Attempt`] result; what it counts as (the blame rules of SPEC section 4) is decided in
+//! one place, [`super::outcome::classify`], when its [`Recording`] closes: at the end of
+//! the response body, at a failure, or when the client goes away.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,19 +22,19 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{
-    grpc_status_is_fault, Capture, ClientBodyFlag, Metered, Recording, ReqBody, RespBody,
-};
-use super::client::RETRY_BUFFER;
+use super::body::{Buffered, ClientBodyError, Metered, ReplayBody, ReqBody, RespBody, ShadowCut};
+use super::client::HttpClient;
 use super::headers::{
     self as hdr, X_REQUEST_ID, X_ROLLGATE_DEGRADED, X_ROLLGATE_RETRIED_FROM, X_ROLLGATE_VERSION,
 };
+use super::outcome::{self, Capture, End, GrpcRule, InFlight, Recording};
 use crate::config::{EndpointScheme, Signal, StickyKey};
 use crate::routing::select::{self, PinOutcome};
 use crate::routing::store::Store;
 use crate::routing::table::{Member, Route, Table};
+use crate::telemetry::access_log::{self, AccessEntry, AccessLog};
 use crate::telemetry::signals::is_flagged;
-use crate::telemetry::{Class, PairStats, UpstreamErrorKind};
+use crate::telemetry::{Class, UpstreamErrorKind};
 
 /// Longest request target accepted (414 beyond), as SPEC §4.
 pub const MAX_URI: usize = 8 * 1024;
@@ -38,7 +42,8 @@ pub const MAX_URI: usize = 8 * 1024;
 /// State shared by every connection of the data plane.
 pub struct Shared {
     pub store: Arc<Store>,
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
+    shadow_in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
 }
 
@@ -56,21 +61,20 @@ impl Shared {
     pub fn new(store: Arc<Store>, max_in_flight: usize) -> Self {
         Shared {
             store,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            shadow_in_flight: Arc::new(AtomicUsize::new(0)),
             max_in_flight,
         }
     }
 
+    /// Client requests in flight: from their head to the end of their response body.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
-}
 
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+    /// Shadow copies in flight.
+    pub fn shadow_in_flight(&self) -> usize {
+        self.shadow_in_flight.load(Ordering::Relaxed)
     }
 }
 
@@ -80,7 +84,6 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
 }
-
 /// Why the proxy answered a request itself. Each variant knows its status and whether the
 /// client, the proxy or the upstream is to blame.
 #[derive(Debug, thiserror::Error)]
@@ -178,34 +181,22 @@ impl Refusal {
     }
 }
 
-/// Records a client abort for the chosen version if the request future is dropped (the
-/// client went away) before a response was handed to hyper.
-struct AbortGuard<'a> {
-    stats: &'a PairStats,
-    start: Instant,
-    armed: bool,
-}
-
-impl Drop for AbortGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.stats
-                .record(Class::ClientAbort, 0, None, self.start.elapsed());
-        }
-    }
-}
-
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
     let table = shared.store.load();
     let cap = table.config.max_in_flight.min(shared.max_in_flight);
-    if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
-        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let Some(permit) = InFlight::acquire(&shared.in_flight, cap) else {
         shared.store.metrics.requests_shed.inc();
-        return Refusal::Overloaded.into_response(None, None);
-    }
-    let _in_flight = InFlight(&shared.in_flight);
-    proxy(&table, conn, req).await
+        let r = Refusal::Overloaded;
+        if let Some(log) = access_log::current().filter(|l| l.sampled()) {
+            let mut e = entry_for(req.method(), req.uri(), req.version(), req.headers());
+            e.code = r.status().as_u16();
+            e.classification = Class::Refused.as_str();
+            log.log(e);
+        }
+        return r.into_response(None, None);
+    };
+    proxy(shared, &table, conn, req, permit).await
 }
 
 /// The authority the client addressed: `:authority` / absolute-form, else `Host`. Rejects
@@ -240,52 +231,44 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// The request body as far as routing had to read it.
 enum BodyState {
     Unread(Incoming),
-    Buffered(Bytes),
+    /// Placeholder while routing reads it.
+    Taken,
+    /// Read whole by model routing, with its trailers and its share of the process-wide
+    /// buffer cap.
+    Buffered(Bytes, Option<HeaderMap>, Buffered),
 }
 
-/// Reads a whole body of at most `limit` bytes.
-async fn read_all(body: Incoming, limit: u64) -> Result<Bytes, Refusal> {
-    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge),
-        Err(_) => Err(Refusal::BadRequest("reading the request body failed")),
-    }
-}
-
-/// Reads up to `max` bytes: the whole body if it fits, else the prefix read so far plus
-/// the rest still unread.
-async fn read_prefix(
+/// Reads a whole body of at most `limit` bytes, with at most `idle` between frames, for
+/// model routing.
+async fn read_all(
     mut body: Incoming,
-    max: u64,
-) -> Result<Result<Bytes, (Bytes, Incoming)>, Refusal> {
-    let mut first: Option<Bytes> = None;
+    limit: u64,
+    idle: Duration,
+) -> Result<(Bytes, Option<HeaderMap>, Buffered), Refusal> {
     let mut buf = BytesMut::new();
+    let mut reserved = Buffered::default();
+    let mut trailers = None;
     loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(_)) => return Err(Refusal::BadRequest("reading the request body failed")),
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if first.is_none() && buf.is_empty() {
-                    first = Some(data);
-                } else {
-                    if let Some(f) = first.take() {
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&data);
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(Refusal::BodyTimeout(idle)),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(Refusal::BadRequest("reading the request body failed")),
+            Ok(Some(Ok(f))) => f,
+        };
+        match frame.into_data() {
+            Ok(d) => {
+                if (buf.len() + d.len()) as u64 > limit {
+                    return Err(Refusal::BodyTooLarge);
                 }
-                let have = first.as_ref().map_or(buf.len(), Bytes::len) as u64;
-                if have > max {
-                    let prefix = first.take().unwrap_or_else(|| buf.split().freeze());
-                    return Ok(Err((prefix, body)));
+                if !reserved.grow(d.len()) {
+                    return Err(Refusal::Overloaded);
                 }
+                buf.extend_from_slice(&d);
             }
+            Err(f) => trailers = f.into_trailers().ok(),
         }
     }
-    Ok(Ok(first.unwrap_or_else(|| buf.freeze())))
+    Ok((buf.freeze(), trailers, reserved))
 }
 
 /// The `model` field of a JSON body (top level only).
@@ -308,13 +291,12 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
-    let (mut parts, body) = req.into_parts();
-    let request_id = hdr::request_id(&parts.headers);
+/// Checks the request head against the proxy's limits; returns the target host.
+fn check_head(parts: &Parts) -> Result<Option<HeaderValue>, Refusal> {
     let target_len = parts.uri.authority().map_or(0, |a| a.as_str().len())
         + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > MAX_URI {
-        return Refusal::UriTooLong.into_response(None, Some(&request_id));
+        return Err(Refusal::UriTooLong);
     }
     let head_len: usize = target_len
         + parts
@@ -323,7 +305,7 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum::<usize>();
     if head_len > super::server::MAX_HEAD_SIZE {
-        return Refusal::HeadersTooLarge.into_response(None, Some(&request_id));
+        return Err(Refusal::HeadersTooLarge);
     }
     // HTTP/1.0 has no chunked framing: a body without Content-Length would be read to the
     // end of the connection, which a proxy must never do (Pingora CVE-2026-2836).
@@ -331,21 +313,24 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
         && !parts.headers.contains_key(header::CONTENT_LENGTH)
     {
-        return Refusal::LengthRequired.into_response(None, Some(&request_id));
+        return Err(Refusal::LengthRequired);
     }
-    let host = match target_host(&parts) {
-        Ok(h) => h,
-        Err(r) => return r.into_response(None, Some(&request_id)),
-    };
-    let host_str = host.as_ref().and_then(|h| h.to_str().ok());
+    target_host(parts)
+}
 
-    // Route: the first whose head matches and, if it names models, whose model matches.
-    let mut body_state = BodyState::Unread(body);
+/// The first route whose head matches and, if it names models, whose model matches. Reads
+/// the body only when a matching route routes on the model and no header names it.
+async fn choose_route<'t>(
+    table: &'t Table,
+    parts: &Parts,
+    host: Option<&str>,
+    body: Incoming,
+) -> Result<(&'t Route, BodyState), Refusal> {
+    let mut body = BodyState::Unread(body);
     let mut model: Option<String> = None;
     let mut model_known = false;
-    let mut route: Option<&Route> = None;
     for r in table.routes.iter() {
-        if !r.matches_head(parts.uri.path(), host_str, &parts.headers) {
+        if !r.matches_head(parts.uri.path(), host, &parts.headers) {
             continue;
         }
         if !r.config.matcher.models.is_empty() && !model_known {
@@ -355,117 +340,200 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                 .get(&hdr::X_GATEWAY_MODEL_NAME)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            if model.is_none() {
-                if let BodyState::Unread(b) = body_state {
-                    let idle = r.config.timeouts.idle;
-                    let bytes =
-                        match tokio::time::timeout(idle, read_all(b, r.config.max_request_body))
-                            .await
-                        {
-                            Ok(Ok(bytes)) => bytes,
-                            Ok(Err(e)) => return e.into_response(None, Some(&request_id)),
-                            Err(_) => {
-                                return Refusal::BodyTimeout(idle)
-                                    .into_response(None, Some(&request_id))
-                            }
-                        };
-                    model = body_model(&bytes);
-                    body_state = BodyState::Buffered(bytes);
-                }
+            if let (None, BodyState::Unread(b)) =
+                (&model, std::mem::replace(&mut body, BodyState::Taken))
+            {
+                // Any model route whose head matches may be chosen: read up to the largest
+                // of their limits, then hold the chosen route to its own.
+                let limit = table
+                    .routes
+                    .iter()
+                    .filter(|x| !x.config.matcher.models.is_empty())
+                    .filter(|x| x.matches_head(parts.uri.path(), host, &parts.headers))
+                    .map(|x| x.config.max_request_body)
+                    .max()
+                    .unwrap_or(r.config.max_request_body);
+                let (bytes, trailers, reserved) =
+                    read_all(b, limit, r.config.timeouts.idle).await?;
+                model = body_model(&bytes);
+                body = BodyState::Buffered(bytes, trailers, reserved);
             }
         }
         if r.matches_model(model.as_deref()) {
-            route = Some(r);
-            break;
+            return Ok((r, body));
         }
     }
-    let Some(route) = route else {
-        return Refusal::NoRoute.into_response(None, Some(&request_id));
-    };
+    Err(Refusal::NoRoute)
+}
 
-    // Version: pin, sticky key, weighted random.
-    let pin = parts.headers.get(&table.pin_header).map(|p| {
+/// Why a request went to the version it went to (the access log's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Pin,
+    Sticky,
+    Weight,
+    Retry,
+    Shadow,
+    Fallback,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Pin => "pin",
+            Reason::Sticky => "sticky",
+            Reason::Weight => "weight",
+            Reason::Retry => "retry",
+            Reason::Shadow => "shadow",
+            Reason::Fallback => "fallback",
+        }
+    }
+}
+
+/// The route's sticky key in this request, if the route has one.
+fn sticky_key<'p>(route: &Route, headers: &'p HeaderMap) -> Option<&'p [u8]> {
+    match route.sticky()? {
+        StickyKey::Header(h) => headers.get(h).map(HeaderValue::as_bytes),
+        StickyKey::Cookie(c) => hdr::cookie(headers, c).map(str::as_bytes),
+    }
+}
+
+/// Version choice (SPEC section 4): pin, sticky key, weighted random.
+fn choose_version(
+    table: &Table,
+    route: &Route,
+    headers: &HeaderMap,
+) -> Result<(usize, Reason), Refusal> {
+    let pin = headers.get(&table.pin_header).map(|p| {
         let found = route
             .member_by_name(p.as_bytes(), table)
             .map(|i| (i, table.versions[route.members[i].version].quarantined));
         select::resolve_pin(
             found,
-            route.baseline,
+            route.stand_in,
             table.pin_quarantined,
             table.pin_unknown,
         )
     });
-    let chosen = match pin.unwrap_or(PinOutcome::NoPin) {
-        PinOutcome::Member(i) => i,
-        PinOutcome::RejectUnknown => {
-            return Refusal::UnknownPin.into_response(None, Some(&request_id))
-        }
-        PinOutcome::RejectQuarantined => {
-            return Refusal::QuarantinedPin.into_response(None, Some(&request_id))
-        }
+    let (chosen, reason) = match pin.unwrap_or(PinOutcome::NoPin) {
+        PinOutcome::Member(i) => (i, Reason::Pin),
+        PinOutcome::RejectUnknown => return Err(Refusal::UnknownPin),
+        PinOutcome::RejectQuarantined => return Err(Refusal::QuarantinedPin),
         PinOutcome::NoPin => {
-            let key = match route.sticky() {
-                Some(StickyKey::Header(h)) => parts.headers.get(h).map(HeaderValue::as_bytes),
-                Some(StickyKey::Cookie(c)) => hdr::cookie(&parts.headers, c).map(str::as_bytes),
-                None => None,
-            };
-            key.and_then(|k| select::rendezvous(&route.members, k))
-                .unwrap_or_else(|| route.pick_weighted())
-        }
-    };
-    let start = Instant::now();
-    let member = &route.members[chosen];
-    member.stats.begin();
-    let mut abort = AbortGuard {
-        stats: &member.stats,
-        start,
-        armed: true,
-    };
-
-    // Body: refuse oversized ones before any upstream connect; buffer small ones so a
-    // retry can replay them.
-    let limit = route.config.max_request_body;
-    let idle = route.config.timeouts.idle;
-    let refuse = |abort: &mut AbortGuard, r: Refusal| {
-        abort.armed = false;
-        // The member of the attempt in progress (after a retry, the baseline's).
-        abort
-            .stats
-            .record(Class::Refused, r.status().as_u16(), None, start.elapsed());
-        r.into_response(None, Some(&request_id))
-    };
-    let declared = content_length(&parts.headers);
-    if declared.is_some_and(|n| n > limit) {
-        return refuse(&mut abort, Refusal::BodyTooLarge);
-    }
-    let flag = Arc::new(ClientBodyFlag::default());
-    let mut body = match body_state {
-        BodyState::Buffered(b) => ReqBody::full(b),
-        BodyState::Unread(b) if b.is_end_stream() => ReqBody::Empty,
-        BodyState::Unread(b) => {
-            let buffer = RETRY_BUFFER.min(limit);
-            if declared.is_some_and(|n| n > buffer) {
-                ReqBody::stream(None, b, limit, flag.clone(), idle)
-            } else {
-                match tokio::time::timeout(idle, read_prefix(b, buffer)).await {
-                    Ok(Ok(Ok(all))) => ReqBody::full(all),
-                    Ok(Ok(Err((prefix, rest)))) => {
-                        let used = prefix.len() as u64;
-                        if used > limit {
-                            return refuse(&mut abort, Refusal::BodyTooLarge);
-                        }
-                        ReqBody::stream(Some(prefix), rest, limit - used, flag.clone(), idle)
-                    }
-                    Ok(Err(r)) => return refuse(&mut abort, r),
-                    Err(_) => return refuse(&mut abort, Refusal::BodyTimeout(idle)),
-                }
+            match sticky_key(route, headers).and_then(|k| select::rendezvous(&route.members, k)) {
+                Some(i) => (i, Reason::Sticky),
+                None => (route.pick_weighted(), Reason::Weight),
             }
         }
     };
+    let reason = if route.degraded && chosen == route.stand_in && chosen != route.baseline {
+        Reason::Fallback
+    } else {
+        reason
+    };
+    Ok((chosen, reason))
+}
+
+async fn proxy(
+    shared: &Shared,
+    table: &Arc<Table>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    permit: InFlight,
+) -> Response<RespBody> {
+    let (mut parts, body) = req.into_parts();
+    let request_id = hdr::request_id(&parts.headers);
+    let log = access_log::current().filter(|l| l.sampled());
+    let mut entry = log.as_ref().map(|_| {
+        let mut e = entry_for(&parts.method, &parts.uri, parts.version, &parts.headers);
+        e.request_id = Some(request_id.clone());
+        Box::new(e)
+    });
+    let began = Instant::now();
+    let refuse = |r: Refusal| {
+        if let (Some(log), Some(e)) = (&log, entry.as_ref()) {
+            let mut e = AccessEntry::clone(e);
+            e.code = r.status().as_u16();
+            e.duration_ms = ms(began.elapsed());
+            e.classification = Class::Refused.as_str();
+            log.log(e);
+        }
+        r.into_response(None, Some(&request_id))
+    };
+    let host = match check_head(&parts) {
+        Ok(h) => h,
+        Err(r) => return refuse(r),
+    };
+    let (route, body) = match choose_route(
+        table,
+        &parts,
+        host.as_ref().and_then(|h| h.to_str().ok()),
+        body,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(r) => return refuse(r),
+    };
+    let (chosen, reason) = match choose_version(table, route, &parts.headers) {
+        Ok(x) => x,
+        Err(r) => return refuse(r),
+    };
+    let member = &route.members[chosen];
+    let version = &table.versions[member.version];
+    let client_deadline = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(outcome::grpc_timeout);
+    let rule = GrpcRule {
+        faults: route.grpc_faults,
+        client_deadline,
+    };
+    let mut rec = Recording::begin(&member.stats, &version.counters, rule);
+    rec.hold(Some(permit));
+    if let Some(e) = entry.as_mut() {
+        e.route = Some(route.name.clone());
+        e.reason = Some(reason.as_str());
+        if let BodyState::Buffered(b, ..) = &body {
+            e.bytes_received = b.len() as u64;
+        }
+    }
+
+    // Body: stream it as it arrives; refuse one over the limit before any upstream connect.
+    let limit = route.config.max_request_body;
+    let idle = route.config.timeouts.idle;
+    let mut too_large = content_length(&parts.headers).is_some_and(|n| n > limit);
+    // A body model routing read stays counted against the process-wide buffer cap while
+    // it is being sent.
+    let mut _held = None;
+    let body = match body {
+        BodyState::Buffered(b, trailers, reserved) => {
+            too_large |= b.len() as u64 > limit;
+            _held = Some(reserved);
+            ReqBody::full(b, trailers)
+        }
+        BodyState::Taken => ReqBody::Empty,
+        BodyState::Unread(b) if b.is_end_stream() => ReqBody::Empty,
+        BodyState::Unread(b) => ReqBody::Stream(ReplayBody::new(b, limit, idle)),
+    };
+    if let (Some(e), Some(log)) = (entry.take(), &log) {
+        rec.observe(Box::new(LogObserver {
+            log: log.clone(),
+            entry: e,
+            began,
+            body: body.probe(),
+        }));
+    }
+    if too_large {
+        let r = Refusal::BodyTooLarge;
+        rec.close(End::Refused(r.status().as_u16()));
+        return r.into_response(None, Some(&request_id));
+    }
 
     // Headers shared by every attempt.
     // gRPC requires `te: trailers` end to end (Envoy keeps it too); every other TE is
     // hop-by-hop and goes.
+    let sticky = sticky_key(route, &parts.headers).map(Bytes::copy_from_slice);
     let is_grpc = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -492,154 +560,229 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
         &mut parts.headers,
         conn.peer.ip(),
         if conn.tls { "https" } else { "http" },
-        host.clone(),
+        host,
     );
-    let retry_allowed_for_method = route.config.retry.non_idempotent
+    let retry_method = route.config.retry.non_idempotent
         || is_idempotent(&parts.method)
         || parts.headers.contains_key("idempotency-key");
     route.retry_budget.deposit();
 
-    let mut attempt = chosen;
-    let mut retried_from: Option<usize> = None;
-    let mut exclude: Option<http::uri::Authority> = None;
-    let mut headers = Some(parts.headers);
-    loop {
-        let m = &route.members[attempt];
-        let v = &table.versions[m.version];
-        let ep = match &exclude {
-            Some(a) => match v.upstream.pick_other(a) {
-                Some(e) => e,
-                None => v.upstream.pick(),
-            },
-            None => v.upstream.pick(),
-        };
-        // A retry goes to the baseline; from the baseline itself only to another endpoint.
-        let retry_target = if retried_from.is_some() {
-            None
-        } else if attempt != route.baseline {
-            Some(route.baseline)
-        } else if v.upstream.pick_other(&ep.endpoint.authority).is_some() {
-            Some(attempt)
-        } else {
-            None
-        };
-        let replay = if retry_target.is_some() {
-            body.replay()
-        } else {
-            None
-        };
-        let can_retry = replay.is_some();
-        let this_body = replay.unwrap_or_else(|| std::mem::replace(&mut body, ReqBody::Empty));
-        let mut h = if can_retry {
-            headers.clone().unwrap_or_default()
-        } else {
-            headers.take().unwrap_or_default()
-        };
-        for (n, val) in v.set_headers.iter() {
-            h.insert(n.clone(), val.clone());
+    if let Some(sh) = route.shadowed(sticky.as_deref()) {
+        let cap = table.config.max_in_flight.min(shared.max_in_flight);
+        let shadow_cap = (cap / 10).max(1);
+        let room = shared.in_flight().saturating_add(shadow_cap) < cap;
+        match InFlight::acquire(&shared.shadow_in_flight, shadow_cap).filter(|_| room) {
+            Some(p) => {
+                let observer = log.as_ref().map(|log| {
+                    let mut e = entry_for(&parts.method, &parts.uri, parts.version, &parts.headers);
+                    e.request_id = Some(request_id.clone());
+                    e.route = Some(route.name.clone());
+                    e.reason = Some(Reason::Shadow.as_str());
+                    Box::new(LogObserver {
+                        log: log.clone(),
+                        entry: Box::new(e),
+                        began,
+                        body: body.probe(),
+                    }) as Box<dyn outcome::Observer>
+                });
+                spawn_shadow(
+                    table.clone(),
+                    route,
+                    sh.member,
+                    &parts,
+                    body.shadow(),
+                    p,
+                    observer,
+                );
+            }
+            None => {
+                sh.dropped.overloaded.inc();
+            }
         }
-        let mut uri_parts = http::uri::Parts::default();
-        uri_parts.scheme = Some(ep.endpoint.uri_scheme());
-        uri_parts.authority = Some(ep.endpoint.authority.clone());
-        uri_parts.path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        let Ok(uri) = Uri::from_parts(uri_parts) else {
-            return refuse(&mut abort, Refusal::BadRequest("invalid request target"));
-        };
-        let mut up = Request::new(this_body);
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.version_mut() = if ep.endpoint.scheme == EndpointScheme::H2c {
-            HttpVersion::HTTP_2
-        } else {
-            HttpVersion::HTTP_11
-        };
-        *up.headers_mut() = h;
+    }
 
-        let attempt_start = Instant::now();
-        // Moves on to `retry_target` after a failure of this attempt, which the caller has
-        // already recorded against the version.
-        macro_rules! retry_on {
-            ($kind:expr) => {{
-                v.counters.upstream_error($kind);
-                m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
-                retried_from = Some(attempt);
-                exclude = Some(ep.endpoint.authority.clone());
-                attempt = retry_target.unwrap_or(attempt);
-                let next = &route.members[attempt].stats;
-                next.begin();
-                abort.stats = next;
-                continue;
-            }};
+    let headers = std::mem::take(&mut parts.headers);
+    Exchange {
+        table,
+        route,
+        parts: &parts,
+        request_id: &request_id,
+        retry_method,
+        rule,
+    }
+    .run(chosen, rec, body, headers)
+    .await
+}
+
+/// The attempts of one request.
+struct Exchange<'a> {
+    table: &'a Table,
+    route: &'a Route,
+    parts: &'a Parts,
+    request_id: &'a HeaderValue,
+    /// The method (or `non_idempotent`, or an idempotency key) allows retrying a request
+    /// that reached the upstream.
+    retry_method: bool,
+    rule: GrpcRule,
+}
+
+/// How one attempt ended before its response body.
+enum Attempt {
+    /// A response to relay (the `Recording` goes into its body).
+    Response(Response<Incoming>),
+    /// The upstream answered 5xx and the request may be retried.
+    Retryable5xx(Response<Incoming>),
+    /// No usable response, the version's fault. `unsent`: nothing reached the upstream.
+    Upstream {
+        kind: UpstreamErrorKind,
+        refusal: Refusal,
+        unsent: bool,
+    },
+    /// The client's body failed: never the version's fault.
+    Client(ClientBodyError),
+    /// A drill's injected fault: an upstream 500 that never left the proxy.
+    Injected,
+}
+
+impl Exchange<'_> {
+    /// Makes the first attempt at `chosen` and at most one retry.
+    async fn run(
+        &self,
+        chosen: usize,
+        mut rec: Recording,
+        mut body: ReqBody,
+        mut headers: HeaderMap,
+    ) -> Response<RespBody> {
+        let route = self.route;
+        let mut at = chosen;
+        let mut retried_from: Option<usize> = None;
+        let mut exclude: Option<&http::uri::Authority> = None;
+        loop {
+            let m = &route.members[at];
+            let v = &self.table.versions[m.version];
+            let ep = exclude
+                .and_then(|a| v.upstream.pick_other(a))
+                .unwrap_or_else(|| v.upstream.pick());
+            // A retry goes to the stand-in (the baseline, or the fallback while degraded);
+            // from the stand-in itself only to another endpoint.
+            let target = if retried_from.is_some() {
+                None
+            } else if at != route.stand_in {
+                Some(route.stand_in)
+            } else if v.upstream.pick_other(&ep.endpoint.authority).is_some() {
+                Some(at)
+            } else {
+                None
+            };
+            let replay = target.and_then(|_| body.replay());
+            let this_body = match replay {
+                Some(copy) => std::mem::replace(&mut body, copy),
+                None => std::mem::replace(&mut body, ReqBody::Empty),
+            };
+            let sent = this_body.sent();
+            // The last attempt takes the headers; one that may be retried sends a copy.
+            let h = if target.is_some() {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            rec.sending_to(&ep.endpoint.authority, retried_from.is_some());
+            let attempt = self
+                .attempt(m, ep, this_body, h, sent.as_deref(), &mut rec)
+                .await;
+            // May this failure be retried at `target`, inside the budget?
+            let retry = |may: bool| {
+                target.filter(|_| may && body.replayable() && route.retry_budget.try_withdraw())
+            };
+            let next = match &attempt {
+                Attempt::Retryable5xx(_) => retry(self.retry_method),
+                Attempt::Upstream { unsent, .. } => retry(*unsent || self.retry_method),
+                Attempt::Injected => retry(self.retry_method),
+                _ => None,
+            };
+            let sent_at = sent.as_deref();
+            let Some(next) = next else {
+                return self.finish(attempt, rec, at, retried_from, sent_at);
+            };
+            // Record the failed attempt, then begin the retry.
+            let nm = &route.members[next];
+            let mut next_rec = Recording::begin(
+                &nm.stats,
+                &self.table.versions[nm.version].counters,
+                self.rule,
+            );
+            rec.hand_over(&mut next_rec);
+            match attempt {
+                Attempt::Retryable5xx(resp) => {
+                    let (head, _) = resp.into_parts();
+                    rec.head(&head, sent_at, None);
+                    rec.close(End::Answered { trailers: None });
+                }
+                Attempt::Upstream { kind, refusal, .. } => {
+                    rec.set_status(refusal.status().as_u16());
+                    rec.close(End::Upstream(kind));
+                }
+                _ => {
+                    rec.set_status(500);
+                    rec.close(End::Upstream(UpstreamErrorKind::Status5xx));
+                }
+            }
+            m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
+            rec = next_rec;
+            retried_from = Some(at);
+            exclude = Some(&ep.endpoint.authority);
+            at = next;
         }
+    }
+
+    /// One attempt at member `m` through endpoint `ep`.
+    async fn attempt(
+        &self,
+        m: &Member,
+        ep: &super::client::EndpointRt,
+        body: ReqBody,
+        headers: HeaderMap,
+        sent: Option<&super::body::Sent>,
+        rec: &mut Recording,
+    ) -> Attempt {
+        let v = &self.table.versions[m.version];
         let fault = v.counters.faults.sample();
         if !fault.delay.is_zero() {
+            rec.injected_delay(fault.delay);
             tokio::time::sleep(fault.delay).await;
         }
         if fault.fail {
-            // Behaves as an upstream 500: counted against the version, retried in budget.
-            let ttfb = attempt_start.elapsed();
-            m.stats.record(Class::Error, 500, Some(ttfb), ttfb);
-            if can_retry && retry_allowed_for_method && route.retry_budget.try_withdraw() {
-                retry_on!(UpstreamErrorKind::Status5xx);
-            }
-            abort.armed = false;
-            v.counters.upstream_error(UpstreamErrorKind::Status5xx);
-            return Refusal::InjectedFault.into_response(Some(&v.name_value), Some(&request_id));
+            return Attempt::Injected;
         }
-        let first_byte = route.config.timeouts.first_byte;
-        let outcome = tokio::time::timeout(first_byte, ep.client().request(up)).await;
-        let failure: (UpstreamErrorKind, u16, Refusal) = match outcome {
+        let client_error = |body_err: Option<ClientBodyError>| body_err.map(Attempt::Client);
+        let probe = body.probe();
+        let up = match upstream_request(self.parts, headers, v, ep, body) {
+            Ok(up) => up,
+            Err(r) => {
+                return Attempt::Upstream {
+                    kind: UpstreamErrorKind::Connect,
+                    refusal: r,
+                    unsent: true,
+                }
+            }
+        };
+        let first_byte = self.route.config.timeouts.first_byte;
+        match send(ep.client(), up, sent, first_byte).await {
             Ok(Ok(resp)) if bad_framing(&resp) => {
-                // Two framings (CL and TE) or a body where none may be: a desync
-                // attempt or a broken upstream. Never relayed; the connection is dropped
-                // with the response.
+                // Two framings (CL and TE) or a body where none may be: a desync attempt or
+                // a broken upstream. Never relayed; the connection is dropped with it.
                 tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, status = %resp.status(), "upstream response with conflicting framing");
-                (
-                    UpstreamErrorKind::Reset,
-                    502,
-                    Refusal::UpstreamUnavailable("malformed response framing".to_string()),
-                )
-            }
-            Ok(Ok(resp)) => {
-                let status = resp.status();
-                if status.is_server_error()
-                    && can_retry
-                    && retry_allowed_for_method
-                    && route.retry_budget.try_withdraw()
-                {
-                    let ttfb = attempt_start.elapsed();
-                    m.stats
-                        .record(Class::Error, status.as_u16(), Some(ttfb), ttfb);
-                    retry_on!(UpstreamErrorKind::Status5xx);
+                Attempt::Upstream {
+                    kind: UpstreamErrorKind::Reset,
+                    refusal: Refusal::UpstreamUnavailable("malformed response framing".into()),
+                    unsent: false,
                 }
-                abort.armed = false;
-                return respond(
-                    resp,
-                    route,
-                    table,
-                    attempt,
-                    retried_from,
-                    attempt_start,
-                    &request_id,
-                );
             }
+            Ok(Ok(resp)) if resp.status().is_server_error() => Attempt::Retryable5xx(resp),
+            Ok(Ok(resp)) => Attempt::Response(resp),
             Ok(Err(e)) => {
-                if flag.too_large.load(Ordering::Relaxed) {
-                    return refuse(&mut abort, Refusal::BodyTooLarge);
-                }
-                if flag.timed_out.load(Ordering::Relaxed) {
-                    return refuse(&mut abort, Refusal::BodyTimeout(idle));
-                }
-                if flag.failed.load(Ordering::Relaxed) {
-                    abort.armed = false;
-                    m.stats
-                        .record(Class::ClientAbort, 0, None, attempt_start.elapsed());
-                    return Refusal::BadRequest("reading the request body failed")
-                        .into_response(None, Some(&request_id));
+                if let Some(a) = client_error(probe.client_error()) {
+                    return a;
                 }
                 let connect = e.is_connect();
                 let kind = if connect && is_tls_error(&e) {
@@ -649,42 +792,282 @@ async fn proxy(table: &Table, conn: ConnInfo, req: Request<Incoming>) -> Respons
                 } else {
                     UpstreamErrorKind::Reset
                 };
-                // Nothing reached the upstream on a connect error, so retrying it costs the
-                // baseline no more than if the request had gone there first: it is exempt
-                // from the budget (a dead canary must not cost clients errors). A reset after
-                // the request was sent is budgeted like a 5xx.
-                if can_retry
-                    && (connect || (retry_allowed_for_method && route.retry_budget.try_withdraw()))
-                {
-                    m.stats
-                        .record(Class::Error, 0, None, attempt_start.elapsed());
-                    retry_on!(kind);
-                }
                 tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");
-                (kind, 502, Refusal::UpstreamUnavailable(error_chain(&e)))
+                Attempt::Upstream {
+                    kind,
+                    refusal: Refusal::UpstreamUnavailable(error_chain(&e)),
+                    unsent: connect,
+                }
             }
-            Err(_) => (
-                UpstreamErrorKind::Timeout,
-                504,
-                Refusal::UpstreamTimeout(first_byte),
-            ),
-        };
-        let (kind, code, refusal) = failure;
-        abort.armed = false;
-        v.counters.upstream_error(kind);
-        m.stats
-            .record(Class::Error, code, None, attempt_start.elapsed());
-        let mut resp = refusal.into_response(Some(&v.name_value), Some(&request_id));
-        if let Some(from) = retried_from {
-            resp.headers_mut().insert(
-                X_ROLLGATE_RETRIED_FROM.clone(),
-                table.versions[route.members[from].version]
-                    .name_value
-                    .clone(),
-            );
+            Err(_) => match client_error(probe.client_error()) {
+                Some(a) => a,
+                None => Attempt::Upstream {
+                    kind: UpstreamErrorKind::Timeout,
+                    refusal: Refusal::UpstreamTimeout(first_byte),
+                    unsent: false,
+                },
+            },
         }
-        return resp;
     }
+
+    /// Hands the last attempt's result to the client, recording it.
+    fn finish(
+        &self,
+        attempt: Attempt,
+        mut rec: Recording,
+        at: usize,
+        retried_from: Option<usize>,
+        sent_at: Option<&super::body::Sent>,
+    ) -> Response<RespBody> {
+        let m = &self.route.members[at];
+        let v = &self.table.versions[m.version];
+        let failed = |rec: Recording, end: End<'_>, r: Refusal, version: bool| {
+            rec.close(end);
+            let mut resp = r.into_response(version.then_some(&v.name_value), Some(self.request_id));
+            self.mark_retry(resp.headers_mut(), retried_from);
+            resp
+        };
+        match attempt {
+            Attempt::Response(resp) | Attempt::Retryable5xx(resp) => {
+                self.respond(resp, rec, m, retried_from, sent_at)
+            }
+            Attempt::Upstream { kind, refusal, .. } => {
+                rec.set_status(refusal.status().as_u16());
+                failed(rec, End::Upstream(kind), refusal, true)
+            }
+            Attempt::Injected => {
+                rec.set_status(500);
+                failed(
+                    rec,
+                    End::Upstream(UpstreamErrorKind::Status5xx),
+                    Refusal::InjectedFault,
+                    true,
+                )
+            }
+            Attempt::Client(ClientBodyError::TooLarge) => {
+                failed(rec, End::Refused(413), Refusal::BodyTooLarge, false)
+            }
+            Attempt::Client(ClientBodyError::Timeout) => {
+                let idle = self.route.config.timeouts.idle;
+                failed(rec, End::Refused(408), Refusal::BodyTimeout(idle), false)
+            }
+            Attempt::Client(ClientBodyError::Read) => {
+                rec.set_status(400);
+                failed(
+                    rec,
+                    End::ClientGone,
+                    Refusal::BadRequest("reading the request body failed"),
+                    false,
+                )
+            }
+        }
+    }
+
+    fn mark_retry(&self, h: &mut HeaderMap, retried_from: Option<usize>) {
+        if let Some(from) = retried_from {
+            let from = &self.table.versions[self.route.members[from].version];
+            h.insert(X_ROLLGATE_RETRIED_FROM.clone(), from.name_value.clone());
+        }
+    }
+
+    /// Turns the upstream's response into the client's: hop-by-hop headers out, rollgate's
+    /// headers in, the body metered.
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        mut rec: Recording,
+        m: &Member,
+        retried_from: Option<usize>,
+        sent_at: Option<&super::body::Sent>,
+    ) -> Response<RespBody> {
+        let v = &self.table.versions[m.version];
+        let (mut parts, body) = resp.into_parts();
+        hdr::strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(X_ROLLGATE_VERSION.clone(), v.name_value.clone());
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts
+                .headers
+                .insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        }
+        let capture = observe_signals(self.table, m, &parts);
+        rec.head(&parts, sent_at, capture);
+        self.mark_retry(&mut parts.headers, retried_from);
+        if self.route.degraded {
+            parts
+                .headers
+                .insert(X_ROLLGATE_DEGRADED.clone(), HeaderValue::from_static("1"));
+        }
+        let body = RespBody::Proxied {
+            inner: Metered::new(body, self.route.config.timeouts.idle, rec),
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Sends `up`; the `first_byte` timer starts once the request body has been sent (`sent`;
+/// at once for a body in memory), so a slow upload is never the version's timeout.
+async fn send(
+    client: &HttpClient,
+    up: Request<ReqBody>,
+    sent: Option<&super::body::Sent>,
+    first_byte: Duration,
+) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, FirstByteTimeout> {
+    let response = client.request(up);
+    tokio::pin!(response);
+    let timer = async {
+        if let Some(s) = sent {
+            s.wait().await;
+        }
+        tokio::time::sleep(first_byte).await;
+    };
+    tokio::select! {
+        biased;
+        r = &mut response => Ok(r),
+        () = timer => Err(FirstByteTimeout),
+    }
+}
+
+/// No response head within `first_byte` of the request body's end.
+#[derive(Debug)]
+struct FirstByteTimeout;
+
+/// The request as version `v` at endpoint `ep` gets it.
+fn upstream_request(
+    parts: &Parts,
+    mut h: HeaderMap,
+    v: &crate::routing::table::Version,
+    ep: &super::client::EndpointRt,
+    body: ReqBody,
+) -> Result<Request<ReqBody>, Refusal> {
+    for (n, val) in v.set_headers.iter() {
+        h.insert(n.clone(), val.clone());
+    }
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(ep.endpoint.uri_scheme());
+    uri_parts.authority = Some(ep.endpoint.authority.clone());
+    uri_parts.path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    let uri =
+        Uri::from_parts(uri_parts).map_err(|_| Refusal::BadRequest("invalid request target"))?;
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method.clone();
+    *up.uri_mut() = uri;
+    *up.version_mut() = if ep.endpoint.scheme == EndpointScheme::H2c {
+        HttpVersion::HTTP_2
+    } else {
+        HttpVersion::HTTP_11
+    };
+    *up.headers_mut() = h;
+    Ok(up)
+}
+
+/// Sends a copy of the request to the route's shadow version, in its own task: it never
+/// delays, changes or fails the client's answer. Its response is read to the end and
+/// recorded under the shadow version, then discarded.
+fn spawn_shadow(
+    table: Arc<Table>,
+    route: &Route,
+    member: usize,
+    parts: &Parts,
+    body: super::body::ShadowBody,
+    permit: InFlight,
+    observer: Option<Box<dyn outcome::Observer>>,
+) {
+    let Some(ri) = table.routes.iter().position(|r| std::ptr::eq(r, route)) else {
+        return;
+    };
+    let m = &route.members[member];
+    let v = &table.versions[m.version];
+    let ep = v.upstream.pick();
+    let body = ReqBody::Shadow(body);
+    let sent = body.sent();
+    let Ok(up) = upstream_request(parts, parts.headers.clone(), v, ep, body) else {
+        return;
+    };
+    let rule = GrpcRule {
+        faults: route.grpc_faults,
+        client_deadline: parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(outcome::grpc_timeout),
+    };
+    tokio::spawn(async move {
+        let route = &table.routes[ri];
+        let m = &route.members[member];
+        let v = &table.versions[m.version];
+        let ep = v.upstream.pick();
+        let mut rec = Recording::begin(&m.stats, &v.counters, rule);
+        rec.hold(Some(permit));
+        if let Some(o) = observer {
+            rec.observe(o);
+        }
+        rec.sending_to(&ep.endpoint.authority, false);
+        let first_byte = route.config.timeouts.first_byte;
+        let resp = match send(ep.client(), up, sent.as_deref(), first_byte).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                if let Some(cut) = find_source::<ShadowCut>(&e) {
+                    // The copy was abandoned (slow shadow, client failure): not the
+                    // shadow version's doing, and not a measurement.
+                    let sh = route.shadow.as_ref();
+                    if let Some(sh) = sh {
+                        let reason = if cut.slow {
+                            &sh.dropped.slow
+                        } else {
+                            &sh.dropped.incomplete
+                        };
+                        reason.inc();
+                    }
+                    rec.close(End::ClientGone);
+                    return;
+                }
+                let kind = if e.is_connect() {
+                    UpstreamErrorKind::Connect
+                } else {
+                    UpstreamErrorKind::Reset
+                };
+                rec.set_status(502);
+                rec.close(End::Upstream(kind));
+                return;
+            }
+            Err(FirstByteTimeout) => {
+                rec.set_status(504);
+                rec.close(End::Upstream(UpstreamErrorKind::Timeout));
+                return;
+            }
+        };
+        let (mut head, body) = resp.into_parts();
+        // Feedback by request id belongs to the version that answered the client.
+        head.headers.remove(&X_REQUEST_ID);
+        let capture = observe_signals(&table, m, &head);
+        rec.head(&head, sent.as_deref(), capture);
+        let body = Metered::new(body, route.config.timeouts.idle, rec);
+        tokio::pin!(body);
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// The first error of type `T` in `e`'s source chain.
+fn find_source<'e, T: std::error::Error + 'static>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// An upstream response whose framing cannot be relayed faithfully: `Content-Length`
@@ -732,67 +1115,6 @@ fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Turns the upstream's response into the client's: hop-by-hop headers out, rollgate's
-/// headers in, the body metered.
-fn respond(
-    resp: Response<Incoming>,
-    route: &Route,
-    table: &Table,
-    attempt: usize,
-    retried_from: Option<usize>,
-    attempt_start: Instant,
-    request_id: &HeaderValue,
-) -> Response<RespBody> {
-    let m = &route.members[attempt];
-    let v = &table.versions[m.version];
-    let (mut parts, body) = resp.into_parts();
-    hdr::strip_hop_by_hop(&mut parts.headers);
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
-    let grpc_fault_in_headers = grpc
-        && parts
-            .headers
-            .get("grpc-status")
-            .is_some_and(grpc_status_is_fault);
-    parts
-        .headers
-        .insert(X_ROLLGATE_VERSION.clone(), v.name_value.clone());
-    if !parts.headers.contains_key(&X_REQUEST_ID) {
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
-    }
-    if let Some(from) = retried_from {
-        parts.headers.insert(
-            X_ROLLGATE_RETRIED_FROM.clone(),
-            table.versions[route.members[from].version]
-                .name_value
-                .clone(),
-        );
-    }
-    let capture = observe_signals(table, m, &parts);
-    if route.degraded {
-        parts
-            .headers
-            .insert(X_ROLLGATE_DEGRADED.clone(), HeaderValue::from_static("1"));
-    }
-    let rec = Recording {
-        stats: m.stats.clone(),
-        counters: v.counters.clone(),
-        start: attempt_start,
-        status: parts.status.as_u16(),
-        grpc,
-        grpc_fault_in_headers,
-        capture,
-    };
-    let body = RespBody::Proxied {
-        inner: Metered::new(body, route.config.timeouts.idle, rec),
-    };
-    Response::from_parts(parts, body)
-}
-
 /// Feeds the evaluator's optional rules from a response head: remembers the request id for
 /// feedback, counts a guardrail flag, takes a drift sample from a header, or arranges for
 /// the body to be read for a `json:` drift signal.
@@ -835,6 +1157,51 @@ fn observe_signals(table: &Table, m: &Member, parts: &http::response::Parts) -> 
                 buf: BytesMut::new(),
             })
         }
+    }
+}
+
+/// A fresh access log entry for a request head.
+fn entry_for(method: &Method, uri: &Uri, version: HttpVersion, headers: &HeaderMap) -> AccessEntry {
+    AccessEntry::from_request_head(std::time::SystemTime::now(), method, uri, version, headers)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Writes a request's access log line when its recording closes.
+struct LogObserver {
+    log: Arc<AccessLog>,
+    entry: Box<AccessEntry>,
+    began: Instant,
+    body: super::body::Probe,
+}
+
+impl outcome::Observer for LogObserver {
+    fn attempt(&mut self, upstream: &http::uri::Authority, retry: bool) {
+        self.entry.upstream_host = Some(upstream.clone());
+        if retry {
+            self.entry.reason = Some(Reason::Retry.as_str());
+        }
+    }
+
+    fn closed(self: Box<Self>, f: &outcome::Facts<'_>) {
+        let LogObserver {
+            log,
+            mut entry,
+            began,
+            body,
+        } = *self;
+        entry.code = f.status;
+        entry.bytes_received = entry.bytes_received.max(body.received());
+        entry.bytes_sent = f.bytes_sent;
+        entry.duration_ms = ms(began.elapsed());
+        entry.upstream_service_time_ms = f.upstream_time.map(ms);
+        entry.version = Some(f.stats.version.clone());
+        entry.ttfb_ms = f.ttfb.map(ms);
+        entry.grpc_status = f.grpc;
+        entry.classification = f.verdict.class.as_str();
+        log.log(*entry);
     }
 }
 

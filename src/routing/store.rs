@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::table::{compile, Resources, RuntimeState, Table};
+use prometheus_client::metrics::counter::Counter;
+
+use super::table::{compile, Resources, RetryBudget, RuntimeState, Table};
 use crate::config::{Config, VersionConfig, VersionName};
 use crate::proxy::client::Upstream;
 use crate::telemetry::prom::{labels, Metrics};
@@ -27,6 +29,8 @@ struct Writer {
     state: RuntimeState,
     generation: u64,
     upstreams: HashMap<UpstreamKey, Arc<Upstream>>,
+    /// Retry budgets by route, kept across tables (see `Route::retry_budget`).
+    budgets: HashMap<Arc<str>, Arc<RetryBudget>>,
 }
 
 pub struct Store {
@@ -46,7 +50,9 @@ impl std::fmt::Debug for Store {
 
 struct Res<'a> {
     upstreams: &'a mut HashMap<UpstreamKey, Arc<Upstream>>,
+    budgets: std::cell::RefCell<&'a mut HashMap<Arc<str>, Arc<RetryBudget>>>,
     telemetry: &'a Telemetry,
+    metrics: &'a Metrics,
     used: std::cell::RefCell<Vec<UpstreamKey>>,
     created: std::cell::RefCell<Vec<(UpstreamKey, Arc<Upstream>)>>,
 }
@@ -92,6 +98,27 @@ impl Resources for Res<'_> {
     fn recent_requests(&self) -> Arc<crate::telemetry::signals::RecentRequests> {
         self.telemetry.recent.clone()
     }
+    fn retry_budget(
+        &self,
+        route: &Arc<str>,
+        percent: u32,
+        min_per_second: u32,
+    ) -> Arc<RetryBudget> {
+        let mut budgets = self.budgets.borrow_mut();
+        let b = budgets
+            .entry(route.clone())
+            .or_insert_with(|| Arc::new(RetryBudget::new(percent, min_per_second)));
+        if b.settings() != (percent, min_per_second) {
+            *b = Arc::new(RetryBudget::new(percent, min_per_second));
+        }
+        b.clone()
+    }
+    fn shadow_dropped(&self, route: &Arc<str>, reason: &str) -> Counter {
+        self.metrics
+            .shadow_dropped
+            .get_or_create(&labels(&[("route", route), ("reason", reason)]))
+            .clone()
+    }
 }
 
 /// What one swap did, for audit records.
@@ -115,16 +142,21 @@ fn build(
     state: &RuntimeState,
     generation: u64,
     telemetry: &Telemetry,
+    metrics: &Metrics,
 ) -> std::io::Result<Table> {
     let res = Res {
         upstreams: &mut w.upstreams,
+        budgets: std::cell::RefCell::new(&mut w.budgets),
         telemetry,
+        metrics,
         used: Default::default(),
         created: Default::default(),
     };
     let table = compile(config, state, generation, &res)?;
     let used = res.used.into_inner();
     let created = res.created.into_inner();
+    w.budgets
+        .retain(|route, _| table.routes.iter().any(|r| &r.name == route));
     w.upstreams.extend(created);
     // Forget upstreams no table uses any more; their pools close when the last in-flight
     // request on the old table is done.
@@ -146,9 +178,10 @@ impl Store {
             state,
             generation: 1,
             upstreams: HashMap::new(),
+            budgets: HashMap::new(),
         };
         let state = w.state.clone();
-        let table = build(&mut w, config, &state, 1, &telemetry)?;
+        let table = build(&mut w, config, &state, 1, &telemetry, &metrics)?;
         let store = Store {
             table: ArcSwap::from_pointee(table),
             writer: Mutex::new(w),
@@ -186,7 +219,14 @@ impl Store {
         change(&mut state);
         let before = w.generation;
         let t0 = Instant::now();
-        let table = build(&mut w, config.clone(), &state, before + 1, &self.telemetry)?;
+        let table = build(
+            &mut w,
+            config.clone(),
+            &state,
+            before + 1,
+            &self.telemetry,
+            &self.metrics,
+        )?;
         let compiled = t0.elapsed();
         let t1 = Instant::now();
         self.table.store(Arc::new(table));

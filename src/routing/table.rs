@@ -76,7 +76,44 @@ pub struct Route {
     pub baseline: usize,
     pub state: RouteState,
     pub degraded: bool,
+    /// Index into `members` of the version that stands in for the baseline: retries and
+    /// `pin.quarantined: baseline` go there. The baseline, or the healthy `fallback` while
+    /// the route is degraded.
+    pub stand_in: usize,
+    /// Shared by every table of this route while its retry settings stay the same, so a
+    /// swap (health flip, rollback, reload) does not grant a fresh burst.
     pub retry_budget: Arc<RetryBudget>,
+    /// gRPC statuses that count against a version (bit n: code n).
+    pub grpc_faults: u32,
+    pub shadow: Option<ShadowRoute>,
+}
+
+/// A route's shadow version (SPEC section 4): a weight-0 member that also receives a copy
+/// of `percent` of the route's requests.
+pub struct ShadowRoute {
+    /// Index into [`Route::members`].
+    pub member: usize,
+    pub percent: u32,
+    /// False while the shadow version is quarantined: no copies.
+    pub active: bool,
+    /// Seed of the per-key decision on sticky routes.
+    pub seed: u64,
+    pub dropped: ShadowDropped,
+}
+
+/// `rollgate_shadow_dropped_total{route,reason}`, resolved once per table.
+pub struct ShadowDropped {
+    /// The shadow in-flight cap (10 % of `max_in_flight`) was reached, or the proxy is at
+    /// its primary cap.
+    pub overloaded: prometheus_client::metrics::counter::Counter,
+    /// The shadow upstream read the body slower than the client sent it.
+    pub slow: prometheus_client::metrics::counter::Counter,
+    /// The client's body failed or was cut short, so the copy would be incomplete.
+    pub incomplete: prometheus_client::metrics::counter::Counter,
+}
+
+impl ShadowDropped {
+    pub const REASONS: [&'static str; 3] = ["overloaded", "slow", "incomplete"];
 }
 
 impl Route {
@@ -121,6 +158,17 @@ impl Route {
     pub fn matches_model(&self, model: Option<&str>) -> bool {
         let models = &self.config.matcher.models;
         models.is_empty() || model.is_some_and(|m| models.iter().any(|x| x == m))
+    }
+
+    /// Does this request (by its sticky key, if the route has one) get a shadow copy?
+    #[inline]
+    pub fn shadowed(&self, key: Option<&[u8]>) -> Option<&ShadowRoute> {
+        let s = self.shadow.as_ref().filter(|s| s.active)?;
+        let bucket = match key {
+            Some(k) => (xxhash_rust::xxh3::xxh3_64_with_seed(k, s.seed) % 100) as u32,
+            None => fastrand::u32(0..100),
+        };
+        (bucket < s.percent).then_some(s)
     }
 
     /// Effective weights as `{version: weight}`.
@@ -191,6 +239,11 @@ impl RetryBudget {
     /// Cap: ten seconds' worth of the floor plus what 100 requests would deposit.
     fn cap(&self) -> i64 {
         self.min_per_second * 10 * Self::COST + self.percent * 10 * 100
+    }
+
+    /// `(budget_percent, min_per_second)` it was made with.
+    pub fn settings(&self) -> (u32, u32) {
+        (self.percent as u32, self.min_per_second as u32)
     }
 
     /// Every original request deposits `percent` of a retry.
@@ -307,6 +360,15 @@ pub trait Resources {
     ) -> Arc<RetryCounter>;
     /// Where answered request ids are remembered for feedback.
     fn recent_requests(&self) -> Arc<RecentRequests>;
+    /// The route's retry budget, kept across tables while its settings are unchanged.
+    fn retry_budget(&self, route: &Arc<str>, percent: u32, min_per_second: u32)
+        -> Arc<RetryBudget>;
+    /// `rollgate_shadow_dropped_total{route, reason}`.
+    fn shadow_dropped(
+        &self,
+        route: &Arc<str>,
+        reason: &str,
+    ) -> prometheus_client::metrics::counter::Counter;
 }
 
 /// Builds a table from a config and runtime state.
@@ -386,39 +448,61 @@ pub fn compile(
             });
         }
         members[baseline_pos].weight += moved;
+        let member_of = |vi: usize, members: &mut Vec<Member>| match members
+            .iter()
+            .position(|m| m.version == vi)
+        {
+            Some(p) => p,
+            None => {
+                let name = &versions[vi].name;
+                members.push(Member {
+                    version: vi,
+                    weight: 0,
+                    configured_weight: 0,
+                    seed: select::name_seed(name.as_str()),
+                    stats: res.pair(&rc.name, name),
+                    retries_to_baseline: res.retry_counter(&rc.name, name, baseline_name),
+                });
+                members.len() - 1
+            }
+        };
         // Degraded mode (SPEC §5): the baseline is unhealthy too. Its share goes to the
         // route's `fallback` when that one is configured, healthy and not quarantined;
         // otherwise the baseline keeps serving. Never to a quarantined version.
         let baseline_healthy = versions[members[baseline_pos].version]
             .upstream
             .any_healthy();
+        let mut stand_in = baseline_pos;
         if !baseline_healthy {
             if let Some(fb) = rc.fallback.as_ref().and_then(&index_of) {
                 let usable = versions[fb].upstream.any_healthy() && !versions[fb].quarantined;
                 if usable && fb != members[baseline_pos].version {
-                    let pos = match members.iter().position(|m| m.version == fb) {
-                        Some(p) => p,
-                        None => {
-                            let name = &versions[fb].name;
-                            members.push(Member {
-                                version: fb,
-                                weight: 0,
-                                configured_weight: 0,
-                                seed: select::name_seed(name.as_str()),
-                                stats: res.pair(&rc.name, name),
-                                retries_to_baseline: res.retry_counter(
-                                    &rc.name,
-                                    name,
-                                    baseline_name,
-                                ),
-                            });
-                            members.len() - 1
-                        }
-                    };
+                    let pos = member_of(fb, &mut members);
                     members[pos].weight += std::mem::take(&mut members[baseline_pos].weight);
+                    stand_in = pos;
                 }
             }
         }
+        let shadow = match &rc.shadow {
+            Some(sc) if sc.percent > 0 => {
+                let vi = index_of(&sc.version).ok_or_else(|| {
+                    std::io::Error::other(format!("unknown version {}", sc.version))
+                })?;
+                let dropped = |reason| res.shadow_dropped(&rc.name, reason);
+                Some(ShadowRoute {
+                    member: member_of(vi, &mut members),
+                    percent: sc.percent.min(100),
+                    active: !versions[vi].quarantined,
+                    seed: select::name_seed(sc.version.as_str()) ^ 0x5348_4144_4f57,
+                    dropped: ShadowDropped {
+                        overloaded: dropped("overloaded"),
+                        slow: dropped("slow"),
+                        incomplete: dropped("incomplete"),
+                    },
+                })
+            }
+            _ => None,
+        };
         if members.iter().all(|m| m.weight == 0) {
             // Every effective weight is 0 (say, a runtime override zeroed the baseline
             // while the others are quarantined): the baseline takes everything.
@@ -461,10 +545,14 @@ pub fn compile(
             baseline: baseline_pos,
             state: state_now,
             degraded,
-            retry_budget: Arc::new(RetryBudget::new(
+            stand_in,
+            retry_budget: res.retry_budget(
+                &rc.name,
                 rc.retry.budget_percent,
                 rc.retry.min_per_second,
-            )),
+            ),
+            grpc_faults: rc.grpc_fault_codes,
+            shadow,
         });
     }
     Ok(Table {

@@ -53,6 +53,10 @@ pub enum Reply {
         spread: f64,
         flag_every: u64,
     },
+    /// Full duplex: 200 at once (with the request's `content-type`), then every request body
+    /// frame echoed back as it arrives; gRPC requests end with trailers `grpc-status: 0`.
+    /// For bidirectional streams (Triton `ModelStreamInfer`).
+    Echo,
     /// 200 `text/event-stream` that sends `data: tick N\n\n` every `interval` forever.
     /// When the proxy lets go of it, [`TestUpstream::disconnects`] goes up.
     Endless { interval: Duration },
@@ -290,6 +294,33 @@ pub fn sse_body(name: &str, chunks: usize) -> Bytes {
     Bytes::from(s)
 }
 
+/// [`Reply::Echo`]: answers at once and relays the request body back frame by frame.
+fn echo(name: &str, headers: &HeaderMap, mut body: Incoming) -> Response<RespBody> {
+    let (tx, out) = ChannelBody::channel();
+    let grpc = headers
+        .get("content-type")
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                if tx.send(Frame::data(d)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if grpc {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            let _ = tx.send(Frame::trailers(t)).await;
+        }
+    });
+    let mut r = Response::builder().header("x-upstream", name);
+    if let Some(ct) = headers.get("content-type") {
+        r = r.header("content-type", ct);
+    }
+    r.body(out.boxed()).unwrap()
+}
+
 fn full_body(b: impl Into<Bytes>) -> RespBody {
     Full::new(b.into()).boxed()
 }
@@ -323,6 +354,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
         });
         reqs.len() - 1
     };
+    if matches!(*shared.reply.lock().unwrap(), Reply::Echo) {
+        return echo(&shared.name, &parts.headers, body);
+    }
     // Read the whole request body first (these are unary model calls).
     let collected = body.collect().await;
     {
@@ -432,6 +466,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
             .header("x-upstream", name)
             .body(full_body(Bytes::new()))
             .unwrap(),
+        // Answered before the body was read (see `echo`).
+        Reply::Echo => json_response(name, StatusCode::OK),
         Reply::Endless { interval } => {
             let (tx, body) = ChannelBody::channel_with_drop_counter(shared.disconnects.clone());
             tokio::spawn(async move {
