@@ -20,7 +20,7 @@
 //! | 3 | obfuscated TE | `a03_obfuscated_transfer_encoding_is_400_and_chunked_chunked_never_reaches_upstream` | |
 //! | 4 | malformed header lines | `a04_malformed_header_lines_are_400_and_reach_no_upstream` | |
 //! | 5 | bare-LF line endings | `a05_bare_lf_requests_reach_the_upstream_crlf_normalized` | |
-//! | 6 | bad chunk framing | `a06_bad_chunk_framing_is_400_and_the_upstream_never_sees_a_clean_end` | |
+//! | 6 | bad chunk framing | `a06_bad_chunk_framing_is_400_and_the_upstream_never_sees_a_clean_end` (bodies stream: the upstream may see the head and the bytes before the bad chunk, never a complete request) | |
 //! | 7 | early response + pipelined body | `a07_early_response_never_runs_a_request_embedded_in_the_body` | |
 //! | 8 | Upgrade smuggling | `a08_upgrade_requests_are_never_tunnelled_and_upgrade_never_reaches_upstream` | |
 //! | 9 | HTTP/1.0 body without CL | `a09_http10_body_without_content_length_is_400_or_411` | |
@@ -52,6 +52,15 @@
 //! | 35 | hot reload with a bad config | `f35_bad_reloads_keep_the_old_table_and_the_last_good_hash` | control_plane `invalid_edit_keeps_the_old_table_and_a_fixed_file_applies` (unknown key, bad weight), `configmap_symlink_swap_reloads_under_load_without_a_failed_request` (valid swap) |
 //! | 36 | admin API | `f36_admin_api_refuses_other_sources_ignores_xff_and_has_no_cors` | control_plane `post_endpoints_refuse_get_and_get_endpoints_refuse_post` (405), `token_guards_every_post_and_a_refused_call_changes_nothing` (401); constant-time comparison is code review only (`admin.rs` `constant_time_eq`) |
 //! | 37 | TLS | `f37_tls_versions_alpn_no_0rtt_and_upstream_name_verification` | data_plane `tls_certificates_reload_and_a_bad_pem_keeps_the_old_one` (bad PEM), `https_upstream_is_verified_with_sni_and_a_private_ca` (untrusted CA), `downstream_tls_serves_h1_and_h2_by_alpn` |
+//!
+//! Data-plane cases added with streaming request bodies and shadow traffic (issue 16) live
+//! in `tests/streaming.rs`, each against a live proxy: a slow upload is never the version's
+//! first-byte timeout (`a_slow_upload_is_not_the_versions_first_byte_timeout`, poisoning by
+//! upload speed, case 33's cousin), a client that stalls mid-upload gets 408 and costs the
+//! version nothing, a client's own `grpc-timeout` is not the version's DEADLINE_EXCEEDED,
+//! open streams hold `max_in_flight` (case 32 for streams), connect-error retries stay in
+//! a budget that table swaps do not refill, a gRPC bidirectional stream works through the
+//! proxy, a slow or failing shadow never touches the client's answer and is shed first.
 //!
 //! The h2 idle-connection timeout (HARDENING "Defaults to set explicitly") is tested in
 //! `tests/conn_h2_idle.rs`: it is shortened there for the whole process, which would disturb

@@ -200,6 +200,13 @@ pub fn warnings(config: &Config) -> Vec<String> {
             .collect();
         if let Some(s) = r.shadow.as_ref().filter(|s| s.percent > 0) {
             shares.push((s.version.as_str(), f64::from(s.percent) / 100.0));
+            out.push(format!(
+                "route {}: shadow {} gets a copy of {}% of the route's requests{}: its                  upstream does that share of the route's work again (on a model server,                  GPU time), and its answers are discarded; copies are capped at 10% of                  max_in_flight and shed first",
+                r.name,
+                s.version,
+                s.percent,
+                if r.sticky.is_some() { " (chosen per sticky key)" } else { "" },
+            ));
         }
         for (v, share) in &shares {
             let rps = ev.min_requests as f64 / (share * window);
@@ -442,6 +449,17 @@ mod tests {
             "evaluator: {min_requests: 1000, rules: {latency_p99_max: null, accuracy_drop: null, health_failures: null}}\n",
         ));
         assert!(w.iter().any(|w| w.contains("c gets 1.00%")), "{w:?}");
+    }
+
+    #[test]
+    fn a_shadow_states_its_share_of_the_work() {
+        let w = warnings(&config(&route(", shadow: {version: c, percent: 25}"), QUIET));
+        assert!(
+            w.iter()
+                .any(|w| w.contains("shadow c gets a copy of 25% of the route's requests")
+                    && w.contains("GPU")),
+            "{w:?}"
+        );
     }
 
     #[test]
