@@ -28,7 +28,7 @@ pub mod health;
 pub mod rules;
 pub mod stats;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +45,16 @@ use crate::routing::table::{Member, Route, Table};
 use crate::telemetry::prom::labels;
 use crate::telemetry::recorder::Cumulative;
 use crate::telemetry::signals::SignalCounts;
-use crate::telemetry::PairStats;
+use crate::telemetry::{PairStats, Ring, RingSlot};
 use detector::{Bernoulli, Drift, Starts};
 use rules::{Evidence, RuleProgress, Side, Trigger, Verdict};
 
 /// Seconds of per-rule evidence kept for the rollback record's trajectory.
 const TRAJECTORY: usize = 60;
+
+/// Guardrail-flag samples a track keeps: one per `per / 64` within the period, the one
+/// before it, and room for a period that grew on a reload.
+const FLAGGED_SAMPLES: usize = 2 * 66;
 
 /// What the evaluator knows now: for status, metrics and the status page.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -165,13 +169,30 @@ pub struct Comparison {
     /// The baseline's feedback and incorrect answers, exponentially decayed over
     /// `RECENT_FEEDBACK_WINDOWS` windows.
     recent_feedback: (f64, f64),
-    /// The candidate's (answered, errors) per tick over the last `window`, and their sums:
-    /// the *current* error rate the `min_error_rate` floor is about.
-    recent: VecDeque<(u64, u64)>,
-    recent_sum: (u64, u64),
+    /// The candidate's answers per tick over the last `window` (one slot a tick), and
+    /// their sum: the *current* error rate the `min_error_rate` floor is about.
+    recent: Ring<Answers>,
+    recent_sum: Answers,
     /// The floor is met now: the window's error rate is above `min_error_rate` by its
     /// one-sided 99.997 % Wilson lower bound.
     floor_met: bool,
+}
+
+/// Answered requests and errors of one tick (or the sum of several).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Answers {
+    answered: u64,
+    errors: u64,
+}
+
+impl RingSlot for Answers {
+    fn clear(&mut self) {
+        *self = Answers::default();
+    }
+    fn merge(&mut self, other: &Self) {
+        self.answered += other.answered;
+        self.errors += other.errors;
+    }
 }
 
 /// Effective baseline feedback items the accuracy null's plug-in rate needs.
@@ -234,17 +255,16 @@ impl Comparison {
             if let Some(floor) = r.min_error_rate {
                 self.err_floor.observe(start, dce, dca, floor);
                 let ticks = (ev.window.as_secs_f64() / ev.interval.as_secs_f64()).ceil() as usize;
-                self.recent.push_back((dca, dce));
-                self.recent_sum.0 += dca;
-                self.recent_sum.1 += dce;
-                while self.recent.len() > ticks.max(1) {
-                    if let Some((a, e)) = self.recent.pop_front() {
-                        self.recent_sum.0 -= a;
-                        self.recent_sum.1 -= e;
-                    }
-                }
+                self.push_recent(
+                    ticks.max(1),
+                    Answers {
+                        answered: dca,
+                        errors: dce,
+                    },
+                );
                 self.floor_met =
-                    wilson_lower(self.recent_sum.1, self.recent_sum.0, FLOOR_Z) >= floor;
+                    wilson_lower(self.recent_sum.errors, self.recent_sum.answered, FLOOR_Z)
+                        >= floor;
             }
         }
         if r.latency_p99_max.is_some() {
@@ -291,6 +311,25 @@ impl Comparison {
             self.drift
                 .observe(start, t.drift_pairs, t.drift_cuts.as_ref());
         }
+    }
+
+    /// Adds one tick's answers to the window of the last `ticks` ticks and its sum.
+    fn push_recent(&mut self, ticks: usize, tick: Answers) {
+        if self.recent.capacity() != ticks {
+            // A new window or interval (a reload): keep the newest ticks that still fit.
+            self.recent = self.recent.resized(ticks, Answers::default);
+            self.recent_sum = Answers::default();
+            self.recent.merge_from(0, &mut self.recent_sum);
+        }
+        let next = self.recent.head();
+        if next >= ticks as u64 {
+            // The tick that leaves the window as this one takes its slot.
+            let gone = *self.recent.slot(next - ticks as u64);
+            self.recent_sum.answered -= gone.answered;
+            self.recent_sum.errors -= gone.errors;
+        }
+        *self.recent.advance_to(next) = tick;
+        self.recent_sum.merge(&tick);
     }
 
     /// Every rule's statistic, in logs.
@@ -345,10 +384,12 @@ struct Track {
     /// Drift samples consumed so far, per side.
     cand_samples: u64,
     base_samples: u64,
-    /// (time, cumulative flagged) samples covering the `safety_violations` period.
-    flagged: VecDeque<(Instant, u64)>,
-    /// Per-second evidence of every rule, newest last.
-    trajectory: VecDeque<(Instant, Vec<(Trigger, f64)>)>,
+    /// (time, cumulative flagged) samples covering the `safety_violations` period, by
+    /// sample number, from `flagged_front` (the one at or before the period's start) on.
+    flagged: Ring<(Instant, u64)>,
+    flagged_front: u64,
+    /// Per-second evidence of every rule, by sample number.
+    trajectory: Ring<(Instant, Vec<(Trigger, f64)>)>,
     /// The comparison's key in the fleet's pooled counts.
     pool_key: String,
     /// Each other replica's published counts as last added: (boot, counts).
@@ -384,6 +425,8 @@ impl Track {
                     .collect()
             })
             .unwrap_or_default();
+        let mut flagged = Ring::new(FLAGGED_SAMPLES, || (now, c.flagged));
+        flagged.advance_with(0, |_| {});
         Track {
             pool_key,
             remote_seen,
@@ -394,8 +437,9 @@ impl Track {
             base,
             cand_samples: c.samples,
             base_samples,
-            flagged: VecDeque::from([(now, c.flagged)]),
-            trajectory: VecDeque::new(),
+            flagged,
+            flagged_front: 0,
+            trajectory: Ring::new(TRAJECTORY, || (now, Vec::new())),
         }
     }
 
@@ -403,17 +447,26 @@ impl Track {
     /// and one at most every `per / 64`, so memory stays bounded whatever the period.
     fn flagged_within(&mut self, now: Instant, per: Duration, flagged: u64) -> u64 {
         let step = (per / 64).max(Duration::from_millis(100));
+        let cap = self.flagged.capacity() as u64;
         if self
             .flagged
-            .back()
+            .newest()
             .is_none_or(|(t, _)| now.duration_since(*t) >= step)
         {
-            self.flagged.push_back((now, flagged));
+            let next = self.flagged.head();
+            // Full only after `per` grew on a reload (samples are `per / 64` apart): the
+            // oldest goes, and the count covers a little less than `per` for a while.
+            if next - self.flagged_front >= cap {
+                self.flagged_front = next + 1 - cap;
+            }
+            *self.flagged.advance_with(next, |_| {}) = (now, flagged);
         }
-        while self.flagged.len() > 1 && now.duration_since(self.flagged[1].0) >= per {
-            self.flagged.pop_front();
+        while self.flagged.head() - self.flagged_front > 1
+            && now.duration_since(self.flagged.slot(self.flagged_front + 1).0) >= per
+        {
+            self.flagged_front += 1;
         }
-        flagged.saturating_sub(self.flagged.front().map_or(flagged, |(_, f)| *f))
+        flagged.saturating_sub(self.flagged.slot(self.flagged_front).1)
     }
 
     /// Reads one tick's new observations from the live statistics and feeds them to the
@@ -761,12 +814,9 @@ impl Evaluator {
                 );
                 let progress = rules::progress(&e, &ev.rules, ev.min_requests);
                 if track.trajectory_due(now) {
-                    track
-                        .trajectory
-                        .push_back((now, progress.iter().map(|p| (p.rule, p.ratio)).collect()));
-                    if track.trajectory.len() > TRAJECTORY {
-                        track.trajectory.pop_front();
-                    }
+                    let next = track.trajectory.head();
+                    *track.trajectory.advance_with(next, |_| {}) =
+                        (now, progress.iter().map(|p| (p.rule, p.ratio)).collect());
                 }
                 view.candidates.push(CandidateView {
                     route: route.name.to_string(),
@@ -1011,7 +1061,7 @@ impl Track {
     /// True once per second: when the trajectory takes its next sample.
     fn trajectory_due(&self, now: Instant) -> bool {
         self.trajectory
-            .back()
+            .newest()
             .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
     }
 }
@@ -1097,8 +1147,8 @@ fn rollback_evidence(
     let tripped = progress.iter().find(|p| p.rule == trigger);
     let trajectory: Vec<_> = track
         .trajectory
-        .iter()
-        .filter_map(|(t, rules)| {
+        .iter_from(0)
+        .filter_map(|(_, (t, rules))| {
             let ratio = rules.iter().find(|(r, _)| *r == trigger)?.1;
             Some(json!({"t_ms": -(now.duration_since(*t).as_millis() as i64), "ratio": ratio}))
         })

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use crate::config::VersionName;
 pub use recorder::{
-    Class, PairStats, RetryCounter, UpstreamErrorKind, VersionCounters, WindowStats,
+    Class, PairStats, RetryCounter, Ring, RingSlot, SlotClock, UpstreamErrorKind, VersionCounters,
+    WindowStats,
 };
 
 /// The registry of statistics handles. Its lock is cold: taken when a table is compiled and
@@ -149,13 +150,7 @@ impl Telemetry {
             let w = p.window(now);
             match &mut merged {
                 None => merged = Some(w),
-                Some(m) => {
-                    for (a, b) in m.by_class.iter_mut().zip(w.by_class) {
-                        *a += b;
-                    }
-                    let _ = m.ttfb.add(&w.ttfb);
-                    let _ = m.total.add(&w.total);
-                }
+                Some(m) => m.merge(&w),
             }
         }
         merged.map(|m| m.stats()).unwrap_or_default()

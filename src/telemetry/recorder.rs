@@ -11,9 +11,25 @@
 //!
 //! [`PairStats::flush`] merges the shards into cumulative totals (for `/metrics`) and into
 //! the sliding window (for the evaluator and `/api/v1/status`).
+//!
+//! # Windows
+//!
+//! Every "last N of something" in rollgate is one type, [`Ring`]: a fixed number of slots
+//! addressed by an absolute index that only grows, where slot `i` lives at `i % len` and the
+//! ring holds the indices `head - len .. head`. What an index counts is the user's choice:
+//!
+//! - time slots of a [`SlotClock`]: the sliding window here (`window / 10` per slot);
+//! - evaluator ticks: the window of per-tick counts behind `min_error_rate`
+//!   (`crate::evaluator`), and its samples of guardrail flags and evidence trajectories;
+//! - samples: the drift signal's ring of recent values ([`super::signals::Signals`]), written
+//!   lock-free by [`Ring::claim`].
+//!
+//! Rotation clears at most `len` slots however far the index jumps, so hours of idle time
+//! cost one pass over the ring; merging the slots from an index on ([`Ring::merge_from`]) is
+//! the snapshot. Memory is fixed when the ring is made.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -137,12 +153,211 @@ impl Shard {
 #[repr(align(128))]
 struct Padded<T>(T);
 
-/// One slot of the sliding window.
-struct Slot {
-    start: Instant,
-    by_class: [u64; CLASSES],
-    ttfb: Histogram<u64>,
-    total: Histogram<u64>,
+/// A slot a [`Ring`] can rotate (clear for reuse) and merge (sum into a snapshot).
+pub trait RingSlot {
+    /// Empties the slot for reuse, keeping its allocations.
+    fn clear(&mut self);
+    /// Adds `other` into `self`.
+    fn merge(&mut self, other: &Self);
+}
+
+/// A fixed ring of `len` slots addressed by an absolute, ever-growing index (see the module
+/// docs): slot `i` lives at `i % len`, and the ring holds `head - len .. head`, where `head`
+/// is one past the newest index opened.
+///
+/// Writers with `&mut` rotate it with [`advance_to`](Self::advance_to); writers sharing it
+/// (`&self`, a ring of atomics on the request path) take the next index with
+/// [`claim`](Self::claim): one relaxed `fetch_add`, no lock, no allocation.
+pub struct Ring<T> {
+    slots: Box<[T]>,
+    /// `len` is a power of two: positions by mask instead of a division.
+    pow2: bool,
+    head: AtomicU64,
+    /// No index below this one is held (a ring grown by [`resized`](Self::resized) does not
+    /// hold what the smaller one had dropped).
+    floor: u64,
+}
+
+impl<T> Ring<T> {
+    /// A ring of `len` slots (at least 1), each made by `make`.
+    pub fn new(len: usize, make: impl FnMut() -> T) -> Self {
+        let len = len.max(1);
+        Ring {
+            slots: std::iter::repeat_with(make).take(len).collect(),
+            pow2: len.is_power_of_two(),
+            head: AtomicU64::new(0),
+            floor: 0,
+        }
+    }
+
+    /// How many slots it holds.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    #[inline]
+    fn pos(&self, index: u64) -> usize {
+        if self.pow2 {
+            (index & (self.slots.len() as u64 - 1)) as usize
+        } else {
+            (index % self.slots.len() as u64) as usize
+        }
+    }
+
+    /// One past the newest index opened (0: none yet).
+    #[inline]
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// The indices the ring holds now, oldest first (one read of `head`).
+    pub fn held(&self) -> Range<u64> {
+        let head = self.head();
+        head.saturating_sub(self.slots.len() as u64).max(self.floor)..head
+    }
+
+    /// The slot index `index` maps to, whether or not the ring still holds that index (a
+    /// reader of a shared ring checks [`held`](Self::held) first).
+    #[inline]
+    pub fn slot(&self, index: u64) -> &T {
+        &self.slots[self.pos(index)]
+    }
+
+    pub fn slot_mut(&mut self, index: u64) -> &mut T {
+        let p = self.pos(index);
+        &mut self.slots[p]
+    }
+
+    /// The newest slot, if any index was opened.
+    pub fn newest(&self) -> Option<&T> {
+        self.head().checked_sub(1).map(|i| self.slot(i))
+    }
+
+    /// The held slots with index `from` or later, oldest first, with their indices.
+    pub fn iter_from(&self, from: u64) -> impl DoubleEndedIterator<Item = (u64, &T)> + '_ {
+        let held = self.held();
+        (held.start.max(from)..held.end).map(move |i| (i, self.slot(i)))
+    }
+
+    /// Opens the next index for a writer that shares the ring: returns it and its slot,
+    /// whose old content the writer overwrites. Lock-free (one relaxed `fetch_add`).
+    #[inline]
+    pub fn claim(&self) -> (u64, &T) {
+        let i = self.head.fetch_add(1, Ordering::Relaxed);
+        (i, self.slot(i))
+    }
+
+    /// Makes `index` the newest slot and returns it. Every index it passes over is opened
+    /// and its slot handed to `clear` (at most `len` slots, however far `index` jumps). An
+    /// index older than the newest gets the newest slot: time never goes back, so a caller
+    /// with a stale clock adds to the current slot.
+    pub fn advance_with(&mut self, index: u64, mut clear: impl FnMut(&mut T)) -> &mut T {
+        let head = *self.head.get_mut();
+        if index < head {
+            return self.slot_mut(head - 1);
+        }
+        let len = self.slots.len() as u64;
+        for i in head.max((index + 1).saturating_sub(len))..=index {
+            clear(self.slot_mut(i));
+        }
+        *self.head.get_mut() = index + 1;
+        self.slot_mut(index)
+    }
+
+    /// A ring of `len` slots holding the newest `min(len, held)` slots of this one, under
+    /// the same indices.
+    pub fn resized(&self, len: usize, mut make: impl FnMut() -> T) -> Self
+    where
+        T: Clone,
+    {
+        let mut out = Ring::new(len, &mut make);
+        let held = self.held();
+        let from = held
+            .start
+            .max(held.end.saturating_sub(out.capacity() as u64));
+        for (i, s) in self.iter_from(from) {
+            *out.slot_mut(i) = s.clone();
+        }
+        *out.head.get_mut() = held.end;
+        out.floor = from;
+        out
+    }
+}
+
+impl<T: RingSlot> Ring<T> {
+    /// [`advance_with`](Self::advance_with), clearing the slots passed over.
+    pub fn advance_to(&mut self, index: u64) -> &mut T {
+        self.advance_with(index, T::clear)
+    }
+
+    /// Merges every held slot with index `from` or later into `into`: the snapshot.
+    pub fn merge_from(&self, from: u64, into: &mut T) {
+        for (_, s) in self.iter_from(from) {
+            into.merge(s);
+        }
+    }
+}
+
+impl<T: Clone> Clone for Ring<T> {
+    fn clone(&self) -> Self {
+        Ring {
+            slots: self.slots.clone(),
+            pow2: self.pow2,
+            head: AtomicU64::new(self.head()),
+            floor: self.floor,
+        }
+    }
+}
+
+impl<T: Default> Default for Ring<T> {
+    /// One empty slot: grown with [`resized`](Self::resized) once the length is known.
+    fn default() -> Self {
+        Ring::new(1, T::default)
+    }
+}
+
+impl<T> std::fmt::Debug for Ring<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("len", &self.slots.len())
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
+/// Time slots of fixed length from an origin: the index a time-slotted [`Ring`] uses.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotClock {
+    origin: Instant,
+    /// Slot length in nanoseconds (at least 1).
+    len_ns: u64,
+}
+
+impl SlotClock {
+    pub fn new(origin: Instant, len: Duration) -> Self {
+        SlotClock {
+            origin,
+            len_ns: u64::try_from(len.as_nanos()).unwrap_or(u64::MAX).max(1),
+        }
+    }
+
+    pub fn slot_len(&self) -> Duration {
+        Duration::from_nanos(self.len_ns)
+    }
+
+    fn since_origin_ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The slot `t` falls in (slot 0 for any time before the origin).
+    pub fn index(&self, t: Instant) -> u64 {
+        self.since_origin_ns(t) / self.len_ns
+    }
+
+    /// The first slot that starts at or after `t`.
+    pub fn first_from(&self, t: Instant) -> u64 {
+        self.since_origin_ns(t).div_ceil(self.len_ns)
+    }
 }
 
 /// Merged state: touched only by `flush` and readers (evaluator tick, scrape, status).
@@ -152,7 +367,8 @@ struct Aggregate {
     total: Histogram<u64>,
     ttfb_sum_us: u64,
     total_sum_us: u64,
-    ring: VecDeque<Slot>,
+    /// The sliding window: slots of `window / 10`.
+    window: Ring<WindowSnapshot>,
 }
 
 /// Window statistics of one (route, version), as `/api/v1/status` shows them.
@@ -168,11 +384,38 @@ pub struct WindowStats {
     pub total_p99_ms: f64,
 }
 
-/// The merged window with its histograms, for the evaluator.
+/// Counts and histograms over a span: one slot of the sliding window, or the merge of
+/// several (the window the evaluator judges).
+#[derive(Clone)]
 pub struct WindowSnapshot {
     pub by_class: [u64; CLASSES],
     pub ttfb: Histogram<u64>,
     pub total: Histogram<u64>,
+}
+
+impl Default for WindowSnapshot {
+    fn default() -> Self {
+        WindowSnapshot {
+            by_class: [0; CLASSES],
+            ttfb: new_histogram(),
+            total: new_histogram(),
+        }
+    }
+}
+
+impl RingSlot for WindowSnapshot {
+    fn clear(&mut self) {
+        self.by_class = [0; CLASSES];
+        self.ttfb.reset();
+        self.total.reset();
+    }
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.by_class.iter_mut().zip(other.by_class) {
+            *a += b;
+        }
+        let _ = self.ttfb.add(&other.ttfb);
+        let _ = self.total.add(&other.total);
+    }
 }
 
 impl WindowSnapshot {
@@ -240,7 +483,8 @@ pub struct PairStats {
     /// Guardrail flags, feedback and drift samples.
     pub signals: Signals,
     shards: Box<[Padded<Mutex<Shard>>]>,
-    slot_len: Duration,
+    /// Slots of the sliding window (`window / 10`, at least 50 ms).
+    window_clock: SlotClock,
     window: Duration,
     /// Cold lock: flush and readers only.
     agg: Mutex<Aggregate>,
@@ -267,8 +511,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PairStats {
     pub fn new(route: Arc<str>, version: VersionName, shards: usize, window: Duration) -> Self {
-        let slots = 10u32;
-        let slot_len = (window / slots).max(Duration::from_millis(50));
+        let slot_len = (window / 10).max(Duration::from_millis(50));
+        // The slots a window spans, and the one it is partly past.
+        let slots = window.as_nanos().div_ceil(slot_len.as_nanos()) as usize + 1;
         PairStats {
             route,
             version,
@@ -277,7 +522,7 @@ impl PairStats {
             shards: (0..shards.max(1))
                 .map(|_| Padded(Mutex::new(Shard::new())))
                 .collect(),
-            slot_len,
+            window_clock: SlotClock::new(Instant::now(), slot_len),
             window,
             agg: Mutex::new(Aggregate {
                 counts: vec![0; CLASSES * CODES].into_boxed_slice(),
@@ -285,7 +530,7 @@ impl PairStats {
                 total: new_histogram(),
                 ttfb_sum_us: 0,
                 total_sum_us: 0,
-                ring: VecDeque::with_capacity(slots as usize + 2),
+                window: Ring::new(slots, WindowSnapshot::default),
             }),
             in_flight: AtomicI64::new(0),
             incarnation: AtomicU64::new(0),
@@ -342,36 +587,8 @@ impl PairStats {
     pub fn flush(&self, now: Instant) {
         let mut agg = lock(&self.agg);
         let agg = &mut *agg;
-        // Rotate the window: drop slots that left it, open a new one when due.
-        while agg
-            .ring
-            .front()
-            .is_some_and(|s| now.saturating_duration_since(s.start) > self.window + self.slot_len)
-        {
-            agg.ring.pop_front();
-        }
-        let need_new = agg
-            .ring
-            .back()
-            .is_none_or(|s| now.saturating_duration_since(s.start) >= self.slot_len);
-        if need_new {
-            let (ttfb, total) = match agg.ring.len() > 10 {
-                true => {
-                    let mut old = agg.ring.pop_front().expect("len > 10");
-                    old.ttfb.reset();
-                    old.total.reset();
-                    (old.ttfb, old.total)
-                }
-                false => (new_histogram(), new_histogram()),
-            };
-            agg.ring.push_back(Slot {
-                start: now,
-                by_class: [0; CLASSES],
-                ttfb,
-                total,
-            });
-        }
-        let slot = agg.ring.back_mut().expect("a slot was just ensured");
+        let slot = agg.window.advance_to(self.window_clock.index(now));
+        let mut by_class = [0u64; CLASSES];
         for shard in self.shards.iter() {
             let mut s = lock(&shard.0);
             if !s.dirty {
@@ -380,7 +597,7 @@ impl PairStats {
             for (i, c) in s.counts.iter_mut().enumerate() {
                 if *c != 0 {
                     agg.counts[i] += *c;
-                    slot.by_class[i / CODES] += *c;
+                    by_class[i / CODES] += *c;
                     *c = 0;
                 }
             }
@@ -396,26 +613,19 @@ impl PairStats {
             s.total_sum_us = 0;
             s.dirty = false;
         }
+        for (a, b) in slot.by_class.iter_mut().zip(by_class) {
+            *a += b;
+        }
     }
 
-    /// The window ending at `now` (call [`flush`](Self::flush) first for fresh data).
+    /// The window ending at `now` (call [`flush`](Self::flush) first for fresh data): the
+    /// slots that start within `window` of `now`.
     pub fn window(&self, now: Instant) -> WindowSnapshot {
-        let agg = lock(&self.agg);
-        let mut snap = WindowSnapshot {
-            by_class: [0; CLASSES],
-            ttfb: new_histogram(),
-            total: new_histogram(),
-        };
-        for slot in agg.ring.iter() {
-            if now.saturating_duration_since(slot.start) > self.window {
-                continue;
-            }
-            for (a, b) in snap.by_class.iter_mut().zip(slot.by_class) {
-                *a += b;
-            }
-            let _ = snap.ttfb.add(&slot.ttfb);
-            let _ = snap.total.add(&slot.total);
-        }
+        let from = now
+            .checked_sub(self.window)
+            .map_or(0, |t| self.window_clock.first_from(t));
+        let mut snap = WindowSnapshot::default();
+        lock(&self.agg).window.merge_from(from, &mut snap);
         snap
     }
 
@@ -531,5 +741,146 @@ mod tests {
         p.flush(later);
         assert_eq!(p.window(later).stats().requests, 0);
         assert_eq!(p.cumulative().counts[200], 1);
+    }
+
+    /// A counter slot for the ring's own tests.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    struct N(u64);
+
+    impl RingSlot for N {
+        fn clear(&mut self) {
+            self.0 = 0;
+        }
+        fn merge(&mut self, other: &Self) {
+            self.0 += other.0;
+        }
+    }
+
+    fn held(r: &Ring<N>) -> Vec<(u64, u64)> {
+        r.iter_from(0).map(|(i, n)| (i, n.0)).collect()
+    }
+
+    #[test]
+    fn a_ring_rotates_and_forgets_what_falls_out() {
+        let mut r = Ring::new(4, N::default);
+        assert_eq!(r.held(), 0..0);
+        assert_eq!(r.newest(), None);
+        for i in 0..10 {
+            r.advance_to(i).0 += i + 1;
+        }
+        assert_eq!(r.held(), 6..10);
+        assert_eq!(held(&r), [(6, 7), (7, 8), (8, 9), (9, 10)]);
+        // A stale index adds to the newest slot rather than rewriting the past.
+        r.advance_to(3).0 += 100;
+        assert_eq!(r.newest(), Some(&N(110)));
+        assert_eq!(r.head(), 10);
+        // Skipped indices are opened empty.
+        r.advance_to(12).0 = 1;
+        assert_eq!(held(&r), [(9, 110), (10, 0), (11, 0), (12, 1)]);
+    }
+
+    #[test]
+    fn snapshots_merge_across_the_wrap() {
+        // 5 slots (positions by division) and 8 (by mask): the held indices 8..13 and 5..13
+        // wrap around the end of the slots.
+        for len in [5usize, 8] {
+            let mut r = Ring::new(len, N::default);
+            for i in 0..13 {
+                *r.advance_to(i) = N(1 << i);
+            }
+            let sum = |range: std::ops::Range<u64>| range.map(|i| 1u64 << i).sum::<u64>();
+            let mut snap = N(0);
+            r.merge_from(10, &mut snap);
+            assert_eq!(snap.0, sum(10..13), "len {len}");
+            let mut all = N(0);
+            r.merge_from(0, &mut all);
+            assert_eq!(all.0, sum(13 - len as u64..13), "len {len}");
+            let mut none = N(0);
+            r.merge_from(13, &mut none);
+            assert_eq!(none.0, 0);
+        }
+    }
+
+    #[test]
+    fn a_long_idle_gap_clears_the_ring_once() {
+        let mut r = Ring::new(8, N::default);
+        for i in 0..8 {
+            r.advance_to(i).0 = 5;
+        }
+        // Three hours of 100 ms slots without a write, then one.
+        let later = 8 + 3 * 36_000;
+        let mut cleared = 0;
+        r.advance_with(later, |n| {
+            cleared += 1;
+            n.0 = 0;
+        })
+        .0 = 1;
+        assert_eq!(cleared, 8, "at most the ring's length is cleared");
+        assert_eq!(r.held(), later - 7..later + 1);
+        let mut snap = N(0);
+        r.merge_from(0, &mut snap);
+        assert_eq!(snap.0, 1, "nothing from before the gap survives");
+    }
+
+    #[test]
+    fn resizing_keeps_the_newest_slots_under_their_indices() {
+        let mut r = Ring::new(4, N::default);
+        for i in 0..6 {
+            *r.advance_to(i) = N(i);
+        }
+        let small = r.resized(2, N::default);
+        assert_eq!(held(&small), [(4, 4), (5, 5)]);
+        let mut big = r.resized(10, N::default);
+        assert_eq!(held(&big), [(2, 2), (3, 3), (4, 4), (5, 5)]);
+        *big.advance_to(6) = N(6);
+        assert_eq!(big.held(), 2..7, "a grown ring holds the new slots too");
+        for i in 7..20 {
+            *big.advance_to(i) = N(i);
+        }
+        assert_eq!(big.held(), 10..20, "and, once full, its last `len`");
+    }
+
+    #[test]
+    fn shared_writers_claim_every_index_once() {
+        let r = Arc::new(Ring::new(1024, || AtomicU64::new(0)));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..256 {
+                        let (i, slot) = r.claim();
+                        slot.store(i + 1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(r.held(), 0..1024);
+        for i in r.held() {
+            assert_eq!(r.slot(i).load(Ordering::Relaxed), i + 1);
+        }
+    }
+
+    #[test]
+    fn hours_of_idle_time_then_traffic() {
+        let p = PairStats::new("r".into(), "v".into(), 1, Duration::from_secs(30));
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            p.record(Class::Success, 200, None, Duration::from_millis(1));
+        }
+        p.flush(t0);
+        let later = t0 + Duration::from_secs(3 * 3600);
+        p.flush(later);
+        assert_eq!(p.window(later).stats().requests, 0);
+        for _ in 0..7 {
+            p.record(Class::Error, 502, None, Duration::from_millis(1));
+        }
+        let after = later + Duration::from_millis(100);
+        p.flush(after);
+        let w = p.window(after).stats();
+        assert_eq!((w.requests, w.errors), (7, 7));
+        assert_eq!(p.cumulative().answered_and_errors(), (12, 7));
     }
 }

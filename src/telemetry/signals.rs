@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::recorder::Ring;
+
 /// Numeric samples kept per pair for the drift test: the most recent ones win.
 pub const SAMPLE_RING: usize = 2048;
 
@@ -22,9 +24,9 @@ pub struct Signals {
     /// Feedback received, and how much of it said "incorrect".
     feedback: AtomicU64,
     incorrect: AtomicU64,
-    /// Ring of recent drift samples (`f64` bits); `written` counts every sample ever pushed.
-    samples: Box<[AtomicU64]>,
-    written: AtomicU64,
+    /// Recent drift samples (`f64` bits), indexed by sample number: its head counts every
+    /// sample ever pushed.
+    samples: Ring<AtomicU64>,
 }
 
 impl Default for Signals {
@@ -33,8 +35,7 @@ impl Default for Signals {
             flagged: AtomicU64::new(0),
             feedback: AtomicU64::new(0),
             incorrect: AtomicU64::new(0),
-            samples: (0..SAMPLE_RING).map(|_| AtomicU64::new(0)).collect(),
-            written: AtomicU64::new(0),
+            samples: Ring::new(SAMPLE_RING, || AtomicU64::new(0)),
         }
     }
 }
@@ -67,8 +68,8 @@ impl Signals {
         if !x.is_finite() {
             return;
         }
-        let i = self.written.fetch_add(1, Ordering::Relaxed);
-        self.samples[(i % SAMPLE_RING as u64) as usize].store(x.to_bits(), Ordering::Relaxed);
+        let (_, slot) = self.samples.claim();
+        slot.store(x.to_bits(), Ordering::Relaxed);
     }
 
     pub fn counts(&self) -> SignalCounts {
@@ -76,7 +77,7 @@ impl Signals {
             flagged: self.flagged.load(Ordering::Relaxed),
             feedback: self.feedback.load(Ordering::Relaxed),
             incorrect: self.incorrect.load(Ordering::Relaxed),
-            samples: self.written.load(Ordering::Relaxed),
+            samples: self.samples.head(),
         }
     }
 
@@ -85,13 +86,11 @@ impl Signals {
     /// may be read as its predecessor in that slot: harmless for a distribution test.
     pub fn samples_since(&self, since: u64, out: &mut Vec<f64>) -> u64 {
         out.clear();
-        let written = self.written.load(Ordering::Acquire);
-        let from = since.max(written.saturating_sub(SAMPLE_RING as u64));
-        for i in from..written {
-            let bits = self.samples[(i % SAMPLE_RING as u64) as usize].load(Ordering::Relaxed);
-            out.push(f64::from_bits(bits));
+        let held = self.samples.held();
+        for i in held.start.max(since)..held.end {
+            out.push(f64::from_bits(self.samples.slot(i).load(Ordering::Relaxed)));
         }
-        written
+        held.end
     }
 }
 
