@@ -1,7 +1,8 @@
 //! The status page (`GET /` on the admin listener) in a real browser: headless Chromium against a
 //! live proxy with traffic. The page must render the versions and weights, show a rollback
 //! triggered through the admin API in its events, mark the version quarantined and see its
-//! traffic stop; the test saves screenshots to `target/test-artifacts/`.
+//! traffic stop; the test saves screenshots to `target/test-artifacts/`. A page opened after
+//! the traffic stopped must show it anyway: the charts start from the proxy's history.
 //!
 //! Chromium is driven over the DevTools protocol on `--remote-debugging-pipe` (JSON messages
 //! separated by NUL bytes on fds 3 and 4), so no new dependency is needed and the page runs in
@@ -331,6 +332,8 @@ const PAGE_STATE: &str = r#"(() => {
     }])),
     samples: Object.fromEntries(all('#charts [data-chart-version]')
       .map((c) => [c.dataset.chartVersion, Number(c.dataset.samples)])),
+    charted: Object.fromEntries(all('#charts [data-chart-version]')
+      .map((c) => [c.dataset.chartVersion, { requests: Number(c.dataset.requests), errors: Number(c.dataset.errors) }])),
     quarantines: all('#quarantines [data-quarantined-version]').map((q) => q.dataset.quarantinedVersion),
     evidence: all('#evidence tr[data-evidence-version]').map((r) => ({
       version: r.dataset.evidenceVersion, rule: r.dataset.rule, ratio: Number(r.dataset.ratio) })),
@@ -492,6 +495,80 @@ async fn scenario(chromium: PathBuf) {
     assert!(
         errors.is_empty(),
         "the page reported errors (a CSP violation shows up here too):\n{}",
+        errors.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_opened_after_the_traffic_shows_it_from_the_proxys_history() {
+    let chromium = chromium();
+    tokio::time::timeout(TEST_TIMEOUT, opened_late(chromium))
+        .await
+        .unwrap_or_else(|_| panic!("the late page test took longer than {TEST_TIMEOUT:?}"));
+}
+
+async fn opened_late(chromium: PathBuf) {
+    let artifacts = artifacts_dir();
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    canary.set(Reply::FailFraction(0.25));
+    // No retries: each failed canary answer is one request and one error on the canary.
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("canary", &canary)
+        .route(
+            Route::new("chat", "stable")
+                .split(&[("stable", 70), ("canary", 30)])
+                .with("retry: {non_idempotent: false}"),
+        )
+        .start()
+        .await;
+
+    // Four seconds of traffic, over before the page opens.
+    let client = TestClient::http1();
+    let mut tick = tokio::time::interval(Duration::from_millis(40));
+    for _ in 0..100 {
+        tick.tick().await;
+        let req = request(Method::GET, &proxy.url("/v1/chat/completions"))
+            .body(empty())
+            .unwrap();
+        let _ = client.try_send(req).await;
+    }
+    let (stable_n, canary_n) = (stable.request_count() as f64, canary.request_count() as f64);
+    // The canary fails one request in four, spread evenly.
+    let canary_errors = (canary_n / 4.0).floor();
+    assert!(canary_n >= 8.0, "{canary_n} canary requests");
+
+    let mut browser =
+        Browser::launch(&chromium, artifacts.join("status-page-late-chromium.log")).await;
+    browser.open(&proxy.admin_url("/")).await;
+    let mut page: Value;
+    assert_eventually!(
+        {
+            page = browser.state().await;
+            let charted = &page["charted"];
+            page["conn"] == "live"
+                && charted["stable"]["requests"].as_f64() == Some(stable_n)
+                && charted["canary"]["requests"].as_f64() == Some(canary_n)
+                && charted["canary"]["errors"].as_f64().is_some_and(|e| (e - canary_errors).abs() <= 1.0)
+                && charted["stable"]["errors"].as_f64() == Some(0.0)
+                // The seconds of traffic, one point each, not one point per poll since the
+                // page opened.
+                && page["samples"]["canary"].as_u64() >= Some(4)
+        },
+        PAGE_TIMEOUT,
+        "the page opened after the traffic never charted its {stable_n} stable and \
+         {canary_n} canary requests; it shows: {page:#}"
+    );
+    browser
+        .screenshot(1280, false, &artifacts.join("status-page-late.png"))
+        .await;
+    let errors = std::mem::take(&mut browser.page_errors);
+    browser.close().await;
+    proxy.shutdown().await;
+    assert!(
+        errors.is_empty(),
+        "the page reported errors:\n{}",
         errors.join("\n")
     );
 }

@@ -8,6 +8,10 @@
 //! Mutating calls are POST only (GET: 405), need `Authorization: Bearer TOKEN` when
 //! `admin.token_file` is set (compared in constant time over SHA-256 digests; 401
 //! otherwise), and answer errors as `{"error", "detail"}` with a 4xx and nothing changed.
+//!
+//! Beyond SPEC §6, `GET /api/v1/history` ([`history`]) serves the last 15 minutes of every
+//! (route, version) at one-second resolution, so the status page opened after an incident
+//! shows what happened before it was opened.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +35,7 @@ use crate::evaluator::rules::Trigger;
 use crate::proxy::body::RespBody;
 use crate::routing::store::Store;
 use crate::routing::table::{RouteState, Table};
-use crate::telemetry::WindowStats;
+use crate::telemetry::{HistoryPoint, WindowStats};
 
 /// The live status page (`GET /`): one self-contained HTML file, no CDN, no build step.
 const STATUS_PAGE: &str = include_str!("status.html");
@@ -192,6 +196,114 @@ pub fn status(store: &Store, view: &crate::evaluator::View, table: &Table) -> St
     }
 }
 
+/// Series one `GET /api/v1/history` answers at most: with 900 points each, about 1 MB of
+/// JSON. More pairs than this: ask per route or version.
+pub const MAX_HISTORY_SERIES: usize = 64;
+
+/// `GET /api/v1/history?route=R&version=V&since=T`: what each (route, version) of the
+/// current table did, one point per second, for the last 15 minutes at most.
+///
+/// - `route`, `version` (optional, exact names, percent-encoded): only those series; a name
+///   the table does not have answers 404.
+/// - `since` (optional, Unix seconds): only the seconds after it; a client polling passes
+///   the previous answer's `last`.
+///
+/// ```json
+/// {"resolution_s": 1, "last": 1764590403, "more": false,
+///  "series": [{"route": "chat", "version": "v2.5", "role": "candidate",
+///              "start": 1764590401, "requests": [40, 38, 41], "errors": [0, 2, 1],
+///              "ttfb_p99_ms": [21.3, 24.0, null]}]}
+/// ```
+///
+/// Each series has one value a second from `start` (a Unix second) on, in three arrays of
+/// the same length: `requests` answered (success, error, 4xx: as the status window counts
+/// them), `errors` (the version's fault), and `ttfb_p99_ms` of that second's answers (`null`
+/// without any). `last` is the newest second included: the current second is not over and
+/// is never included. Seconds are attributed when the recorder is flushed (every evaluator
+/// `interval`, and before this read), so with an `interval` above 1 s the points are that
+/// coarse. At most [`MAX_HISTORY_SERIES`] series, in table order; `more: true` says some
+/// were left out. Memory is fixed: 900 points of 12 bytes per pair, freed with the pair.
+#[derive(Debug, Serialize)]
+pub struct History {
+    pub resolution_s: u32,
+    pub last: u64,
+    pub more: bool,
+    pub series: Vec<HistorySeries>,
+}
+
+/// One (route, version)'s points in [`History`].
+#[derive(Debug, Serialize)]
+pub struct HistorySeries {
+    pub route: String,
+    pub version: String,
+    /// `baseline` or `candidate` on this route.
+    pub role: &'static str,
+    pub start: u64,
+    pub requests: Vec<u32>,
+    pub errors: Vec<u32>,
+    pub ttfb_p99_ms: Vec<Option<f64>>,
+}
+
+/// The history document (see [`History`]) for `table` as of now.
+pub fn history(
+    store: &Store,
+    table: &Table,
+    route: Option<&str>,
+    version: Option<&str>,
+    since: Option<u64>,
+) -> Result<History, ApiError> {
+    if let Some(r) = route.filter(|r| !table.routes.iter().any(|rt| &*rt.name == *r)) {
+        return Err(ApiError::not_found(format!("no route {r:?}")));
+    }
+    if let Some(v) = version.filter(|v| table.version(&VersionName::from(*v)).is_none()) {
+        return Err(ApiError::not_found(format!("no version {v:?}")));
+    }
+    let now = tokio::time::Instant::now();
+    store.telemetry.flush(now);
+    let clock = store.telemetry.history_clock();
+    let mut doc = History {
+        resolution_s: 1,
+        last: clock.unix(clock.slots.index(now)).saturating_sub(1),
+        more: false,
+        series: Vec::new(),
+    };
+    for r in table
+        .routes
+        .iter()
+        .filter(|r| route.is_none_or(|n| *r.name == *n))
+    {
+        for (i, m) in r.members.iter().enumerate() {
+            let name = table.versions[m.version].name.as_str();
+            if version.is_some_and(|v| v != name) {
+                continue;
+            }
+            if doc.series.len() == MAX_HISTORY_SERIES {
+                doc.more = true;
+                return Ok(doc);
+            }
+            let (start, points) = m.stats.history(since, now);
+            let p99 = |p: &HistoryPoint| {
+                (p.requests > 0 && p.ttfb_p99_us > 0)
+                    .then(|| (f64::from(p.ttfb_p99_us) / 100.0).round() / 10.0)
+            };
+            doc.series.push(HistorySeries {
+                route: r.name.to_string(),
+                version: name.to_string(),
+                role: if i == r.baseline {
+                    "baseline"
+                } else {
+                    "candidate"
+                },
+                start,
+                requests: points.iter().map(|p| p.requests).collect(),
+                errors: points.iter().map(|p| p.errors).collect(),
+                ttfb_p99_ms: points.iter().map(p99).collect(),
+            });
+        }
+    }
+    Ok(doc)
+}
+
 /// An admin API failure: becomes `{"error": code, "detail": ...}` with `status`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -233,6 +345,7 @@ const GETS: &[&str] = &[
     "/api/v1/status",
     "/api/v1/config",
     "/api/v1/events",
+    "/api/v1/history",
 ];
 /// Endpoints that change something.
 const POSTS: &[&str] = &[
@@ -522,6 +635,25 @@ async fn get(admin: &Admin, path: &str, req: &Request<Incoming>) -> ApiResult {
                 &json!({ "events": events, "more": more, "last_id": last }),
             )
         }
+        "/api/v1/history" => {
+            let since = match query_param(req, "since") {
+                None => None,
+                Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                    ApiError::bad(format!("since={s:?} is not a Unix time in seconds"))
+                })?),
+            };
+            let route = query_param(req, "route").map(|s| percent_decode(&s));
+            let version = query_param(req, "version").map(|s| percent_decode(&s));
+            let table = admin.store.load();
+            let doc = history(
+                &admin.store,
+                &table,
+                route.as_deref(),
+                version.as_deref(),
+                since,
+            )?;
+            json(StatusCode::OK, &doc)
+        }
         _ => return Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     })
 }
@@ -531,6 +663,31 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then(|| v.to_string())
     })
+}
+
+/// `%XX` escapes decoded (as `encodeURIComponent` makes them); `+` stays a plus, and an
+/// escape that is not one stays as it is.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads and parses a JSON request body (unknown fields are errors, as in the config).

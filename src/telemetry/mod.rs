@@ -1,8 +1,9 @@
 //! Telemetry: in-line request statistics, sliding windows, Prometheus exposition.
 //!
 //! [`Telemetry`] owns every statistics handle. The routing table asks it for handles when it
-//! is compiled (cold path, short lock), so handles, and with them counters and windows,
-//! survive table swaps and config reloads for as long as the (route, version) pair exists.
+//! is compiled (cold path, short lock), so handles, and with them counters, windows and
+//! history, survive table swaps and config reloads for as long as the (route, version) pair
+//! exists.
 
 pub mod access_log;
 pub mod prom;
@@ -17,8 +18,8 @@ use tokio::time::Instant;
 
 use crate::config::VersionName;
 pub use recorder::{
-    Class, PairStats, RetryCounter, Ring, RingSlot, SlotClock, UpstreamErrorKind, VersionCounters,
-    WindowStats,
+    Class, HistoryClock, HistoryPoint, PairStats, RetryCounter, Ring, RingSlot, SlotClock,
+    UpstreamErrorKind, VersionCounters, WindowStats, HISTORY_SECS,
 };
 
 /// The registry of statistics handles. Its lock is cold: taken when a table is compiled and
@@ -28,6 +29,8 @@ pub struct Telemetry {
     inner: Mutex<Inner>,
     /// Recent request ids and who answered them, for feedback.
     pub recent: Arc<signals::RecentRequests>,
+    /// The one-second grid every pair's history sits on.
+    history_clock: HistoryClock,
 }
 
 #[derive(Default)]
@@ -57,7 +60,13 @@ impl Telemetry {
                 ..Inner::default()
             }),
             recent: Arc::new(signals::RecentRequests::default()),
+            history_clock: HistoryClock::now(),
         }
+    }
+
+    /// The grid of history points: Unix second of slot 0, one slot a second.
+    pub fn history_clock(&self) -> HistoryClock {
+        self.history_clock
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -73,7 +82,13 @@ impl Telemetry {
             .entry((route.clone(), version.clone()))
             .or_insert_with(|| {
                 g.next_pair_id += 1;
-                let mut p = PairStats::new(route.clone(), version.clone(), self.shards, window);
+                let mut p = PairStats::with_history_clock(
+                    route.clone(),
+                    version.clone(),
+                    self.shards,
+                    window,
+                    self.history_clock,
+                );
                 p.id = g.next_pair_id;
                 Arc::new(p)
             })

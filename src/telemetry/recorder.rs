@@ -9,8 +9,10 @@
 //! routing table is compiled (the table holds the `Arc<PairStats>`), so a request does no
 //! label hashing.
 //!
-//! [`PairStats::flush`] merges the shards into cumulative totals (for `/metrics`) and into
-//! the sliding window (for the evaluator and `/api/v1/status`).
+//! [`PairStats::flush`] merges the shards into cumulative totals (for `/metrics`), into
+//! the sliding window (for the evaluator and `/api/v1/status`) and into the per-second
+//! history (for `/api/v1/history` and the status page's charts). Flushes run off the request
+//! path: every evaluator `interval` (a task in `app.rs`), and before each read.
 //!
 //! # Windows
 //!
@@ -18,7 +20,8 @@
 //! addressed by an absolute index that only grows, where slot `i` lives at `i % len` and the
 //! ring holds the indices `head - len .. head`. What an index counts is the user's choice:
 //!
-//! - time slots of a [`SlotClock`]: the sliding window here (`window / 10` per slot);
+//! - time slots of a [`SlotClock`]: the sliding window here (`window / 10` per slot) and the
+//!   history (one second per slot, [`HISTORY_SECS`] of them);
 //! - evaluator ticks: the window of per-tick counts behind `min_error_rate`
 //!   (`crate::evaluator`), and its samples of guardrail flags and evidence trajectories;
 //! - samples: the drift signal's ring of recent values ([`super::signals::Signals`]), written
@@ -360,6 +363,61 @@ impl SlotClock {
     }
 }
 
+/// Seconds of per-second history kept per (route, version): 15 minutes.
+pub const HISTORY_SECS: usize = 900;
+
+/// The one-second grid history points sit on, shared by every pair of a [`Telemetry`]
+/// (`super::Telemetry`) so their points line up, and the Unix second its slot 0 is.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryClock {
+    pub slots: SlotClock,
+    pub unix_origin_s: u64,
+}
+
+impl HistoryClock {
+    /// Slot 0 starts at the current Unix second, so slots are whole Unix seconds.
+    pub fn now() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let now = Instant::now();
+        let origin = now
+            .checked_sub(Duration::from_millis(unix_ms % 1000))
+            .unwrap_or(now);
+        HistoryClock {
+            slots: SlotClock::new(origin, Duration::from_secs(1)),
+            unix_origin_s: unix_ms / 1000,
+        }
+    }
+
+    /// The Unix second of slot `index`.
+    pub fn unix(&self, index: u64) -> u64 {
+        self.unix_origin_s + index
+    }
+}
+
+/// One second of a pair's history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryPoint {
+    /// Requests answered (success, error, 4xx), as in [`WindowStats::requests`].
+    pub requests: u32,
+    pub errors: u32,
+    /// Time-to-first-byte p99 of the second's answers, in microseconds (0: none).
+    pub ttfb_p99_us: u32,
+}
+
+impl RingSlot for HistoryPoint {
+    fn clear(&mut self) {
+        *self = HistoryPoint::default();
+    }
+    /// Counts add up; the p99 of merged seconds is their largest (an upper bound).
+    fn merge(&mut self, other: &Self) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.ttfb_p99_us = self.ttfb_p99_us.max(other.ttfb_p99_us);
+    }
+}
+
 /// Merged state: touched only by `flush` and readers (evaluator tick, scrape, status).
 struct Aggregate {
     counts: Box<[u64]>,
@@ -369,6 +427,12 @@ struct Aggregate {
     total_sum_us: u64,
     /// The sliding window: slots of `window / 10`.
     window: Ring<WindowSnapshot>,
+    /// One point per second, [`HISTORY_SECS`] of them.
+    history: Ring<HistoryPoint>,
+    /// The current second's times to first byte, for its point's p99.
+    second_ttfb: Histogram<u64>,
+    /// The first second this pair has history for.
+    history_from: Option<u64>,
 }
 
 /// Window statistics of one (route, version), as `/api/v1/status` shows them.
@@ -486,6 +550,8 @@ pub struct PairStats {
     /// Slots of the sliding window (`window / 10`, at least 50 ms).
     window_clock: SlotClock,
     window: Duration,
+    /// Where history points sit (shared with every pair of the registry).
+    history_clock: HistoryClock,
     /// Cold lock: flush and readers only.
     agg: Mutex<Aggregate>,
     /// Requests begun ([`begin`](Self::begin)) and not yet recorded: what a rollback drains.
@@ -511,6 +577,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PairStats {
     pub fn new(route: Arc<str>, version: VersionName, shards: usize, window: Duration) -> Self {
+        Self::with_history_clock(route, version, shards, window, HistoryClock::now())
+    }
+
+    /// As [`new`](Self::new), with history points on `clock`'s grid (the registry's, so
+    /// every pair's seconds line up).
+    pub fn with_history_clock(
+        route: Arc<str>,
+        version: VersionName,
+        shards: usize,
+        window: Duration,
+        clock: HistoryClock,
+    ) -> Self {
         let slot_len = (window / 10).max(Duration::from_millis(50));
         // The slots a window spans, and the one it is partly past.
         let slots = window.as_nanos().div_ceil(slot_len.as_nanos()) as usize + 1;
@@ -524,6 +602,7 @@ impl PairStats {
                 .collect(),
             window_clock: SlotClock::new(Instant::now(), slot_len),
             window,
+            history_clock: clock,
             agg: Mutex::new(Aggregate {
                 counts: vec![0; CLASSES * CODES].into_boxed_slice(),
                 ttfb: new_histogram(),
@@ -531,6 +610,9 @@ impl PairStats {
                 ttfb_sum_us: 0,
                 total_sum_us: 0,
                 window: Ring::new(slots, WindowSnapshot::default),
+                history: Ring::new(HISTORY_SECS, HistoryPoint::default),
+                second_ttfb: new_histogram(),
+                history_from: None,
             }),
             in_flight: AtomicI64::new(0),
             incarnation: AtomicU64::new(0),
@@ -583,12 +665,22 @@ impl PairStats {
         s.dirty = true;
     }
 
-    /// Merges every shard into the cumulative totals and the window at `now`.
+    /// Merges every shard into the cumulative totals, the window and the history at `now`.
+    /// What the shards hold counts as of `now`: a point's second is the second of the
+    /// flush that collected it, so history has the resolution of the flushes (every
+    /// evaluator `interval`, and before each read).
     pub fn flush(&self, now: Instant) {
         let mut agg = lock(&self.agg);
         let agg = &mut *agg;
         let slot = agg.window.advance_to(self.window_clock.index(now));
+        let second = self.history_clock.slots.index(now);
+        if second >= agg.history.head() {
+            agg.second_ttfb.reset();
+            agg.history_from.get_or_insert(second);
+        }
+        let point = agg.history.advance_to(second);
         let mut by_class = [0u64; CLASSES];
+        let mut ttfb_added = false;
         for shard in self.shards.iter() {
             let mut s = lock(&shard.0);
             if !s.dirty {
@@ -601,10 +693,12 @@ impl PairStats {
                     *c = 0;
                 }
             }
+            ttfb_added |= !s.ttfb.is_empty();
             let _ = agg.ttfb.add(&s.ttfb);
             let _ = agg.total.add(&s.total);
             let _ = slot.ttfb.add(&s.ttfb);
             let _ = slot.total.add(&s.total);
+            let _ = agg.second_ttfb.add(&s.ttfb);
             agg.ttfb_sum_us += s.ttfb_sum_us;
             agg.total_sum_us += s.total_sum_us;
             s.ttfb.reset();
@@ -615,6 +709,17 @@ impl PairStats {
         }
         for (a, b) in slot.by_class.iter_mut().zip(by_class) {
             *a += b;
+        }
+        let answered = by_class[Class::Success as usize]
+            + by_class[Class::Error as usize]
+            + by_class[Class::ClientError as usize];
+        let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        point.requests = point.requests.saturating_add(sat(answered));
+        point.errors = point
+            .errors
+            .saturating_add(sat(by_class[Class::Error as usize]));
+        if ttfb_added {
+            point.ttfb_p99_us = sat(agg.second_ttfb.value_at_quantile(0.99));
         }
     }
 
@@ -627,6 +732,31 @@ impl PairStats {
         let mut snap = WindowSnapshot::default();
         lock(&self.agg).window.merge_from(from, &mut snap);
         snap
+    }
+
+    /// The history of the seconds that ended by `now`, after Unix second `since` (all it
+    /// holds, at most [`HISTORY_SECS`], when `None`): the Unix second of the first point,
+    /// and one point per second from there, oldest first. Call [`flush`](Self::flush) at
+    /// `now` first, or the seconds since the last flush are missing.
+    pub fn history(&self, since: Option<u64>, now: Instant) -> (u64, Vec<HistoryPoint>) {
+        let clock = self.history_clock;
+        let current = clock.slots.index(now);
+        let agg = lock(&self.agg);
+        let Some(born) = agg.history_from else {
+            return (clock.unix(current), Vec::new());
+        };
+        // Unix second `since` is slot `since - origin`: the points after it.
+        let after = since.map_or(0, |s| {
+            s.saturating_add(1).saturating_sub(clock.unix_origin_s)
+        });
+        let from = after.max(born).max(agg.history.held().start);
+        let points: Vec<HistoryPoint> = agg
+            .history
+            .iter_from(from)
+            .take_while(|(i, _)| *i < current)
+            .map(|(_, p)| *p)
+            .collect();
+        (clock.unix(from), points)
     }
 
     /// Cumulative totals since start (call [`flush`](Self::flush) first).
@@ -874,6 +1004,7 @@ mod tests {
         let later = t0 + Duration::from_secs(3 * 3600);
         p.flush(later);
         assert_eq!(p.window(later).stats().requests, 0);
+        assert!(p.history(None, later).1.iter().all(|pt| pt.requests == 0));
         for _ in 0..7 {
             p.record(Class::Error, 502, None, Duration::from_millis(1));
         }
@@ -882,5 +1013,84 @@ mod tests {
         let w = p.window(after).stats();
         assert_eq!((w.requests, w.errors), (7, 7));
         assert_eq!(p.cumulative().answered_and_errors(), (12, 7));
+        let (_, points) = p.history(None, after + Duration::from_secs(1));
+        assert_eq!(points.len(), HISTORY_SECS, "15 minutes, not 3 hours");
+        let last = points.last().unwrap();
+        assert_eq!((last.requests, last.errors), (7, 7));
+    }
+
+    #[test]
+    fn history_keeps_one_point_per_second_for_fifteen_minutes() {
+        let t0 = Instant::now();
+        let clock = HistoryClock {
+            slots: SlotClock::new(t0, Duration::from_secs(1)),
+            unix_origin_s: 1_000_000,
+        };
+        let p = PairStats::with_history_clock(
+            "r".into(),
+            "v".into(),
+            2,
+            Duration::from_secs(30),
+            clock,
+        );
+        // Second s answers s % 7 requests, one of them an error on every tenth second; the
+        // shards are flushed every 250 ms.
+        for s in 0..1000u64 {
+            for q in 0..4u64 {
+                if q == 0 {
+                    for k in 0..s % 7 {
+                        let class = if s.is_multiple_of(10) && k == 0 {
+                            Class::Error
+                        } else {
+                            Class::Success
+                        };
+                        p.record(
+                            class,
+                            200,
+                            Some(Duration::from_millis(10 + s % 7)),
+                            Duration::from_millis(20),
+                        );
+                    }
+                }
+                p.flush(t0 + Duration::from_millis(s * 1000 + q * 250));
+            }
+        }
+        // At 999.9 s the second 999 is not over: points end with second 998.
+        let now = t0 + Duration::from_millis(999_900);
+        let (start, points) = p.history(None, now);
+        assert_eq!(points.len(), HISTORY_SECS - 1);
+        assert_eq!(start, 1_000_000 + 1000 - HISTORY_SECS as u64);
+        for (i, pt) in points.iter().enumerate() {
+            let s = start - 1_000_000 + i as u64;
+            let errors = u32::from(s.is_multiple_of(10) && !s.is_multiple_of(7));
+            assert_eq!(
+                (pt.requests, pt.errors),
+                ((s % 7) as u32, errors),
+                "second {s}"
+            );
+            let p99 = if s.is_multiple_of(7) {
+                0
+            } else {
+                (10 + s % 7) * 1000
+            };
+            assert!(
+                pt.ttfb_p99_us.abs_diff(p99 as u32) <= p99 as u32 / 100,
+                "second {s}: {pt:?}"
+            );
+        }
+        // After a second: the points after it only; in the future: none.
+        let (start, points) = p.history(Some(1_000_995), now);
+        assert_eq!((start, points.len()), (1_000_996, 3));
+        assert_eq!(points[0].requests, (996 % 7) as u32);
+        assert!(p.history(Some(1_002_000), now).1.is_empty());
+        // A pair never flushed has no history.
+        let fresh = PairStats::with_history_clock(
+            "r".into(),
+            "w".into(),
+            1,
+            Duration::from_secs(30),
+            clock,
+        );
+        assert_eq!(fresh.history(None, now).1, vec![]);
     }
 }
