@@ -56,6 +56,7 @@ pub fn apply(ep: &EndpointRt, hc: &HealthCheckConfig, ok: bool) -> bool {
 /// The health-check task. Runs until `stop` turns true.
 pub async fn run(c: Arc<Controller>, mut stop: watch::Receiver<bool>) {
     let mut next_due: HashMap<(String, String), Instant> = HashMap::new();
+    let mut generation = 0;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -64,6 +65,20 @@ pub async fn run(c: Arc<Controller>, mut stop: watch::Receiver<bool>) {
             now = tick.tick() => now,
         };
         let table = c.store.load();
+        if generation != table.generation {
+            // Forget endpoints of versions the config no longer has (bounded by the config,
+            // not by every release ever probed).
+            generation = table.generation;
+            next_due.retain(|(version, url), _| {
+                table.versions.iter().any(|v| {
+                    v.name.as_str() == version
+                        && v.upstream
+                            .endpoints
+                            .iter()
+                            .any(|ep| &ep.endpoint.url == url)
+                })
+            });
+        }
         let mut probes = tokio::task::JoinSet::new();
         for v in table.versions.iter() {
             let Some(hc) = v.config.health_check.clone() else {

@@ -376,6 +376,10 @@ struct Seen {
 /// previous tick.
 struct Track {
     incarnation: u64,
+    /// The statistics this comparison reads: a pair freed and registered again (its version
+    /// left the config and came back) is another pair, judged afresh.
+    cand_stats: Arc<PairStats>,
+    base_stats: Arc<PairStats>,
     cmp: Comparison,
     cand: Counts,
     /// The candidate's cumulative time-to-first-byte histogram at the previous tick.
@@ -408,7 +412,8 @@ struct TrackKey {
 impl Track {
     fn new(
         now: Instant,
-        cand: &PairStats,
+        cand: &Arc<PairStats>,
+        base_stats: &Arc<PairStats>,
         base: Counts,
         base_samples: u64,
         pool_key: String,
@@ -431,6 +436,8 @@ impl Track {
             pool_key,
             remote_seen,
             incarnation: cand.incarnation(),
+            cand_stats: cand.clone(),
+            base_stats: base_stats.clone(),
             cmp: Comparison::default(),
             cand: Counts::of(&cum, c),
             cand_ttfb: cum.ttfb,
@@ -441,6 +448,13 @@ impl Track {
             flagged_front: 0,
             trajectory: Ring::new(TRAJECTORY, || (now, Vec::new())),
         }
+    }
+
+    /// Still reading `cand` and `base`, in the same incarnation?
+    fn reads(&self, cand: &Arc<PairStats>, base: &Arc<PairStats>) -> bool {
+        self.incarnation == cand.incarnation()
+            && Arc::ptr_eq(&self.cand_stats, cand)
+            && Arc::ptr_eq(&self.base_stats, base)
     }
 
     /// Guardrail flags within the last `per`: keeps one sample at or before `now - per`
@@ -766,6 +780,7 @@ impl Evaluator {
                     Track::new(
                         now,
                         &m.stats,
+                        &base.stats,
                         base_now,
                         base_now.signals.samples,
                         pool_key.clone(),
@@ -773,8 +788,10 @@ impl Evaluator {
                     )
                 };
                 let track = self.tracks.entry(key).or_insert_with(fresh);
-                if track.incarnation != m.stats.incarnation() {
-                    // Rolled back and resumed since the last tick: judged on new traffic only.
+                if !track.reads(&m.stats, &base.stats) {
+                    // Rolled back and resumed since the last tick, or the version (or its
+                    // baseline) left the config and came back with fresh statistics:
+                    // judged on new traffic only.
                     *track = fresh();
                 }
                 let own_only = crate::fleet::Remote::default();
