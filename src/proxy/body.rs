@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -89,10 +89,32 @@ pub struct BodyBusy;
 
 /// When the request body was completely handed to the upstream connection: the
 /// `first_byte` timer and the TTFB measurement start there (SPEC section 4).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sent {
     at: OnceLock<Instant>,
     notify: Notify,
+    base: Instant,
+    /// Milliseconds since `base` when a frame was last handed to the upstream connection
+    /// (or the body was first polled).
+    progress_ms: AtomicU64,
+    /// The upstream connection asked for more and the client has not sent it yet.
+    waiting_on_client: AtomicBool,
+    error: OnceLock<ClientBodyError>,
+    received: AtomicU64,
+}
+
+impl Default for Sent {
+    fn default() -> Self {
+        Sent {
+            at: OnceLock::new(),
+            notify: Notify::new(),
+            base: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+            error: OnceLock::new(),
+            received: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Sent {
@@ -104,6 +126,40 @@ impl Sent {
 
     pub fn at(&self) -> Option<Instant> {
         self.at.get().copied()
+    }
+
+    fn progress(&self, waiting_on_client: bool) {
+        self.waiting_on_client
+            .store(waiting_on_client, Ordering::Relaxed);
+        if !waiting_on_client {
+            let ms = self.base.elapsed().as_millis() as u64;
+            self.progress_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The upstream has taken nothing of a body the client is ready to give for `idle`:
+    /// it stopped reading (a full socket), the version's fault.
+    pub fn upstream_stalled(&self, idle: Duration) -> bool {
+        if self.at().is_some() || self.waiting_on_client.load(Ordering::Relaxed) {
+            return false;
+        }
+        let last = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last) >= idle
+    }
+
+    /// Why the client's body failed, if it did.
+    pub fn client_error(&self) -> Option<ClientBodyError> {
+        self.error.get().copied()
+    }
+
+    /// The client's body is still coming (not ended, not failed).
+    pub fn open(&self) -> bool {
+        self.at().is_none() && self.error.get().is_none()
+    }
+
+    /// Bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Resolves once the body has been sent.
@@ -124,6 +180,9 @@ struct Source {
     remaining: u64,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The deadline runs from the first poll of an attempt: before that, the client cannot
+    /// be expected to send (hyper sends `100 Continue` on the first read).
+    armed: bool,
 }
 
 impl Source {
@@ -131,6 +190,11 @@ impl Source {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        if !self.armed {
+            self.armed = true;
+            let at = tokio::time::Instant::now() + self.idle;
+            self.deadline.as_mut().reset(at);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {
             Poll::Pending => {
@@ -175,8 +239,6 @@ struct ReplayState {
     /// The client's body ended (with these trailers).
     ended: bool,
     trailers: Option<HeaderMap>,
-    error: Option<ClientBodyError>,
-    received: u64,
     /// Frames for the shadow copy, while it keeps up.
     shadow: Option<(mpsc::Sender<Tee>, Arc<ShadowLink>)>,
 }
@@ -236,6 +298,7 @@ impl ReplayBody {
             remaining,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
         };
         ReplayBody {
             shared: Arc::new(ReplayShared {
@@ -246,8 +309,6 @@ impl ReplayBody {
                     overflowed: false,
                     ended: false,
                     trailers: None,
-                    error: None,
-                    received: 0,
                     shadow: None,
                 }),
                 sent: Arc::new(Sent::default()),
@@ -263,9 +324,7 @@ impl ReplayBody {
     /// buffer, or nothing of it is lost (the client's body is not held by another attempt
     /// and nothing outgrew the buffer).
     pub fn replay(&self) -> Option<ReplayBody> {
-        let st = lock(&self.shared.state);
-        let whole = st.ended || st.source.is_some();
-        (whole && !st.overflowed && st.error.is_none()).then(|| ReplayBody {
+        self.replayable().then(|| ReplayBody {
             shared: self.shared.clone(),
             source: None,
             pos: 0,
@@ -290,7 +349,9 @@ impl ReplayBody {
     /// Whether every byte of the body can still be sent again (see [`Self::replay`]).
     fn replayable(&self) -> bool {
         let st = lock(&self.shared.state);
-        (st.ended || st.source.is_some()) && !st.overflowed && st.error.is_none()
+        (st.ended || st.source.is_some())
+            && !st.overflowed
+            && self.shared.sent.client_error().is_none()
     }
 
     pub fn sent(&self) -> Arc<Sent> {
@@ -312,16 +373,19 @@ impl ReplayBody {
                 self.shared.sent.mark();
                 return Poll::Ready(st.trailers.clone().map(|t| Ok(Frame::trailers(t))));
             }
-            if let Some(e) = st.error {
+            if let Some(e) = self.shared.sent.client_error() {
                 return Poll::Ready(Some(Err(Box::new(e))));
             }
-            if st.overflowed && self.pos == 0 && st.received > 0 {
+            if st.overflowed && self.pos == 0 && self.shared.sent.received() > 0 {
                 // The buffer was given up while another attempt read on: this copy would
                 // miss the body's beginning.
                 return Poll::Ready(Some(Err(Box::new(BodyBusy))));
             }
             match st.source.take() {
-                Some(s) => self.source = Some(s),
+                Some(mut s) => {
+                    s.armed = false;
+                    self.source = Some(s);
+                }
                 None => return Poll::Ready(Some(Err(Box::new(BodyBusy)))),
             }
         }
@@ -329,21 +393,24 @@ impl ReplayBody {
             return Poll::Ready(Some(Err(Box::new(BodyBusy))));
         };
         let polled = source.poll(cx);
+        let sent = &self.shared.sent;
+        sent.progress(polled.is_pending());
+        if let Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                sent.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame)))
                 if self.direct && frame.is_data() && !source.inner.is_end_stream() =>
             {
                 // Past the buffer with no shadow: the hot path of a large upload.
-                if let Some(d) = frame.data_ref() {
-                    lock(&self.shared.state).received += d.len() as u64;
-                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 let mut st = lock(&self.shared.state);
                 if let Some(d) = frame.data_ref() {
-                    st.received += d.len() as u64;
                     if !st.overflowed {
                         let fits = st.reserved.0 + d.len() <= REPLAY_BUFFER;
                         if fits && st.reserved.grow(d.len()) {
@@ -393,8 +460,8 @@ impl ReplayBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                let _ = self.shared.sent.error.set(e);
                 let mut st = lock(&self.shared.state);
-                st.error = Some(e);
                 st.shadow = None;
                 drop(st);
                 self.source = None;
@@ -552,24 +619,32 @@ impl ReqBody {
     /// of it failed.
     pub fn probe(&self) -> Probe {
         match self {
-            ReqBody::Stream(s) => Probe(Some(s.shared.clone())),
+            ReqBody::Stream(s) => Probe(Some(s.shared.sent.clone())),
             _ => Probe(None),
         }
     }
 }
 
-/// See [`ReqBody::probe`].
-pub struct Probe(Option<Arc<ReplayShared>>);
+/// See [`ReqBody::probe`]. Holds only the body's progress, never the body (nor its
+/// buffers or its shadow's queue).
+#[derive(Clone, Default)]
+pub struct Probe(Option<Arc<Sent>>);
 
 impl Probe {
     /// Why the client's body failed, if it did.
     pub fn client_error(&self) -> Option<ClientBodyError> {
-        self.0.as_ref().and_then(|s| lock(&s.state).error)
+        self.0.as_ref().and_then(|s| s.client_error())
+    }
+
+    /// The client's body is still coming: an exchange that goes quiet now may be waiting
+    /// on the client (full duplex).
+    pub fn open(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.open())
     }
 
     /// Bytes read from the client so far.
     pub fn received(&self) -> u64 {
-        self.0.as_ref().map_or(0, |s| lock(&s.state).received)
+        self.0.as_ref().map_or(0, |s| s.received())
     }
 }
 
@@ -617,16 +692,16 @@ impl Body for ReqBody {
             ReqBody::Stream(s) if s.pos == 0 && !s.done => match &s.source {
                 Some(src) => src.inner.size_hint(),
                 None => {
-                    // Not started: the client's body (declared length) is in the shared
-                    // slot unless this is a replay, whose length is the buffered bytes.
+                    // Not started: the buffered bytes, then what the client still sends
+                    // (hyper counts a declared length down as it is read).
                     let st = lock(&s.shared.state);
+                    let buffered = st.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
                     match &st.source {
-                        Some(src) if st.chunks.is_empty() && st.received == 0 => {
-                            src.inner.size_hint()
-                        }
-                        _ if st.ended && st.trailers.is_none() => {
-                            SizeHint::with_exact(st.chunks.iter().map(|c| c.len() as u64).sum())
-                        }
+                        Some(src) if !st.overflowed => match src.inner.size_hint().exact() {
+                            Some(rest) => SizeHint::with_exact(buffered + rest),
+                            None => SizeHint::default(),
+                        },
+                        None if st.ended && st.trailers.is_none() => SizeHint::with_exact(buffered),
                         _ => SizeHint::default(),
                     }
                 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 
+use super::body::Probe;
 use crate::config::Signal;
 use crate::telemetry::signals::json_number;
 use crate::telemetry::{Class, PairStats, UpstreamErrorKind, VersionCounters};
@@ -98,6 +99,8 @@ pub fn classify(
             _ => v(Class::Success, None),
         },
         End::Upstream(kind) => v(Class::Error, Some(kind)),
+        // A 5xx the client did not read to the end is still the version's 5xx.
+        End::ClientGone if status >= 500 => v(Class::Error, Some(UpstreamErrorKind::Status5xx)),
         End::ClientGone => v(Class::ClientAbort, None),
         End::Refused(_) => v(Class::Refused, None),
     }
@@ -188,6 +191,8 @@ pub struct Recording {
     injected: Duration,
     permit: Option<InFlight>,
     observer: Option<Box<dyn Observer>>,
+    /// The client's request body, for blame once the response has begun.
+    client: Probe,
     open: bool,
 }
 
@@ -211,6 +216,7 @@ impl Recording {
             injected: Duration::ZERO,
             permit: None,
             observer: None,
+            client: Probe::default(),
             open: true,
         }
     }
@@ -220,10 +226,17 @@ impl Recording {
         self.permit = permit;
     }
 
-    /// Moves the in-flight permit and the observer on to the next attempt.
+    /// Moves the in-flight permit, the observer and the client body's probe on to the
+    /// next attempt.
     pub fn hand_over(&mut self, next: &mut Recording) {
         next.permit = self.permit.take();
         next.observer = self.observer.take();
+        next.client = self.client.clone();
+    }
+
+    /// The client's request body, streamed alongside the response (full duplex).
+    pub fn client_body(&mut self, probe: Probe) {
+        self.client = probe;
     }
 
     pub fn observe(&mut self, o: Box<dyn Observer>) {
@@ -259,8 +272,16 @@ impl Recording {
         let now = Instant::now();
         self.head_at = Some(now);
         self.ttfb_from = Some(match sent {
+            // In memory: sent with the request, after any injected delay (which is in the
+            // span from `start`).
             None => self.start,
-            Some(s) => s.at().map_or(now, |at| at.min(now)),
+            // Streamed: from when this attempt's body was sent (never before the attempt:
+            // a retry's replay shares the mark), less an injected delay, which came first.
+            Some(s) => {
+                let from = s.at().map_or(now, |at| at.max(self.start).min(now));
+                from.checked_sub(self.injected)
+                    .map_or(from, |f| f.max(self.start))
+            }
         });
         self.status = head.status.as_u16();
         self.grpc = head
@@ -276,7 +297,7 @@ impl Recording {
     /// A frame of response body went to the client.
     pub fn data(&mut self, data: &Bytes) {
         if self.ttfb.is_none() {
-            self.ttfb = self.ttfb_from.map(|t| t.elapsed() + self.injected);
+            self.ttfb = self.ttfb_from.map(|t| t.elapsed());
         }
         self.bytes_sent += data.len() as u64;
         if let Some(c) = &mut self.capture {
@@ -297,12 +318,26 @@ impl Recording {
         let total = self.start.elapsed();
         if let End::Answered { .. } = end {
             if self.ttfb.is_none() {
-                self.ttfb = self.ttfb_from.map(|t| t.elapsed() + self.injected);
+                self.ttfb = self.ttfb_from.map(|t| t.elapsed());
             }
         }
         if let End::Refused(s) = end {
             self.status = s;
         }
+        // Once the response has begun, a failure of the exchange the client caused (its
+        // body broke, or it went quiet mid-stream while its body was still open: full
+        // duplex) is the client's, not the version's.
+        let end = match end {
+            End::Upstream(_) if self.head_at.is_some() && self.client.client_error().is_some() => {
+                End::ClientGone
+            }
+            End::Upstream(UpstreamErrorKind::Timeout)
+                if self.head_at.is_some() && self.client.open() =>
+            {
+                End::ClientGone
+            }
+            e => e,
+        };
         let grpc = match end {
             End::Answered { trailers: Some(t) } if self.grpc => grpc_status(t).or(self.grpc_head),
             _ if self.grpc => self.grpc_head,

@@ -516,6 +516,7 @@ async fn proxy(
         BodyState::Unread(b) if b.is_end_stream() => ReqBody::Empty,
         BodyState::Unread(b) => ReqBody::Stream(ReplayBody::new(b, limit, idle)),
     };
+    rec.client_body(body.probe());
     if let (Some(e), Some(log)) = (entry.take(), &log) {
         rec.observe(Box::new(LogObserver {
             log: log.clone(),
@@ -533,7 +534,11 @@ async fn proxy(
     // Headers shared by every attempt.
     // gRPC requires `te: trailers` end to end (Envoy keeps it too); every other TE is
     // hop-by-hop and goes.
-    let sticky = sticky_key(route, &parts.headers).map(Bytes::copy_from_slice);
+    // The shadow decision is per sticky key: taken before the headers are sanitized.
+    let shadow = route
+        .shadow
+        .as_ref()
+        .and_then(|_| route.shadowed(sticky_key(route, &parts.headers)));
     let is_grpc = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -567,7 +572,7 @@ async fn proxy(
         || parts.headers.contains_key("idempotency-key");
     route.retry_budget.deposit();
 
-    if let Some(sh) = route.shadowed(sticky.as_deref()) {
+    if let Some(sh) = shadow {
         let cap = table.config.max_in_flight.min(shared.max_in_flight);
         let shadow_cap = (cap / 10).max(1);
         let room = shared.in_flight().saturating_add(shadow_cap) < cap;
@@ -696,6 +701,12 @@ impl Exchange<'_> {
             };
             let next = match &attempt {
                 Attempt::Retryable5xx(_) => retry(self.retry_method),
+                // A reset may be retried; a timeout is not (it would double the wait and
+                // run the inference twice).
+                Attempt::Upstream {
+                    kind: UpstreamErrorKind::Timeout,
+                    ..
+                } => None,
                 Attempt::Upstream { unsent, .. } => retry(*unsent || self.retry_method),
                 Attempt::Injected => retry(self.retry_method),
                 _ => None,
@@ -767,7 +778,8 @@ impl Exchange<'_> {
             }
         };
         let first_byte = self.route.config.timeouts.first_byte;
-        match send(ep.client(), up, sent, first_byte).await {
+        let idle = self.route.config.timeouts.idle;
+        match send(ep.client(), up, sent, first_byte, idle).await {
             Ok(Ok(resp)) if bad_framing(&resp) => {
                 // Two framings (CL and TE) or a body where none may be: a desync attempt or
                 // a broken upstream. Never relayed; the connection is dropped with it.
@@ -908,17 +920,31 @@ impl Exchange<'_> {
 
 /// Sends `up`; the `first_byte` timer starts once the request body has been sent (`sent`;
 /// at once for a body in memory), so a slow upload is never the version's timeout.
+///
+/// While the body is being sent, an upstream that takes none of it for `idle` although the
+/// client has more to give (it stopped reading: a full socket) times out too.
 async fn send(
     client: &HttpClient,
     up: Request<ReqBody>,
     sent: Option<&super::body::Sent>,
     first_byte: Duration,
+    idle: Duration,
 ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, FirstByteTimeout> {
     let response = client.request(up);
     tokio::pin!(response);
     let timer = async {
         if let Some(s) = sent {
-            s.wait().await;
+            let check = (idle / 4).max(Duration::from_millis(10));
+            loop {
+                tokio::select! {
+                    () = s.wait() => break,
+                    () = tokio::time::sleep(check) => {
+                        if s.upstream_stalled(idle) {
+                            return;
+                        }
+                    }
+                }
+            }
         }
         tokio::time::sleep(first_byte).await;
     };
@@ -929,7 +955,8 @@ async fn send(
     }
 }
 
-/// No response head within `first_byte` of the request body's end.
+/// No response head within `first_byte` of the request body's end, or an upstream that
+/// stopped taking the body.
 #[derive(Debug)]
 struct FirstByteTimeout;
 
@@ -984,6 +1011,12 @@ fn spawn_shadow(
     let m = &route.members[member];
     let v = &table.versions[m.version];
     let ep = v.upstream.pick();
+    let endpoint = v
+        .upstream
+        .endpoints
+        .iter()
+        .position(|e| std::ptr::eq(e, ep))
+        .unwrap_or(0);
     let body = ReqBody::Shadow(body);
     let sent = body.sent();
     let Ok(up) = upstream_request(parts, parts.headers.clone(), v, ep, body) else {
@@ -1000,7 +1033,7 @@ fn spawn_shadow(
         let route = &table.routes[ri];
         let m = &route.members[member];
         let v = &table.versions[m.version];
-        let ep = v.upstream.pick();
+        let ep = &v.upstream.endpoints[endpoint];
         let mut rec = Recording::begin(&m.stats, &v.counters, rule);
         rec.hold(Some(permit));
         if let Some(o) = observer {
@@ -1008,7 +1041,8 @@ fn spawn_shadow(
         }
         rec.sending_to(&ep.endpoint.authority, false);
         let first_byte = route.config.timeouts.first_byte;
-        let resp = match send(ep.client(), up, sent.as_deref(), first_byte).await {
+        let idle = route.config.timeouts.idle;
+        let resp = match send(ep.client(), up, sent.as_deref(), first_byte, idle).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 if let Some(cut) = find_source::<ShadowCut>(&e) {

@@ -41,8 +41,12 @@ pub struct Member {
     pub configured_weight: u32,
     pub seed: u64,
     pub stats: Arc<PairStats>,
-    /// Retries from this member to the route's baseline.
+    /// Retries from this member to the route's stand-in (the baseline, or the fallback
+    /// while degraded).
     pub retries_to_baseline: Arc<RetryCounter>,
+    /// A pin header may name it: false for a version that is only the route's shadow (a
+    /// shadow copies, it never answers a client).
+    pub pinnable: bool,
 }
 
 impl Candidate for Member {
@@ -126,7 +130,7 @@ impl Route {
     pub fn member_by_name(&self, name: &[u8], table: &Table) -> Option<usize> {
         self.members
             .iter()
-            .position(|m| table.versions[m.version].name.as_str().as_bytes() == name)
+            .position(|m| m.pinnable && table.versions[m.version].name.as_str().as_bytes() == name)
     }
 
     /// Does the request's head match (everything but the model)?
@@ -445,6 +449,7 @@ pub fn compile(
                 seed: select::name_seed(name.as_str()),
                 stats: res.pair(&rc.name, name),
                 retries_to_baseline: res.retry_counter(&rc.name, name, baseline_name),
+                pinnable: true,
             });
         }
         members[baseline_pos].weight += moved;
@@ -462,6 +467,7 @@ pub fn compile(
                     seed: select::name_seed(name.as_str()),
                     stats: res.pair(&rc.name, name),
                     retries_to_baseline: res.retry_counter(&rc.name, name, baseline_name),
+                    pinnable: true,
                 });
                 members.len() - 1
             }
@@ -489,8 +495,11 @@ pub fn compile(
                     std::io::Error::other(format!("unknown version {}", sc.version))
                 })?;
                 let dropped = |reason| res.shadow_dropped(&rc.name, reason);
+                let existed = members.iter().any(|m| m.version == vi);
+                let member = member_of(vi, &mut members);
+                members[member].pinnable = existed;
                 Some(ShadowRoute {
-                    member: member_of(vi, &mut members),
+                    member,
                     percent: sc.percent.min(100),
                     active: !versions[vi].quarantined,
                     seed: select::name_seed(sc.version.as_str()) ^ 0x5348_4144_4f57,
@@ -503,6 +512,13 @@ pub fn compile(
             }
             _ => None,
         };
+        if stand_in != baseline_pos {
+            // Retries go to the fallback: count them under its name.
+            let to = &versions[members[stand_in].version].name;
+            for m in members.iter_mut() {
+                m.retries_to_baseline = res.retry_counter(&rc.name, &versions[m.version].name, to);
+            }
+        }
         if members.iter().all(|m| m.weight == 0) {
             // Every effective weight is 0 (say, a runtime override zeroed the baseline
             // while the others are quarantined): the baseline takes everything.
