@@ -792,9 +792,10 @@ async fn a_promote_landing_between_a_verdict_and_its_application_wins() {
     proxy.shutdown().await;
 }
 
-/// A canary failing at `rate` against a clean baseline, under load for `secs`: was it
-/// rolled back?
-async fn canary_at_error_rate(rate: f64, secs: u64) -> (bool, usize) {
+/// A canary failing at `rate` against a clean baseline, under load for `secs` and until
+/// the canary has served `min_served` requests (at most 90 s: a loaded machine serves
+/// fewer per second): was it rolled back?
+async fn canary_at_error_rate(rate: f64, secs: u64, min_served: usize) -> (bool, usize) {
     let stable = TestUpstream::start("stable").await;
     let canary = TestUpstream::start("canary").await;
     canary.set(Reply::FailFraction(rate));
@@ -808,9 +809,14 @@ async fn canary_at_error_rate(rate: f64, secs: u64) -> (bool, usize) {
         .start()
         .await;
     let load = Load::start(proxy.url("/v1/chat/completions"), 4);
-    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let started = std::time::Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let cap = started + Duration::from_secs(90);
     let mut rolled_back = false;
-    while std::time::Instant::now() < until && !rolled_back {
+    while (std::time::Instant::now() < until || canary.request_count() < min_served)
+        && std::time::Instant::now() < cap
+        && !rolled_back
+    {
         rolled_back = quarantined(&proxy, "canary").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -827,7 +833,7 @@ async fn canary_at_error_rate(rate: f64, secs: u64) -> (bool, usize) {
 async fn a_canary_below_the_effect_floor_is_never_rolled_back_and_one_above_it_is() {
     // 0.3 % errors against a baseline with none: a real difference, but below
     // min_error_rate (0.5 %): clients barely notice, and a pod restart looks like this.
-    let (rolled_back, served) = canary_at_error_rate(0.003, 12).await;
+    let (rolled_back, served) = canary_at_error_rate(0.003, 12, 3500).await;
     assert!(
         served > 3000,
         "not enough traffic to mean anything: {served}"
@@ -837,7 +843,7 @@ async fn a_canary_below_the_effect_floor_is_never_rolled_back_and_one_above_it_i
         "0.3 % errors rolled back ({served} canary requests)"
     );
     // 5 %: rolled back.
-    let (rolled_back, served) = canary_at_error_rate(0.05, 20).await;
+    let (rolled_back, served) = canary_at_error_rate(0.05, 20, 0).await;
     assert!(
         rolled_back,
         "5 % errors not rolled back after {served} requests"

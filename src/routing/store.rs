@@ -161,6 +161,9 @@ fn build(
     // Forget upstreams no table uses any more; their pools close when the last in-flight
     // request on the old table is done.
     w.upstreams.retain(|k, _| used.contains(k));
+    // Statistics of (route, version) pairs this table no longer has are freed, so memory
+    // does not grow with every release name (a returning name starts from zero).
+    telemetry.retain(&table);
     Ok(table)
 }
 
