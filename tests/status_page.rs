@@ -324,6 +324,9 @@ const PAGE_STATE: &str = r#"(() => {
     routes: all('#routes tr[data-route]').map((r) => ({ name: r.dataset.route, state: r.dataset.state })),
     weights: Object.fromEntries(all('#routes [data-weight-version]')
       .map((w) => [w.dataset.weightVersion, Number(w.dataset.weight)])),
+    roles: Object.fromEntries(all('#routes [data-weight-version]')
+      .map((w) => [w.dataset.weightVersion, w.dataset.role])),
+    shadowBadges: all('#routes [data-badge="shadow"]').map((b) => b.textContent),
     versions: Object.fromEntries(all('#versions tr[data-version]').map((r) => [r.dataset.version, {
       quarantined: r.dataset.quarantined === 'true',
       healthy: r.dataset.healthy === 'true',
@@ -563,6 +566,75 @@ async fn opened_late(chromium: PathBuf) {
     browser
         .screenshot(1280, false, &artifacts.join("status-page-late.png"))
         .await;
+    let errors = std::mem::take(&mut browser.page_errors);
+    browser.close().await;
+    proxy.shutdown().await;
+    assert!(
+        errors.is_empty(),
+        "the page reported errors:\n{}",
+        errors.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_version_is_shown_as_a_shadow() {
+    let chromium = chromium();
+    tokio::time::timeout(TEST_TIMEOUT, shadowed(chromium))
+        .await
+        .unwrap_or_else(|_| panic!("the shadow test took longer than {TEST_TIMEOUT:?}"));
+}
+
+async fn shadowed(chromium: PathBuf) {
+    let artifacts = artifacts_dir();
+    let stable = TestUpstream::start("stable").await;
+    let mirror = TestUpstream::start("mirror").await;
+    let proxy = TestProxy::new()
+        .version("stable", &stable)
+        .version("mirror", &mirror)
+        .route(Route::new("chat", "stable").with("shadow: {version: mirror, percent: 25}"))
+        .start()
+        .await;
+
+    // The API: the route names its shadow, and the member's role says so.
+    let status = proxy.status_json().await;
+    let route = &status["routes"][0];
+    assert_eq!(
+        route["shadow"],
+        json!({"version": "mirror", "percent": 25, "active": true}),
+        "{status:#}"
+    );
+    assert_eq!(
+        route["members"],
+        json!([
+            {"version": "stable", "weight": 100, "role": "baseline"},
+            {"version": "mirror", "weight": 0, "role": "shadow"},
+        ]),
+        "{status:#}"
+    );
+    let history = TestClient::http1()
+        .get(&proxy.admin_url("/api/v1/history?version=mirror"))
+        .await
+        .json();
+    assert_eq!(history["series"][0]["role"], "shadow", "{history:#}");
+
+    // The page labels it.
+    let mut browser =
+        Browser::launch(&chromium, artifacts.join("status-page-shadow-chromium.log")).await;
+    browser.open(&proxy.admin_url("/")).await;
+    let mut page: Value;
+    assert_eventually!(
+        {
+            page = browser.state().await;
+            page["conn"] == "live"
+                && page["roles"] == json!({"stable": "baseline", "mirror": "shadow"})
+                && page["shadowBadges"] == json!(["shadow 25%"])
+                && page["versions"]["mirror"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("shadow on chat (25% copied)"))
+        },
+        PAGE_TIMEOUT,
+        "the page never showed mirror as the shadow; it shows: {page:#}"
+    );
     let errors = std::mem::take(&mut browser.page_errors);
     browser.close().await;
     proxy.shutdown().await;

@@ -34,7 +34,7 @@ use crate::decision::{Action, Command, Controller, Refused};
 use crate::evaluator::rules::Trigger;
 use crate::proxy::body::RespBody;
 use crate::routing::store::Store;
-use crate::routing::table::{RouteState, Table};
+use crate::routing::table::{Route, RouteState, Table};
 use crate::telemetry::{HistoryPoint, WindowStats};
 
 /// The live status page (`GET /`): one self-contained HTML file, no CDN, no build step.
@@ -144,10 +144,44 @@ pub struct RouteStatus {
     pub baseline: String,
     pub state: RouteState,
     pub weights: std::collections::BTreeMap<String, u32>,
+    /// Every version on the route, in the table's order, with its effective weight and its
+    /// role (see [`role`]).
+    pub members: Vec<MemberStatus>,
+    /// The version that gets a copy of `percent` % of the route's requests (SPEC §4);
+    /// `active: false` while it is quarantined (no copies). Absent without a shadow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
     /// Where a progressive rollout stands (`waiting_for: traffic` while a hold lacks
     /// evidence); absent without one in progress.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<crate::evaluator::RolloutView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberStatus {
+    pub version: String,
+    pub weight: u32,
+    pub role: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShadowStatus {
+    pub version: String,
+    pub percent: u32,
+    pub active: bool,
+}
+
+/// What member `i` of `route` is there for: `baseline`; `shadow`, the route's shadow
+/// version (a weight-0 member that gets copies, whose answers never reach a client); or
+/// `candidate`, every other version (judged against the baseline, the shadow too).
+pub fn role(route: &Route, i: usize) -> &'static str {
+    if i == route.baseline {
+        "baseline"
+    } else if route.shadow.as_ref().is_some_and(|s| s.member == i) {
+        "shadow"
+    } else {
+        "candidate"
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -177,6 +211,21 @@ pub fn status(store: &Store, view: &crate::evaluator::View, table: &Table) -> St
                 baseline: table.versions[r.baseline_member().version].name.to_string(),
                 state: r.state,
                 weights: r.weights(table),
+                members: r
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| MemberStatus {
+                        version: table.versions[m.version].name.to_string(),
+                        weight: m.weight,
+                        role: role(r, i),
+                    })
+                    .collect(),
+                shadow: r.shadow.as_ref().map(|s| ShadowStatus {
+                    version: table.versions[r.members[s.member].version].name.to_string(),
+                    percent: s.percent,
+                    active: s.active,
+                }),
                 rollout: view.rollouts.get(&*r.name).cloned(),
             })
             .collect(),
@@ -236,7 +285,7 @@ pub struct History {
 pub struct HistorySeries {
     pub route: String,
     pub version: String,
-    /// `baseline` or `candidate` on this route.
+    /// `baseline`, `candidate` or `shadow` on this route (see [`role`]).
     pub role: &'static str,
     pub start: u64,
     pub requests: Vec<u32>,
@@ -289,11 +338,7 @@ pub fn history(
             doc.series.push(HistorySeries {
                 route: r.name.to_string(),
                 version: name.to_string(),
-                role: if i == r.baseline {
-                    "baseline"
-                } else {
-                    "candidate"
-                },
+                role: role(r, i),
                 start,
                 requests: points.iter().map(|p| p.requests).collect(),
                 errors: points.iter().map(|p| p.errors).collect(),
