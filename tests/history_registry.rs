@@ -1,6 +1,6 @@
 //! Statistics of versions that left the config are freed: cycling through release names
-//! (a new version name every deploy) does not grow the telemetry registry, their series leave
-//! `/metrics`, and a name that comes back starts from zero.
+//! (a new version name every deploy) through reloads does not grow the telemetry registry,
+//! their series leave `/metrics`, and a name that comes back starts from zero.
 
 #[macro_use]
 mod support;
@@ -71,10 +71,8 @@ async fn a_thousand_release_names_cycled_through_reloads_do_not_grow_the_registr
         let yaml = template.replace("{REL}", &name);
         let config = Config::from_str(&yaml, Path::new("rollgate.yaml"))
             .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        // The store frees what the new table no longer has (Telemetry::retain).
         store.update(Some(config), |_| {}).expect("reload");
-        // What the store does after compiling each table (src/routing/store.rs); calling
-        // it again is harmless.
-        telemetry.retain(&store.load());
     };
     for i in 1..=1000 {
         reload(format!("rel-{i}"));
