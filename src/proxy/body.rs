@@ -101,6 +101,8 @@ pub struct Sent {
     waiting_on_client: AtomicBool,
     error: OnceLock<ClientBodyError>,
     received: AtomicU64,
+    /// Milliseconds since `base` when the client last sent body bytes.
+    read_ms: AtomicU64,
 }
 
 impl Default for Sent {
@@ -113,6 +115,7 @@ impl Default for Sent {
             waiting_on_client: AtomicBool::new(false),
             error: OnceLock::new(),
             received: AtomicU64::new(0),
+            read_ms: AtomicU64::new(0),
         }
     }
 }
@@ -160,6 +163,11 @@ impl Sent {
     /// Bytes read from the client so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// When the client last sent body bytes (or the body was created).
+    pub fn last_read(&self) -> Instant {
+        self.base + Duration::from_millis(self.read_ms.load(Ordering::Relaxed))
     }
 
     /// Resolves once the body has been sent.
@@ -398,6 +406,8 @@ impl ReplayBody {
         if let Poll::Ready(Some(Ok(f))) = &polled {
             if let Some(d) = f.data_ref() {
                 sent.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                let ms = sent.base.elapsed().as_millis() as u64;
+                sent.read_ms.store(ms, Ordering::Relaxed);
             }
         }
         match polled {
@@ -645,6 +655,11 @@ impl Probe {
     /// Bytes read from the client so far.
     pub fn received(&self) -> u64 {
         self.0.as_ref().map_or(0, |s| s.received())
+    }
+
+    /// When the client last sent body bytes.
+    pub fn last_read(&self) -> Option<Instant> {
+        self.0.as_ref().map(|s| s.last_read())
     }
 }
 

@@ -179,6 +179,8 @@ pub struct Recording {
     ttfb_from: Option<Instant>,
     head_at: Option<Instant>,
     ttfb: Option<Duration>,
+    /// When the upstream last sent something (head or body frame).
+    last_out: Option<Instant>,
     status: u16,
     /// The response is gRPC; its status from a trailers-only head.
     grpc: bool,
@@ -207,6 +209,7 @@ impl Recording {
             ttfb_from: None,
             head_at: None,
             ttfb: None,
+            last_out: None,
             status: 0,
             grpc: false,
             grpc_head: None,
@@ -271,6 +274,7 @@ impl Recording {
     ) {
         let now = Instant::now();
         self.head_at = Some(now);
+        self.last_out = Some(now);
         self.ttfb_from = Some(match sent {
             // In memory: sent with the request, after any injected delay (which is in the
             // span from `start`).
@@ -300,6 +304,7 @@ impl Recording {
             self.ttfb = self.ttfb_from.map(|t| t.elapsed());
         }
         self.bytes_sent += data.len() as u64;
+        self.last_out = Some(Instant::now());
         if let Some(c) = &mut self.capture {
             c.push(data);
         }
@@ -331,8 +336,15 @@ impl Recording {
             End::Upstream(_) if self.head_at.is_some() && self.client.client_error().is_some() => {
                 End::ClientGone
             }
+            // Both sides quiet on a full-duplex stream: whoever spoke last is waiting for
+            // the other. The upstream answered the client's last message, so it is the
+            // client's turn.
             End::Upstream(UpstreamErrorKind::Timeout)
-                if self.head_at.is_some() && self.client.open() =>
+                if self.client.open()
+                    && self
+                        .last_out
+                        .zip(self.client.last_read())
+                        .is_some_and(|(out, read)| out >= read) =>
             {
                 End::ClientGone
             }

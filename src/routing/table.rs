@@ -90,6 +90,11 @@ pub struct Route {
     /// gRPC statuses that count against a version (bit n: code n).
     pub grpc_faults: u32,
     pub shadow: Option<ShadowRoute>,
+    /// Statistics handles the route's config can route to while this table does not (the
+    /// fallback's, retry counters toward the baseline and the fallback): held so that
+    /// [`crate::telemetry::Telemetry::retain`] keeps them across health flips.
+    pub standby_pairs: Box<[Arc<PairStats>]>,
+    pub standby_retries: Box<[Arc<RetryCounter>]>,
 }
 
 /// A route's shadow version (SPEC section 4): a weight-0 member that also receives a copy
@@ -512,6 +517,18 @@ pub fn compile(
             }
             _ => None,
         };
+        let mut standby_pairs = Vec::new();
+        let mut standby_retries = Vec::new();
+        for m in members.iter() {
+            let from = &versions[m.version].name;
+            standby_retries.push(res.retry_counter(&rc.name, from, baseline_name));
+            if let Some(fb) = &rc.fallback {
+                standby_retries.push(res.retry_counter(&rc.name, from, fb));
+            }
+        }
+        if let Some(fb) = &rc.fallback {
+            standby_pairs.push(res.pair(&rc.name, fb));
+        }
         if stand_in != baseline_pos {
             // Retries go to the fallback: count them under its name.
             let to = &versions[members[stand_in].version].name;
@@ -569,6 +586,8 @@ pub fn compile(
             ),
             grpc_faults: rc.grpc_fault_codes,
             shadow,
+            standby_pairs: standby_pairs.into_boxed_slice(),
+            standby_retries: standby_retries.into_boxed_slice(),
         });
     }
     Ok(Table {

@@ -125,6 +125,12 @@ impl Telemetry {
                 pairs.insert(key(Arc::as_ptr(&m.stats).cast()));
                 retries.insert(key(Arc::as_ptr(&m.retries_to_baseline).cast()));
             }
+            for p in r.standby_pairs.iter() {
+                pairs.insert(key(Arc::as_ptr(p).cast()));
+            }
+            for c in r.standby_retries.iter() {
+                retries.insert(key(Arc::as_ptr(c).cast()));
+            }
         }
         let versions: HashSet<usize> = table
             .versions
