@@ -453,11 +453,15 @@ mod tests {
 
     #[test]
     fn a_shadow_states_its_share_of_the_work() {
-        let w = warnings(&config(&route(", shadow: {version: c, percent: 25}"), QUIET));
+        let w = warnings(&config(
+            &route(", shadow: {version: c, percent: 25}"),
+            QUIET,
+        ));
         assert!(
-            w.iter()
-                .any(|w| w.contains("shadow c gets a copy of 25% of the route's requests")
-                    && w.contains("GPU")),
+            w.iter().any(
+                |w| w.contains("shadow c gets a copy of 25% of the route's requests")
+                    && w.contains("GPU")
+            ),
             "{w:?}"
         );
     }
