@@ -1811,3 +1811,55 @@ async fn health_listen_serves_probes_and_metrics_only() {
     assert_eq!(version_of(&admin.status().await, "b")["quarantined"], false);
     shut_down(running).await;
 }
+
+/// Reloads run one at a time, each reading the file inside its turn: a reload that read the
+/// file before an edit can never apply that stale text after a reload that read the edit
+/// (CI caught the file watcher's reload of an older save landing after an API reload of the
+/// newer one, so `status` showed the old endpoints). Here a stream of API reloads is busy
+/// parsing a long file when a short edit lands and is reloaded: the edit must win.
+#[tokio::test]
+async fn a_reload_never_applies_text_older_than_one_already_applied() {
+    let (_stable, _canary, proxy) = stable_canary((50, 50)).await;
+    let admin = AdminApi::of(&proxy);
+    let path = PathBuf::from(
+        admin.get("/api/v1/config").await.json()["source"]
+            .as_str()
+            .unwrap(),
+    );
+    let short = proxy.yaml().to_string();
+    assert!(short.contains("owner: rollgate-tests"));
+    let padding: String = (0..20_000).map(|i| format!("# note {i}\n")).collect();
+    let owner = |s: &Value| route_of(s, "chat")["owner"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        let long = format!("{short}{padding}").replace("rollgate-tests", &format!("old-{i}"));
+        save_like_an_editor(&path, &long);
+        let stop = Arc::new(AtomicBool::new(false));
+        let hammer = {
+            let (admin, stop) = (admin.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (a, b) = (admin.clone(), admin.clone());
+                    tokio::join!(
+                        a.post("/api/v1/reload", "{}"),
+                        b.post("/api/v1/reload", "{}")
+                    );
+                }
+            })
+        };
+        assert_eventually!(
+            owner(&admin.status().await) == format!("old-{i}"),
+            Duration::from_secs(10),
+            "the long file never loaded"
+        );
+        save_like_an_editor(&path, &short.replace("rollgate-tests", &format!("new-{i}")));
+        admin.post_ok("/api/v1/reload", json!({})).await;
+        stop.store(true, Ordering::Relaxed);
+        hammer.await.unwrap();
+        assert_eq!(
+            owner(&admin.status().await),
+            format!("new-{i}"),
+            "round {i}: a reload that read the file before the edit applied it afterwards"
+        );
+    }
+    proxy.shutdown().await;
+}

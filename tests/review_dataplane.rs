@@ -26,21 +26,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// take this.
 static PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn count(proxy: &TestProxy, version: &str, class: &str) -> f64 {
-    proxy
-        .metric(
-            "rollgate_requests_total",
-            &[("version", version), ("classification", class)],
-        )
-        .await
-}
-
-async fn answered_by(proxy: &TestProxy, version: &str) -> f64 {
-    proxy
-        .metric("rollgate_requests_total", &[("version", version)])
-        .await
-}
-
 /// Requests begun and not yet recorded for (route, version): what a rollback drains.
 fn pair_in_flight(proxy: &TestProxy, route: &str, version: &str) -> i64 {
     let t = proxy.running().store.load();
@@ -117,7 +102,7 @@ async fn defect_retry_ttfb_on_baseline_includes_the_failed_canary_attempt() {
     assert_eq!(r.retried_from(), Some("canary"));
     assert_eq!(r.version(), Some("stable"));
     assert_eventually!(
-        answered_by(&proxy, "stable").await == 1.0,
+        proxy.answered_by("stable").await == 1.0,
         Duration::from_secs(5)
     );
     let text = proxy.metrics_text().await;
@@ -153,7 +138,7 @@ async fn defect_injected_latency_is_counted_twice_in_ttfb_for_bodiless_requests(
     let wall = started.elapsed();
     assert_eq!(r.status, 200);
     assert_eventually!(
-        answered_by(&proxy, "stable").await == 1.0,
+        proxy.answered_by("stable").await == 1.0,
         Duration::from_secs(5)
     );
     let text = proxy.metrics_text().await;
@@ -202,16 +187,13 @@ async fn defect_5xx_is_hidden_as_client_abort_when_client_leaves_mid_body() {
     let _ = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
     drop(body);
     drop(client);
-    assert_eventually!(
-        answered_by(&proxy, "m").await == 1.0,
-        Duration::from_secs(5)
-    );
+    assert_eventually!(proxy.answered_by("m").await == 1.0, Duration::from_secs(5));
     assert_eq!(
-        count(&proxy, "m", "error").await,
+        proxy.classified("m", "error").await,
         1.0,
         "a 503 was recorded as {} client_abort / {} error",
-        count(&proxy, "m", "client_abort").await,
-        count(&proxy, "m", "error").await
+        proxy.classified("m", "client_abort").await,
+        proxy.classified("m", "error").await
     );
     proxy.shutdown().await;
 }
@@ -245,12 +227,9 @@ async fn defect_client_body_error_after_response_head_is_blamed_on_version() {
     read_until(&mut s, b"hello").await;
     // Now the client's body breaks: a chunk size that is not hex.
     s.write_all(b"zz\r\nbroken\r\n").await.unwrap();
-    assert_eventually!(
-        answered_by(&proxy, "m").await == 1.0,
-        Duration::from_secs(5)
-    );
+    assert_eventually!(proxy.answered_by("m").await == 1.0, Duration::from_secs(5));
     assert_eq!(
-        count(&proxy, "m", "error").await,
+        proxy.classified("m", "error").await,
         0.0,
         "the client's malformed body counted against the version"
     );
@@ -281,12 +260,9 @@ async fn defect_client_stalling_mid_duplex_stream_is_blamed_on_version() {
     .unwrap();
     read_until(&mut s, b"hello").await;
     // The client stops sending (and keeps the connection open).
-    assert_eventually!(
-        answered_by(&proxy, "m").await == 1.0,
-        Duration::from_secs(5)
-    );
+    assert_eventually!(proxy.answered_by("m").await == 1.0, Duration::from_secs(5));
     assert_eq!(
-        count(&proxy, "m", "error").await,
+        proxy.classified("m", "error").await,
         0.0,
         "a client that stalled its own upload counted against the version"
     );
@@ -564,7 +540,7 @@ async fn guard_healthy_shadow_gets_copies_of_1mib_streamed_bodies() {
     }
     assert_eventually!(shadow.request_count() == 5, Duration::from_secs(5));
     assert_eventually!(
-        answered_by(&proxy, "shadow").await == 5.0,
+        proxy.answered_by("shadow").await == 5.0,
         Duration::from_secs(5)
     );
     let slow = proxy

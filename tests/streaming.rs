@@ -16,21 +16,6 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use support::*;
 
-async fn errors_of(proxy: &TestProxy, version: &str) -> f64 {
-    proxy
-        .metric(
-            "rollgate_requests_total",
-            &[("version", version), ("classification", "error")],
-        )
-        .await
-}
-
-async fn answered_by(proxy: &TestProxy, version: &str) -> f64 {
-    proxy
-        .metric("rollgate_requests_total", &[("version", version)])
-        .await
-}
-
 #[tokio::test]
 async fn grpc_bidirectional_stream_does_five_round_trips() {
     let up = TestUpstream::start("triton").await;
@@ -83,10 +68,10 @@ async fn grpc_bidirectional_stream_does_five_round_trips() {
     }
     assert_eq!(trailers.expect("grpc trailers")["grpc-status"], "0");
     assert_eventually!(
-        answered_by(&proxy, "triton").await == 1.0,
+        proxy.answered_by("triton").await == 1.0,
         Duration::from_secs(5)
     );
-    assert_eq!(errors_of(&proxy, "triton").await, 0.0);
+    assert_eq!(proxy.classified("triton", "error").await, 0.0);
     proxy.shutdown().await;
 }
 
@@ -119,10 +104,10 @@ async fn a_slow_upload_is_not_the_versions_first_byte_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(2900));
     assert_eq!(up.requests()[0].body.len(), 30 * (200 * 1024 / 30));
     assert_eventually!(
-        answered_by(&proxy, "vision").await == 1.0,
+        proxy.answered_by("vision").await == 1.0,
         Duration::from_secs(5)
     );
-    assert_eq!(errors_of(&proxy, "vision").await, 0.0);
+    assert_eq!(proxy.classified("vision", "error").await, 0.0);
     // TTFB started when the body had been sent: nowhere near the 3 s upload.
     let text = proxy.metrics_text().await;
     let ttfb_sum = metric_sum(
@@ -152,11 +137,8 @@ async fn a_client_that_stalls_mid_upload_gets_408_and_the_version_no_error() {
     let r = TestClient::http1().send(req).await;
     drop(tx);
     assert_eq!(r.status, 408, "{}", r.text());
-    assert_eventually!(
-        answered_by(&proxy, "m").await == 1.0,
-        Duration::from_secs(5)
-    );
-    assert_eq!(errors_of(&proxy, "m").await, 0.0);
+    assert_eventually!(proxy.answered_by("m").await == 1.0, Duration::from_secs(5));
+    assert_eq!(proxy.classified("m", "error").await, 0.0);
     proxy.shutdown().await;
 }
 
@@ -222,25 +204,22 @@ async fn grpc_blame_follows_the_routes_codes_and_the_clients_deadline() {
     // The client's own 1 ms deadline passed long before the answer: its doing.
     let r = client.send(call(Some("1m"))).await;
     assert_eq!(r.trailer("grpc-status"), Some("4"));
-    assert_eventually!(
-        answered_by(&proxy, "g").await == 1.0,
-        Duration::from_secs(5)
-    );
-    assert_eq!(errors_of(&proxy, "g").await, 0.0);
+    assert_eventually!(proxy.answered_by("g").await == 1.0, Duration::from_secs(5));
+    assert_eq!(proxy.classified("g", "error").await, 0.0);
     // No client deadline (or a longer one): the version's DEADLINE_EXCEEDED.
     client.send(call(None)).await;
     client.send(call(Some("10S"))).await;
-    assert_eventually!(errors_of(&proxy, "g").await == 2.0, Duration::from_secs(5));
+    assert_eventually!(
+        proxy.classified("g", "error").await == 2.0,
+        Duration::from_secs(5)
+    );
     // A code outside the route's set is not a fault; one inside is.
     up.set(Reply::Grpc { status: 13 });
     client.send(call(None)).await;
     up.set(Reply::Grpc { status: 14 });
     client.send(call(None)).await;
-    assert_eventually!(
-        answered_by(&proxy, "g").await == 5.0,
-        Duration::from_secs(5)
-    );
-    assert_eq!(errors_of(&proxy, "g").await, 3.0);
+    assert_eventually!(proxy.answered_by("g").await == 5.0, Duration::from_secs(5));
+    assert_eq!(proxy.classified("g", "error").await, 3.0);
     proxy.shutdown().await;
 }
 
@@ -428,7 +407,7 @@ async fn a_full_shadow_gets_every_request_and_never_slows_the_client() {
     }
     // Measured under its own label once its answers end.
     assert_eventually!(
-        answered_by(&proxy, "shadow").await == 20.0,
+        proxy.answered_by("shadow").await == 20.0,
         Duration::from_secs(10)
     );
     let status = proxy.status_json().await;

@@ -75,6 +75,9 @@ pub struct Reloader {
     /// The access log this instance started and installed (see [`access_log::install`]).
     /// Its lock is cold: taken at start, on a reload and at shutdown.
     access_log: Mutex<Option<Arc<AccessLog>>>,
+    /// One reload at a time, from reading the file to the record: a reload that read the
+    /// file before an edit must not apply that text after one that read the edit.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// Config keys whose change needs a restart: reported, not applied.
@@ -130,6 +133,7 @@ impl Reloader {
             admin_token: ArcSwapOption::from(token.map(Arc::new)),
             last_failed: Mutex::new(None),
             access_log: Mutex::new(None),
+            turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -206,6 +210,7 @@ impl Reloader {
     /// Reloads now. `Ok(None)`: a watched change that left the file as it was (certificates
     /// were still re-read). `Ok(Some(record))`: the new table serves. `Err`: nothing changed.
     pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, Rejected> {
+        let _turn = self.turn.lock().await;
         let path = self.path.clone();
         let read = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&path);

@@ -231,8 +231,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// The request body as far as routing had to read it.
 enum BodyState {
     Unread(Incoming),
-    /// Placeholder while routing reads it.
-    Taken,
     /// Read whole by model routing, with its trailers and its share of the process-wide
     /// buffer cap.
     Buffered(Bytes, Option<HeaderMap>, Buffered),
@@ -340,24 +338,25 @@ async fn choose_route<'t>(
                 .get(&hdr::X_GATEWAY_MODEL_NAME)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            if let (None, BodyState::Unread(b)) =
-                (&model, std::mem::replace(&mut body, BodyState::Taken))
-            {
-                // Any model route whose head matches may be chosen: read up to the largest
-                // of their limits, then hold the chosen route to its own.
-                let limit = table
-                    .routes
-                    .iter()
-                    .filter(|x| !x.config.matcher.models.is_empty())
-                    .filter(|x| x.matches_head(parts.uri.path(), host, &parts.headers))
-                    .map(|x| x.config.max_request_body)
-                    .max()
-                    .unwrap_or(r.config.max_request_body);
-                let (bytes, trailers, reserved) =
-                    read_all(b, limit, r.config.timeouts.idle).await?;
-                model = body_model(&bytes);
-                body = BodyState::Buffered(bytes, trailers, reserved);
-            }
+            body = match body {
+                BodyState::Unread(b) if model.is_none() => {
+                    // Any model route whose head matches may be chosen: read up to the
+                    // largest of their limits, then hold the chosen route to its own.
+                    let limit = table
+                        .routes
+                        .iter()
+                        .filter(|x| !x.config.matcher.models.is_empty())
+                        .filter(|x| x.matches_head(parts.uri.path(), host, &parts.headers))
+                        .map(|x| x.config.max_request_body)
+                        .max()
+                        .unwrap_or(r.config.max_request_body);
+                    let (bytes, trailers, reserved) =
+                        read_all(b, limit, r.config.timeouts.idle).await?;
+                    model = body_model(&bytes);
+                    BodyState::Buffered(bytes, trailers, reserved)
+                }
+                other => other,
+            };
         }
         if r.matches_model(model.as_deref()) {
             return Ok((r, body));
@@ -512,18 +511,19 @@ async fn proxy(
             _held = Some(reserved);
             ReqBody::full(b, trailers)
         }
-        BodyState::Taken => ReqBody::Empty,
         BodyState::Unread(b) if b.is_end_stream() => ReqBody::Empty,
         BodyState::Unread(b) => ReqBody::Stream(ReplayBody::new(b, limit, idle)),
     };
     rec.client_body(body.probe());
+    // A shadow copy's line is the client's with its own reason and outcome.
+    let mut shadow_entry = None;
     if let (Some(e), Some(log)) = (entry.take(), &log) {
-        rec.observe(Box::new(LogObserver {
-            log: log.clone(),
-            entry: e,
-            began,
-            body: body.probe(),
-        }));
+        if route.shadow.is_some() {
+            let mut copy = e.clone();
+            copy.reason = Some(Reason::Shadow.as_str());
+            shadow_entry = Some(LogObserver::new(log, copy, began, &body));
+        }
+        rec.observe(LogObserver::new(log, e, began, &body));
     }
     if too_large {
         let r = Refusal::BodyTooLarge;
@@ -578,18 +578,7 @@ async fn proxy(
         let room = shared.in_flight().saturating_add(shadow_cap) < cap;
         match InFlight::acquire(&shared.shadow_in_flight, shadow_cap).filter(|_| room) {
             Some(p) => {
-                let observer = log.as_ref().map(|log| {
-                    let mut e = entry_for(&parts.method, &parts.uri, parts.version, &parts.headers);
-                    e.request_id = Some(request_id.clone());
-                    e.route = Some(route.name.clone());
-                    e.reason = Some(Reason::Shadow.as_str());
-                    Box::new(LogObserver {
-                        log: log.clone(),
-                        entry: Box::new(e),
-                        began,
-                        body: body.probe(),
-                    }) as Box<dyn outcome::Observer>
-                });
+                let observer = shadow_entry.take();
                 spawn_shadow(
                     table.clone(),
                     route,
@@ -1209,6 +1198,22 @@ struct LogObserver {
     entry: Box<AccessEntry>,
     began: Instant,
     body: super::body::Probe,
+}
+
+impl LogObserver {
+    fn new(
+        log: &Arc<AccessLog>,
+        entry: Box<AccessEntry>,
+        began: Instant,
+        body: &ReqBody,
+    ) -> Box<dyn outcome::Observer> {
+        Box::new(LogObserver {
+            log: log.clone(),
+            entry,
+            began,
+            body: body.probe(),
+        })
+    }
 }
 
 impl outcome::Observer for LogObserver {

@@ -121,10 +121,6 @@ pub struct ShadowDropped {
     pub incomplete: prometheus_client::metrics::counter::Counter,
 }
 
-impl ShadowDropped {
-    pub const REASONS: [&'static str; 3] = ["overloaded", "slow", "incomplete"];
-}
-
 impl Route {
     pub fn baseline_member(&self) -> &Member {
         &self.members[self.baseline]

@@ -265,6 +265,21 @@ impl TestProxy {
         metric_sum(&self.metrics_text().await, name, labels)
     }
 
+    /// Requests recorded for `version`, every classification.
+    pub async fn answered_by(&self, version: &str) -> f64 {
+        self.metric("rollgate_requests_total", &[("version", version)])
+            .await
+    }
+
+    /// Requests recorded for `version` with `classification`.
+    pub async fn classified(&self, version: &str, class: &str) -> f64 {
+        self.metric(
+            "rollgate_requests_total",
+            &[("version", version), ("classification", class)],
+        )
+        .await
+    }
+
     /// Every record of the audit log, oldest first.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         audit_records_in(self.running().controller.audit.path())
