@@ -521,9 +521,9 @@ async fn proxy(
         if route.shadow.is_some() {
             let mut copy = e.clone();
             copy.reason = Some(Reason::Shadow.as_str());
-            shadow_entry = Some(LogObserver::new(log, copy, began, &body));
+            shadow_entry = Some(LogObserver::boxed(log, copy, began, &body));
         }
-        rec.observe(LogObserver::new(log, e, began, &body));
+        rec.observe(LogObserver::boxed(log, e, began, &body));
     }
     if too_large {
         let r = Refusal::BodyTooLarge;
@@ -1201,7 +1201,8 @@ struct LogObserver {
 }
 
 impl LogObserver {
-    fn new(
+    /// The observer that writes `entry` when the recording closes.
+    fn boxed(
         log: &Arc<AccessLog>,
         entry: Box<AccessEntry>,
         began: Instant,
