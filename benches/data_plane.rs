@@ -1,5 +1,6 @@
-//! What the data plane's optional features cost (SPEC section 4, shadow; section 7, access
-//! log), against the same proxy without them. Not criterion: it prints markdown tables.
+//! What the proxy adds over talking to the upstream directly, and what the data plane's
+//! optional features cost (SPEC section 4, shadow; section 7, access log) against the same
+//! proxy without them. Not criterion: it prints markdown tables.
 //!
 //! Everything is a real process on 127.0.0.1 (ports found by binding port 0):
 //!
@@ -8,37 +9,51 @@
 //! - two upstreams, `rollgate mock-model --latency 0ms` as versions `a` and `b`, pinned to
 //!   core 1 and kept for the whole run;
 //! - the load generator: this process (moved to core 1 with `taskset -a -p`), a
-//!   current-thread tokio runtime driving 16 HTTP/1.1 keep-alive connections
+//!   current-thread tokio runtime driving (by default) 16 HTTP/1.1 keep-alive connections
 //!   (`hyper::client::conn::http1`) that take requests from one shared queue, fed by a
 //!   pacing OS thread on a fixed open-loop schedule (request `i` is due at
 //!   `start + i / rate`, whatever the proxy does). Each request is a POST of a 1 KiB OpenAI
 //!   chat-completions body; its latency runs from its *scheduled* send time to the end of
 //!   the response body, so a stalled proxy's queueing counts (no coordinated omission).
 //!
-//! Rows: `plain` (route `{a: 100}`), `shadow 100 %` (the same route with
+//! Rows: `direct` (the same load sent straight to upstream `a`, no proxy: the baseline of
+//! what the proxy adds), `plain` (route `{a: 100}`), `shadow 100 %` (the same route with
 //! `shadow: {version: b, percent: 100}`: every request is also copied to `b`), `access log`
 //! (top-level `access_log: {path: <temp file>, sample: 1.0}`), and both. Evaluator and
 //! everything else at their defaults. Each row: readiness by polling the admin `/readyz`,
 //! a warm-up, then a measured window: client latency p50/p99/p99.9 (hdrhistogram, µs),
 //! errors (non-2xx, failed or timed-out requests), and the proxy's CPU per request: the
 //! change of utime+stime in `/proc/<pid>/stat` over the window (from the first measured
-//! request's due time to the last response) divided by the measured requests; the two
-//! upstreams' likewise, for what the shadow adds to core 1. At the end of a row the
-//! proxy's `/metrics` says how many copies reached `b` and how many shadow copies or log
-//! lines it dropped, and the log file's lines are counted: a row whose feature did not run
-//! shows it. Rows are interleaved over the rounds (plain, shadow, log, both, plain, ...),
-//! after one unreported plain row that warms everything up, so that drifting background
-//! load spreads over all of them; the summary is the median per row, and each feature row
-//! is also compared with the same round's plain row.
+//! request's due time to the last response) divided by the measured requests (none for
+//! `direct`); the two upstreams' likewise, for what the shadow adds to core 1. At the end
+//! of a row the proxy's `/metrics` says how many copies reached `b` and how many shadow
+//! copies or log lines it dropped, and the log file's lines are counted: a row whose
+//! feature did not run shows it. Rows are interleaved over the rounds (direct, plain,
+//! shadow, log, both, direct, ...), after one unreported plain row that warms everything
+//! up, so that drifting background load spreads over all of them; the summary is the
+//! median per row. When `direct` is measured, every other row also gets the latency it
+//! adds: its p50 and p99 minus the same round's `direct` row's, the median over the
+//! rounds. Each feature row is also compared with the same round's plain row. Each rate
+//! is its own table, measured after the previous rate's.
 //!
-//! `cargo bench --bench data_plane` runs the full version (3 rounds of 4 rows, 1 s warm-up
-//! and 10 s measured each at 1,000 req/s: about 2.5 minutes after the build; more rounds
-//! of fewer seconds, e.g. `ROLLGATE_BENCH_ROUNDS=9 ROLLGATE_BENCH_SECS=3`, give more
-//! paired comparisons in the same time). Without `--bench` (`cargo test --benches`) a
-//! smoke version: 1 round, 1 s at 200 req/s, which fails only if requests fail or a
-//! feature did nothing. Knobs: `ROLLGATE_BENCH_RATE` (req/s, default 1000),
+//! `cargo bench --bench data_plane` runs the full version (3 rounds of the 4 feature rows,
+//! 1 s warm-up and 10 s measured each at 1,000 req/s: about 2.5 minutes after the build;
+//! more rounds of fewer seconds, e.g. `ROLLGATE_BENCH_ROUNDS=9 ROLLGATE_BENCH_SECS=3`,
+//! give more paired comparisons in the same time). Knobs of the full run:
+//! `ROLLGATE_BENCH_RATE` (req/s, default 1000; a comma list such as `1000,3000` measures
+//! one table per rate), `ROLLGATE_BENCH_CONNS` (client connections, default 16),
 //! `ROLLGATE_BENCH_SECS` (measured seconds per row, default 10), `ROLLGATE_BENCH_ROUNDS`
-//! (default 3).
+//! (default 3). `ROLLGATE_BENCH_ROWS` chooses the rows, of both versions: a comma list of
+//! `direct`, `plain`, `shadow`, `log`, `both` (measured in that order whatever the list's;
+//! default `plain,shadow,log,both`). agentgateway's published protocol, "added p99 over
+//! direct at fixed 1,000 and 3,000 QPS, 32 connections, 1 KiB OpenAI bodies", is
+//! `ROLLGATE_BENCH_ROWS=direct,plain ROLLGATE_BENCH_CONNS=32 ROLLGATE_BENCH_RATE=1000,3000
+//! cargo bench --bench data_plane`.
+//!
+//! Without `--bench` (`cargo test --benches`) a smoke version: 1 round, 1 s at 200 req/s,
+//! which fails only if requests fail or a feature did nothing. Its default rows are the
+//! feature rows: `direct` would add 1.2 s and checks no feature
+//! (`ROLLGATE_BENCH_ROWS=direct,plain cargo test --bench data_plane` smokes it).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
@@ -56,7 +71,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 
 const ROLLGATE: &str = env!("CARGO_BIN_EXE_rollgate");
-/// Client connections to the proxy.
+/// Client connections, unless `ROLLGATE_BENCH_CONNS` says otherwise.
 const CONNECTIONS: usize = 16;
 /// Size of each request body.
 const BODY_BYTES: usize = 1024;
@@ -68,12 +83,59 @@ const READY_BOUND: Duration = Duration::from_secs(20);
 const LOG_SETTLE_BOUND: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
-// Knobs
+// Rows and knobs
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    Direct,
+    Plain,
+    Shadow,
+    Log,
+    Both,
+}
+
+impl Row {
+    /// Every row, in the order a round measures them.
+    const ALL: [Row; 5] = [Row::Direct, Row::Plain, Row::Shadow, Row::Log, Row::Both];
+    /// The default rows: the features against the proxy without them.
+    const FEATURES: [Row; 4] = [Row::Plain, Row::Shadow, Row::Log, Row::Both];
+
+    /// Its name in `ROLLGATE_BENCH_ROWS`.
+    fn name(self) -> &'static str {
+        match self {
+            Row::Direct => "direct",
+            Row::Plain => "plain",
+            Row::Shadow => "shadow",
+            Row::Log => "log",
+            Row::Both => "both",
+        }
+    }
+    fn named(name: &str) -> Option<Row> {
+        Row::ALL.into_iter().find(|r| r.name() == name)
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Row::Direct => "direct (no proxy)",
+            Row::Plain => "plain",
+            Row::Shadow => "shadow 100 %",
+            Row::Log => "access log",
+            Row::Both => "shadow 100 % + access log",
+        }
+    }
+    fn shadow(self) -> bool {
+        matches!(self, Row::Shadow | Row::Both)
+    }
+    fn log(self) -> bool {
+        matches!(self, Row::Log | Row::Both)
+    }
+}
+
+#[derive(Debug, Clone)]
 struct Knobs {
-    full: bool,
-    rate: f64,
+    /// In [`Row::ALL`]'s order, each once.
+    rows: Vec<Row>,
+    rates: Vec<f64>,
+    conns: usize,
     warmup: Duration,
     measure: Duration,
     rounds: usize,
@@ -86,20 +148,46 @@ fn env_num<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// A comma list (`default` when unset or empty). An item `parse` rejects panics: a typo
+/// must not quietly measure something else.
+fn env_list<T: Clone>(key: &str, default: &[T], parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    let text = std::env::var(key).unwrap_or_default();
+    let items: Vec<T> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| parse(x).unwrap_or_else(|| panic!("{key}: cannot read {x:?} in {text:?}")))
+        .collect();
+    if items.is_empty() {
+        default.to_vec()
+    } else {
+        items
+    }
+}
+
 impl Knobs {
     fn new(full: bool) -> Knobs {
+        let chosen = env_list("ROLLGATE_BENCH_ROWS", &Row::FEATURES, Row::named);
+        let rows = Row::ALL
+            .into_iter()
+            .filter(|r| chosen.contains(r))
+            .collect();
         if full {
             Knobs {
-                full,
-                rate: env_num("ROLLGATE_BENCH_RATE", 1000.0),
+                rows,
+                rates: env_list("ROLLGATE_BENCH_RATE", &[1000.0], |x| {
+                    x.parse().ok().filter(|r: &f64| *r > 0.0)
+                }),
+                conns: env_num("ROLLGATE_BENCH_CONNS", CONNECTIONS).max(1),
                 warmup: Duration::from_secs(1),
                 measure: Duration::from_secs_f64(env_num("ROLLGATE_BENCH_SECS", 10.0)),
                 rounds: env_num("ROLLGATE_BENCH_ROUNDS", 3usize).max(1),
             }
         } else {
             Knobs {
-                full,
-                rate: 200.0,
+                rows,
+                rates: vec![200.0],
+                conns: CONNECTIONS,
                 warmup: Duration::from_millis(200),
                 measure: Duration::from_secs(1),
                 rounds: 1,
@@ -318,33 +406,6 @@ fn start_upstream(pin: Pinning, dir: &Path, name: &str) -> Upstream {
     );
     proc.wait_ready(addr, "/health");
     Upstream { addr, proc }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Row {
-    Plain,
-    Shadow,
-    Log,
-    Both,
-}
-
-const ROWS: [Row; 4] = [Row::Plain, Row::Shadow, Row::Log, Row::Both];
-
-impl Row {
-    fn label(self) -> &'static str {
-        match self {
-            Row::Plain => "plain",
-            Row::Shadow => "shadow 100 %",
-            Row::Log => "access log",
-            Row::Both => "shadow 100 % + access log",
-        }
-    }
-    fn shadow(self) -> bool {
-        matches!(self, Row::Shadow | Row::Both)
-    }
-    fn log(self) -> bool {
-        matches!(self, Row::Log | Row::Both)
-    }
 }
 
 struct Proxy {
@@ -566,9 +627,10 @@ struct Sample {
     p99: u64,
     p999: u64,
     max: u64,
-    cpu_per_req_us: f64,
+    /// The proxy's CPU per measured request; none without a proxy (`direct`).
+    cpu_per_req_us: Option<f64>,
     /// The proxy's CPU over the window as a share of one core.
-    cpu_share: f64,
+    cpu_share: Option<f64>,
     /// Both upstreams' CPU per measured request (they share core 1 with this process).
     upstream_cpu_per_req_us: f64,
     /// Requests the proxy recorded for version `b` (the shadow copies).
@@ -579,121 +641,144 @@ struct Sample {
     b_quarantined: bool,
 }
 
-/// The paced open-loop schedule against `proxy`: warm-up, then the measured window.
-fn run_load(
-    runtime: &tokio::runtime::Runtime,
-    proxy: &mut Proxy,
-    k: &Knobs,
-    body: &Bytes,
+/// What every row shares: the knobs, the upstreams, and the client's runtime and body.
+struct Bench {
+    k: Knobs,
+    pin: Pinning,
     ticks: f64,
-    upstreams: &[u32],
-) -> Sample {
-    let pid = proxy.proc.pid();
-    let up_pids = upstreams.to_vec();
-    let up_cpu = move |ticks| up_pids.iter().map(|&p| cpu_us(p, ticks)).sum::<f64>();
-    let up_cpu_end = up_cpu.clone();
-    let addr = proxy.data;
-    let hist = Arc::new(std::sync::Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
-    ));
-    let (tx, rx) = mpsc::unbounded_channel::<Job>();
-    let queue = Arc::new(Mutex::new(rx));
-    // The pacer: an OS thread, so its timing does not depend on the runtime's timer
-    // (1 ms granularity) and a busy runtime cannot delay a due time, only its sending.
-    let (rate, warmup, measure) = (k.rate, k.warmup, k.measure);
-    let pacer = std::thread::spawn(move || {
-        let start = Instant::now() + Duration::from_millis(20);
-        let measure_from = start + warmup;
-        let end = measure_from + measure;
-        let mut cpu0 = None;
-        let (mut sent, mut measured) = (0u64, 0u64);
-        for i in 0u64.. {
-            let due = start + Duration::from_secs_f64(i as f64 / rate);
-            if due >= end {
-                break;
-            }
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            let in_window = due >= measure_from;
-            if in_window && cpu0.is_none() {
-                cpu0 = Some((cpu_us(pid, ticks), up_cpu(ticks), Instant::now()));
-            }
-            if tx
-                .send(Job {
-                    due,
-                    measured: in_window,
-                })
-                .is_err()
-            {
-                break;
-            }
-            sent += 1;
-            measured += u64::from(in_window);
+    a: Upstream,
+    b: Upstream,
+    body: Bytes,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bench {
+    /// One row at `rate`: its own fresh proxy (none for `direct`, whose load goes to `a`).
+    fn row(&self, row: Row, rate: f64) -> Sample {
+        if row == Row::Direct {
+            return self.run_load(self.a.addr, None, rate);
         }
-        let cpu0 = cpu0.unwrap_or((0.0, 0.0, Instant::now()));
-        (cpu0, sent, measured)
-    });
-    let results: Vec<WorkerResult> = runtime.block_on(async {
-        let local = tokio::task::LocalSet::new();
-        local
-            .run_until(async {
-                let tasks: Vec<_> = (0..CONNECTIONS)
-                    .map(|_| {
-                        tokio::task::spawn_local(worker(
-                            addr,
-                            queue.clone(),
-                            body.clone(),
-                            hist.clone(),
-                        ))
-                    })
-                    .collect();
-                let mut out = Vec::new();
-                for t in tasks {
-                    out.push(t.await.expect("load worker"));
+        let mut proxy = start_proxy(self.pin, row, self.a.addr, self.b.addr);
+        self.run_load(proxy.data, Some(&mut proxy), rate)
+    }
+
+    /// The paced open-loop schedule against `addr` (`proxy`'s data port when there is
+    /// one): warm-up, then the measured window.
+    fn run_load(&self, addr: SocketAddr, mut proxy: Option<&mut Proxy>, rate: f64) -> Sample {
+        let ticks = self.ticks;
+        let pid = proxy.as_ref().map(|p| p.proc.pid());
+        let proxy_cpu = move || pid.map(|p| cpu_us(p, ticks));
+        let up_pids = [self.a.proc.pid(), self.b.proc.pid()];
+        let up_cpu = move || up_pids.iter().map(|&p| cpu_us(p, ticks)).sum::<f64>();
+        let hist = Arc::new(std::sync::Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+        ));
+        let (tx, rx) = mpsc::unbounded_channel::<Job>();
+        let queue = Arc::new(Mutex::new(rx));
+        // The pacer: an OS thread, so its timing does not depend on the runtime's timer
+        // (1 ms granularity) and a busy runtime cannot delay a due time, only its sending.
+        let (warmup, measure) = (self.k.warmup, self.k.measure);
+        let pacer = std::thread::spawn(move || {
+            let start = Instant::now() + Duration::from_millis(20);
+            let measure_from = start + warmup;
+            let end = measure_from + measure;
+            let mut cpu0 = None;
+            let (mut sent, mut measured) = (0u64, 0u64);
+            for i in 0u64.. {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if due >= end {
+                    break;
                 }
-                out
-            })
-            .await
-    });
-    let (cpu1, up1, t1) = (cpu_us(pid, ticks), up_cpu_end(ticks), Instant::now());
-    let ((cpu0, up0, t0), sent, measured) = pacer.join().expect("pacer thread");
-    proxy.proc.assert_alive();
-    let hist = hist.lock().expect("histogram");
-    let errors: u64 = results.iter().map(|r| r.measured_errors).sum();
-    let metrics = http_get(proxy.admin, "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    let all_sent: u64 = results.iter().map(|r| r.ok + r.errors).sum();
-    assert_eq!(all_sent, sent, "every scheduled request was sent once");
-    let log_lines = proxy.access_log.as_ref().map(|p| {
-        // One line per request, and one per shadow copy when both features are on.
-        let copies = metric_sum(&metrics, "rollgate_requests_total", &["version=\"b\""]) as u64;
-        settled_lines(p, sent + copies)
-    });
-    // Read again: the writer's drop counter can move while the lines settle.
-    let metrics = http_get(proxy.admin, "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or(metrics);
-    Sample {
-        requests: measured,
-        sent,
-        errors,
-        rate: measured as f64 / measure.as_secs_f64(),
-        p50: hist.value_at_quantile(0.50),
-        p99: hist.value_at_quantile(0.99),
-        p999: hist.value_at_quantile(0.999),
-        max: hist.max(),
-        cpu_per_req_us: (cpu1 - cpu0) / measured.max(1) as f64,
-        cpu_share: (cpu1 - cpu0) / 1e6 / t1.duration_since(t0).as_secs_f64().max(1e-9),
-        upstream_cpu_per_req_us: (up1 - up0) / measured.max(1) as f64,
-        copies: metric_sum(&metrics, "rollgate_requests_total", &["version=\"b\""]),
-        shadow_dropped: metric_sum(&metrics, "rollgate_shadow_dropped_total", &[]),
-        log_lines,
-        log_dropped: metric_sum(&metrics, "rollgate_access_log_dropped_total", &[]),
-        b_quarantined: metric_sum(&metrics, "rollgate_version_quarantined", &["version=\"b\""])
-            > 0.0,
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let in_window = due >= measure_from;
+                if in_window && cpu0.is_none() {
+                    cpu0 = Some((proxy_cpu(), up_cpu(), Instant::now()));
+                }
+                if tx
+                    .send(Job {
+                        due,
+                        measured: in_window,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+                measured += u64::from(in_window);
+            }
+            let cpu0 = cpu0.unwrap_or((proxy_cpu(), up_cpu(), Instant::now()));
+            (cpu0, sent, measured)
+        });
+        let results: Vec<WorkerResult> = self.runtime.block_on(async {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async {
+                    let tasks: Vec<_> = (0..self.k.conns)
+                        .map(|_| {
+                            tokio::task::spawn_local(worker(
+                                addr,
+                                queue.clone(),
+                                self.body.clone(),
+                                hist.clone(),
+                            ))
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        out.push(t.await.expect("load worker"));
+                    }
+                    out
+                })
+                .await
+        });
+        let (cpu1, up1, t1) = (proxy_cpu(), up_cpu(), Instant::now());
+        let ((cpu0, up0, t0), sent, measured) = pacer.join().expect("pacer thread");
+        let hist = hist.lock().expect("histogram");
+        let errors: u64 = results.iter().map(|r| r.measured_errors).sum();
+        let all_sent: u64 = results.iter().map(|r| r.ok + r.errors).sum();
+        assert_eq!(all_sent, sent, "every scheduled request was sent once");
+        let cpu = cpu1.zip(cpu0).map(|(c1, c0)| c1 - c0);
+        let window = t1.duration_since(t0).as_secs_f64().max(1e-9);
+        // What the proxy says it did; nothing without one.
+        let (mut metrics, mut log_lines) = (String::new(), None);
+        if let Some(proxy) = proxy.as_mut() {
+            proxy.proc.assert_alive();
+            metrics = http_get(proxy.admin, "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            log_lines = proxy.access_log.as_ref().map(|p| {
+                // One line per request, and one per shadow copy when both features are on.
+                let copies =
+                    metric_sum(&metrics, "rollgate_requests_total", &["version=\"b\""]) as u64;
+                settled_lines(p, sent + copies)
+            });
+            // Read again: the writer's drop counter can move while the lines settle.
+            if let Some((_, body)) = http_get(proxy.admin, "/metrics") {
+                metrics = body;
+            }
+        }
+        Sample {
+            requests: measured,
+            sent,
+            errors,
+            rate: measured as f64 / measure.as_secs_f64(),
+            p50: hist.value_at_quantile(0.50),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+            cpu_per_req_us: cpu.map(|c| c / measured.max(1) as f64),
+            cpu_share: cpu.map(|c| c / 1e6 / window),
+            upstream_cpu_per_req_us: (up1 - up0) / measured.max(1) as f64,
+            copies: metric_sum(&metrics, "rollgate_requests_total", &["version=\"b\""]),
+            shadow_dropped: metric_sum(&metrics, "rollgate_shadow_dropped_total", &[]),
+            log_lines,
+            log_dropped: metric_sum(&metrics, "rollgate_access_log_dropped_total", &[]),
+            b_quarantined: metric_sum(&metrics, "rollgate_version_quarantined", &["version=\"b\""])
+                > 0.0,
+        }
     }
 }
 
@@ -767,11 +852,21 @@ fn features(s: &Sample) -> String {
     }
 }
 
-fn report(k: &Knobs, samples: &[(usize, Row, Sample)], pin: Pinning) {
-    let rows: Vec<Row> = ROWS
-        .into_iter()
-        .filter(|r| samples.iter().any(|(_, x, _)| x == r))
-        .collect();
+/// `v` with `digits` decimals, or "-" when there is none.
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+/// Signed values, comma-separated.
+fn signed_list(v: &[f64], digits: usize) -> String {
+    v.iter()
+        .map(|x| format!("{x:+.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One rate's tables, from its (round, row, sample)s.
+fn report(k: &Knobs, rate: f64, samples: &[(usize, Row, Sample)]) {
     let of = |row: Row| -> Vec<&Sample> {
         samples
             .iter()
@@ -780,49 +875,96 @@ fn report(k: &Knobs, samples: &[(usize, Row, Sample)], pin: Pinning) {
             .collect()
     };
     let med = |row: Row, f: &dyn Fn(&Sample) -> f64| median(of(row).into_iter().map(f).collect());
-    let plain_cpu = med(Row::Plain, &|s| s.cpu_per_req_us);
+    // The proxy's CPU per request, the median over the rounds; none for `direct`.
+    let cpu = |row: Row| -> Option<f64> {
+        let v: Vec<f64> = of(row).iter().filter_map(|s| s.cpu_per_req_us).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    // Paired differences: each round's `row` minus the same round's `base` row, in order.
+    let paired = |row: Row, base: Row, f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|(_, r, _)| *r == row)
+            .filter_map(|(round, _, s)| {
+                samples
+                    .iter()
+                    .find(|(r2, x, _)| r2 == round && *x == base)
+                    .map(|(_, _, b)| f(s) - f(b))
+            })
+            .collect()
+    };
+    // p50, p99, p99.9.
+    let latencies: [fn(&Sample) -> f64; 3] =
+        [|s| s.p50 as f64, |s| s.p99 as f64, |s| s.p999 as f64];
+    // Against `base`: the per-round Δ p50, Δ p99 and Δ p99.9 cells, then in how many
+    // rounds each was higher than `base`'s.
+    let against = |row: Row, base: Row| -> String {
+        let deltas: Vec<Vec<f64>> = latencies.iter().map(|f| paired(row, base, f)).collect();
+        let above: Vec<String> = deltas
+            .iter()
+            .map(|d| format!("{}/{}", d.iter().filter(|x| **x > 0.0).count(), d.len()))
+            .collect();
+        let lists: Vec<String> = deltas.iter().map(|d| signed_list(d, 0)).collect();
+        format!("{} | {}", lists.join(" | "), above.join(" / "))
+    };
+    let direct = k.rows.contains(&Row::Direct);
+    let plain_cpu = cpu(Row::Plain);
+
     println!(
-        "\n## Median of {} round{} ({:.0} req/s open loop, {} connections, {:.0} s measured after {:.1} s warm-up per row)\n",
+        "\n## {rate:.0} req/s: median of {} round{} (open loop, {} connections, {:.0} s measured after {:.1} s warm-up per row)\n",
         k.rounds,
         if k.rounds == 1 { "" } else { "s" },
-        k.rate,
-        CONNECTIONS,
+        k.conns,
         k.measure.as_secs_f64(),
         k.warmup.as_secs_f64()
     );
-    println!("Client latency from each request's scheduled send time to the end of its response body (µs). Proxy CPU: utime+stime of the proxy's pid over the measured window / measured requests.\n");
-    println!("| row | requests | errors | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/request | vs plain |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for &row in &rows {
-        let cpu = med(row, &|s| s.cpu_per_req_us);
-        let delta = if row == Row::Plain {
-            "-".to_string()
+    println!(
+        "Client latency from each request's scheduled send time to the end of its response body (µs).{} Proxy CPU: utime+stime of the proxy's pid over the measured window / measured requests.\n",
+        if direct {
+            " Added vs direct: each round's p50 / p99 minus the same round's direct row's, the median over the rounds."
         } else {
-            format!(
-                "{:+.1} µs ({:+.0} %)",
-                cpu - plain_cpu,
-                100.0 * (cpu / plain_cpu - 1.0)
-            )
-        };
-        println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
-            row.label(),
-            med(row, &|s| s.requests as f64),
-            of(row).iter().map(|s| s.errors).sum::<u64>() as f64,
-            med(row, &|s| s.p50 as f64),
-            med(row, &|s| s.p99 as f64),
-            med(row, &|s| s.p999 as f64),
-            cpu,
-            delta
-        );
+            ""
+        }
+    );
+    let mut head = vec!["row", "requests", "errors", "p50 µs", "p99 µs", "p99.9 µs"];
+    if direct {
+        head.extend(["added p50 µs vs direct", "added p99 µs vs direct"]);
+    }
+    head.extend(["proxy CPU µs/request", "vs plain"]);
+    println!("| {} |", head.join(" | "));
+    println!("|---|{}", "---:|".repeat(head.len() - 1));
+    for &row in &k.rows {
+        let mut cells = vec![
+            row.label().to_string(),
+            format!("{:.0}", med(row, &|s| s.requests as f64)),
+            of(row).iter().map(|s| s.errors).sum::<u64>().to_string(),
+        ];
+        cells.extend(latencies.iter().map(|f| format!("{:.0}", med(row, f))));
+        if direct {
+            cells.extend(latencies[..2].iter().map(|f| {
+                if row == Row::Direct {
+                    "-".to_string()
+                } else {
+                    format!("{:+.0}", median(paired(row, Row::Direct, f)))
+                }
+            }));
+        }
+        cells.push(cell(cpu(row), 1));
+        cells.push(match (cpu(row), plain_cpu) {
+            (Some(c), Some(p)) if row != Row::Plain => {
+                format!("{:+.1} µs ({:+.0} %)", c - p, 100.0 * (c / p - 1.0))
+            }
+            _ => "-".into(),
+        });
+        println!("| {} |", cells.join(" | "));
     }
     println!("\nErrors: the sum over the rounds.\n");
-    println!("\n## Per round\n");
+    println!("\n### Per round\n");
     println!("| round | row | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | max µs | proxy CPU µs/request | proxy CPU, % of a core | upstreams' CPU µs/request | features seen (whole row, warm-up included) |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (round, row, s) in samples {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
             round + 1,
             row.label(),
             s.rate,
@@ -831,37 +973,45 @@ fn report(k: &Knobs, samples: &[(usize, Row, Sample)], pin: Pinning) {
             s.p99,
             s.p999,
             s.max,
-            s.cpu_per_req_us,
-            100.0 * s.cpu_share,
+            cell(s.cpu_per_req_us, 1),
+            cell(s.cpu_share.map(|x| 100.0 * x), 1),
             s.upstream_cpu_per_req_us,
             features(s)
         );
     }
-    // Paired differences: each round's feature row against the same round's plain row.
-    let paired = |row: Row, f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
-        samples
-            .iter()
-            .filter(|(_, r, _)| *r == row)
-            .filter_map(|(round, _, s)| {
-                samples
-                    .iter()
-                    .find(|(r2, x, _)| r2 == round && *x == Row::Plain)
-                    .map(|(_, _, p)| f(s) - f(p))
-            })
-            .collect()
-    };
-    println!("\n## Against the same round's plain row\n");
+    let proxied: Vec<Row> = k
+        .rows
+        .iter()
+        .copied()
+        .filter(|&r| r != Row::Direct)
+        .collect();
+    if direct && !proxied.is_empty() {
+        println!("\n### Against the same round's direct row\n");
+        println!("Each round's row minus the same round's direct row (rounds in order): what the proxy adds; \"rounds above direct\": in how many rounds the row's p50 / p99 / p99.9 was higher than direct's.\n");
+        println!("| row | Δ p50 µs per round | Δ p99 µs per round | Δ p99.9 µs per round | rounds above direct (p50 / p99 / p99.9) |");
+        println!("|---|---|---|---|---|");
+        for &row in &proxied {
+            println!("| {} | {} |", row.label(), against(row, Row::Direct));
+        }
+    }
+    let with_feature: Vec<Row> = k
+        .rows
+        .iter()
+        .copied()
+        .filter(|r| r.shadow() || r.log())
+        .collect();
+    if !k.rows.contains(&Row::Plain) || with_feature.is_empty() {
+        return;
+    }
+    // Every row here and plain ran a proxy.
+    let proxy_cpu = |s: &Sample| s.cpu_per_req_us.expect("a proxied row's CPU");
+    println!("\n### Against the same round's plain row\n");
     println!("Each round's feature row minus the same round's plain row (rounds in order); \"rounds above plain\": in how many rounds the feature row's p50 / p99 / p99.9 was higher than plain's.\n");
     println!("| row | Δ p50 µs per round | Δ p99 µs per round | Δ p99.9 µs per round | rounds above plain (p50 / p99 / p99.9) | Δ CPU µs/request per round | Δ CPU per unit of work |");
     println!("|---|---|---|---|---|---|---|");
-    for &row in rows.iter().filter(|r| **r != Row::Plain) {
-        let fmt = |v: Vec<f64>, digits: usize| {
-            v.iter()
-                .map(|x| format!("{x:+.digits$}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let d_cpu = median(paired(row, &|s| s.cpu_per_req_us));
+    for &row in &with_feature {
+        let d_cpu = paired(row, Row::Plain, &proxy_cpu);
+        let d_cpu_median = median(d_cpu.clone());
         // Work per request: shadow copies and log lines, over the whole row.
         let per_req = |f: &dyn Fn(&Sample) -> f64| {
             median(
@@ -876,28 +1026,84 @@ fn report(k: &Knobs, samples: &[(usize, Row, Sample)], pin: Pinning) {
         let unit = match row {
             Row::Shadow => format!(
                 "{:.1} µs per shadow copy ({copies:.2} copies/request)",
-                d_cpu / copies.max(1e-9)
+                d_cpu_median / copies.max(1e-9)
             ),
             Row::Log => format!(
                 "{:.1} µs per log line ({lines:.2} lines/request)",
-                d_cpu / lines.max(1e-9)
+                d_cpu_median / lines.max(1e-9)
             ),
             _ => format!("{copies:.2} copies and {lines:.2} log lines per request"),
         };
-        let above = |f: &dyn Fn(&Sample) -> f64| {
-            let d = paired(row, f);
-            format!("{}/{}", d.iter().filter(|x| **x > 0.0).count(), d.len())
-        };
         println!(
-            "| {} | {} | {} | {} | {} / {} / {} | {} (median {d_cpu:+.1}) | {unit} |",
+            "| {} | {} | {} (median {d_cpu_median:+.1}) | {unit} |",
             row.label(),
-            fmt(paired(row, &|s| s.p50 as f64), 0),
-            fmt(paired(row, &|s| s.p99 as f64), 0),
-            fmt(paired(row, &|s| s.p999 as f64), 0),
-            above(&|s| s.p50 as f64),
-            above(&|s| s.p99 as f64),
-            above(&|s| s.p999 as f64),
-            fmt(paired(row, &|s| s.cpu_per_req_us), 1),
+            against(row, Row::Plain),
+            signed_list(&d_cpu, 1),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let pin = Pinning::detect();
+    pin.pin_self(1);
+    let began = Instant::now();
+    println!(
+        "# Data plane: what the proxy adds over direct, and what shadow and the access log cost ({} run; {}; load average at start {})",
+        if full { "full" } else { "smoke" },
+        machine(),
+        loadavg()
+    );
+    let dir = tempfile::tempdir().expect("bench temp dir");
+    let bench = Bench {
+        k: Knobs::new(full),
+        pin,
+        ticks: clock_ticks(),
+        a: start_upstream(pin, dir.path(), "a"),
+        b: start_upstream(pin, dir.path(), "b"),
+        body: chat_body(),
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime"),
+    };
+    let k = &bench.k;
+    // (rate, round, row, sample), every rate's.
+    let mut samples = Vec::new();
+    for &rate in &k.rates {
+        // One unreported plain row first: the upstreams, this process and the page cache
+        // see traffic at this rate before the first measured row (in trial runs, round
+        // 1's plain row had the worst tail of all without it).
+        let s = bench.row(Row::Plain, rate);
+        eprintln!(
+            "{rate:.0} req/s warm-up row (not reported): p50 {} µs  p99 {} µs  errors {}",
+            s.p50, s.p99, s.errors
+        );
+        let mut at_rate = Vec::new();
+        for round in 0..k.rounds {
+            for &row in &k.rows {
+                let s = bench.row(row, rate);
+                eprintln!(
+                    "{rate:.0} req/s round {} {:<26} p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  cpu {:>6} µs/req  errors {}  {}",
+                    round + 1,
+                    row.label(),
+                    s.p50,
+                    s.p99,
+                    s.p999,
+                    cell(s.cpu_per_req_us, 1),
+                    s.errors,
+                    features(&s)
+                );
+                at_rate.push((round, row, s));
+            }
+        }
+        report(k, rate, &at_rate);
+        samples.extend(
+            at_rate
+                .into_iter()
+                .map(|(round, row, s)| (rate, round, row, s)),
         );
     }
     println!(
@@ -909,78 +1115,6 @@ fn report(k: &Knobs, samples: &[(usize, Row, Sample)], pin: Pinning) {
             "none (no taskset, or 1 CPU)"
         }
     );
-}
-
-// ---------------------------------------------------------------------------------------
-
-fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let k = Knobs::new(full);
-    let pin = Pinning::detect();
-    pin.pin_self(1);
-    let ticks = clock_ticks();
-    let began = Instant::now();
-    println!(
-        "# Data plane: the cost of shadow and access log ({} run; {}; load average at start {})",
-        if k.full { "full" } else { "smoke" },
-        machine(),
-        loadavg()
-    );
-    let dir = tempfile::tempdir().expect("bench temp dir");
-    let a = start_upstream(pin, dir.path(), "a");
-    let b = start_upstream(pin, dir.path(), "b");
-    let body = chat_body();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    // One unreported plain row first: the upstreams, this process and the page cache see
-    // traffic before the first measured row (in trial runs, round 1's plain row had the
-    // worst tail of all without it).
-    {
-        let mut proxy = start_proxy(pin, Row::Plain, a.addr, b.addr);
-        let s = run_load(
-            &runtime,
-            &mut proxy,
-            &k,
-            &body,
-            ticks,
-            &[a.proc.pid(), b.proc.pid()],
-        );
-        eprintln!(
-            "warm-up row (not reported): p50 {} µs  p99 {} µs  errors {}",
-            s.p50, s.p99, s.errors
-        );
-    }
-    let mut samples = Vec::new();
-    for round in 0..k.rounds {
-        for row in ROWS {
-            let mut proxy = start_proxy(pin, row, a.addr, b.addr);
-            let s = run_load(
-                &runtime,
-                &mut proxy,
-                &k,
-                &body,
-                ticks,
-                &[a.proc.pid(), b.proc.pid()],
-            );
-            eprintln!(
-                "round {} {:<26} p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  cpu {:>6.1} µs/req  errors {}  {}",
-                round + 1,
-                row.label(),
-                s.p50,
-                s.p99,
-                s.p999,
-                s.cpu_per_req_us,
-                s.errors,
-                features(&s)
-            );
-            drop(proxy);
-            samples.push((round, row, s));
-        }
-    }
-    drop((a, b));
-    report(&k, &samples, pin);
     println!(
         "\nLoad average at the end: {}. Total: {:.0} s.",
         loadavg(),
@@ -989,8 +1123,8 @@ fn main() {
     // The smoke run fails on real errors only: failed requests, or a feature that did
     // nothing (no copy reached b, no line was written). Latency and CPU are not judged.
     let mut problems = Vec::new();
-    for (round, row, s) in &samples {
-        let at = format!("round {} {}", round + 1, row.label());
+    for (rate, round, row, s) in &samples {
+        let at = format!("{rate:.0} req/s round {} {}", round + 1, row.label());
         if s.errors > 0 {
             problems.push(format!("{at}: {} failed requests", s.errors));
         }
@@ -1006,7 +1140,7 @@ fn main() {
     }
     if !problems.is_empty() {
         let text = problems.join("\n");
-        if k.full {
+        if full {
             println!("\nWARNING:\n{text}");
         } else {
             panic!("data_plane smoke run:\n{text}");

@@ -364,7 +364,10 @@ impl Conn<'_> {
             let last = req.version() < hyper::Version::HTTP_2
                 && served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS_PER_CONNECTION;
             let stream = counted.as_ref().map(Streams::open);
-            let fut = handler(peer, is_tls, req);
+            // Boxed per request: hyper keeps one allocation of the service future's size
+            // for the connection's whole life, so an unboxed handler (many KiB of nested
+            // state) would stay resident on every idle keep-alive connection.
+            let fut = Box::pin(handler(peer, is_tls, req));
             async move {
                 let mut resp = fut.await;
                 if last {
