@@ -35,6 +35,9 @@ use crate::telemetry::prom::labels;
 /// to coalesce the burst of events of one save or one ConfigMap `..data` swap (a few ms
 /// apart), short enough that a rename serves the new table well within 100 ms.
 pub const DEBOUNCE: Duration = Duration::from_millis(40);
+/// How long a reload may take to read the config file. A read that hangs (a FIFO, a stuck
+/// network volume) fails the reload instead of holding every later one behind it.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What started a reload (the `cause` of its audit record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,21 +215,31 @@ impl Reloader {
     pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, Rejected> {
         let _turn = self.turn.lock().await;
         let path = self.path.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&path);
-            let parsed = match &bytes {
-                Ok(b) => match std::str::from_utf8(b) {
-                    Ok(text) => Config::from_str(text, &path).map_err(|e| e.to_string()),
-                    Err(_) => Err(format!("{}: the file is not UTF-8", path.display())),
-                },
-                Err(e) => Err(format!("{}: cannot read config file: {e}", path.display())),
-            };
-            (bytes.map(|b| content_hash(&b)).ok(), parsed)
-        })
+        let read = tokio::time::timeout(
+            READ_TIMEOUT,
+            tokio::task::spawn_blocking(move || {
+                let bytes = std::fs::read(&path);
+                let parsed = match &bytes {
+                    Ok(b) => match std::str::from_utf8(b) {
+                        Ok(text) => Config::from_str(text, &path).map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("{}: the file is not UTF-8", path.display())),
+                    },
+                    Err(e) => Err(format!("{}: cannot read config file: {e}", path.display())),
+                };
+                (bytes.map(|b| content_hash(&b)).ok(), parsed)
+            }),
+        )
         .await;
         let (file_hash, parsed) = match read {
-            Ok(r) => r,
-            Err(e) => (None, Err(format!("reload task failed: {e}"))),
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => (None, Err(format!("reload task failed: {e}"))),
+            Err(_) => (
+                None,
+                Err(format!(
+                    "{}: reading the config file took longer than {READ_TIMEOUT:?}",
+                    self.path.display()
+                )),
+            ),
         };
         let old = self.controller.store.config();
         if cause == Cause::Watch {

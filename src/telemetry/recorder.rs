@@ -442,9 +442,9 @@ struct Aggregate {
 }
 
 impl Aggregate {
-    /// Takes the slots before `from` out of the window sum (time never goes back: a
-    /// `from` at or before the sum's start changes nothing). Should the sum ever disagree
-    /// with its slots, it is rebuilt from them.
+    /// Takes the slots before `from` out of the window sum (a `from` at or before the
+    /// sum's start changes nothing). Should a histogram subtraction fail (the sum lacks
+    /// what a slot holds), the sum is rebuilt from the slots.
     fn trim_window(&mut self, from: u64) {
         if from <= self.window_from {
             return;
@@ -780,8 +780,16 @@ impl PairStats {
     /// The window ending at `now` (call [`flush`](Self::flush) first for fresh data): the
     /// slots that start within `window` of `now`.
     pub fn window(&self, now: Instant) -> WindowSnapshot {
+        let from = self.window_start(now);
         let mut agg = lock(&self.agg);
-        agg.trim_window(self.window_start(now));
+        if from < agg.window_from {
+            // A reader whose clock is behind a newer one's (the evaluator mid-tick after a
+            // status read): the sum has let go of slots this window still holds.
+            let mut snap = WindowSnapshot::default();
+            agg.window.merge_from(from, &mut snap);
+            return snap;
+        }
+        agg.trim_window(from);
         agg.window_sum.clone()
     }
 
@@ -982,7 +990,7 @@ mod tests {
                 let got = p.window(at);
                 let agg = lock(&p.agg);
                 let mut want = WindowSnapshot::default();
-                agg.window.merge_from(agg.window_from, &mut want);
+                agg.window.merge_from(p.window_start(at), &mut want);
                 assert_eq!(got.by_class, want.by_class, "at {t:?}");
                 assert_eq!(got.ttfb, want.ttfb, "at {t:?}");
                 assert_eq!(got.total, want.total, "at {t:?}");
@@ -994,6 +1002,34 @@ mod tests {
         let later = t0 + end + 2 * window;
         p.flush(later);
         assert_eq!(p.window(later).stats().requests, 0);
+    }
+
+    /// Found in review: a read with a clock behind an earlier read's (the evaluator's tick
+    /// after `GET /api/v1/status` flushed and read at its own clock) still gets the window
+    /// ending at its `now`, not one the newer read trimmed.
+    #[test]
+    fn a_read_behind_a_newer_one_still_gets_the_window_ending_at_its_now() {
+        // Slots of 100 ms; one request in each of slots 0..=11.
+        let p = PairStats::new("r".into(), "v".into(), 1, Duration::from_secs(1));
+        let t0 = p.window_clock.origin;
+        for k in 0..12u64 {
+            p.record(Class::Success, 200, None, Duration::from_millis(1));
+            p.flush(t0 + Duration::from_millis(100 * k + 50));
+        }
+        // The evaluator's tick at 1.19 s: the window is slots 2..=11.
+        let tick = t0 + Duration::from_millis(1_190);
+        p.flush(tick);
+        assert_eq!(p.window(tick).stats().requests, 10);
+        // A status read at 1.21 s flushes and reads at its own clock (slots 3..=11).
+        let status = t0 + Duration::from_millis(1_210);
+        p.flush(status);
+        assert_eq!(p.window(status).stats().requests, 9);
+        // The evaluator, still in its tick, reads the candidate's window.
+        assert_eq!(
+            p.window(tick).stats().requests,
+            10,
+            "slot 2 left the evaluator's window"
+        );
     }
 
     /// A counter slot for the ring's own tests.
