@@ -220,16 +220,6 @@ fn state_dir_of(proxy: &TestProxy) -> PathBuf {
         .expect("state_dir in the config")
 }
 
-/// Replaces `path` the way editors save: write a sibling temp file, then rename it over.
-fn save_like_an_editor(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(
-        "{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// Waits (bounded) until the audit log holds `n` `config_reload` records and returns them:
 /// a reload swaps the table first and writes its record just after.
 async fn reload_records(admin: &AdminApi, n: usize) -> Vec<Value> {

@@ -4,7 +4,7 @@
 #[macro_use]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Method;
@@ -12,15 +12,6 @@ use support::*;
 
 /// The access log is process-wide: tests that turn it on take turns.
 static PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn save_like_an_editor(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(
-        "{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 async fn config_path(proxy: &TestProxy) -> PathBuf {
     let r = TestClient::http1()

@@ -24,7 +24,7 @@ pub use certs::TestCa;
 pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
 pub use load::Load;
 pub use metrics::metric_sum;
-pub use proxy::{audit_records_in, Route, TestProxy, TestProxyBuilder};
+pub use proxy::{audit_records_in, save_like_an_editor, Route, TestProxy, TestProxyBuilder};
 pub use redis::{RedisServer, RespValue};
 pub use replica::{Replica, ReplicaBuilder};
 pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};

@@ -309,6 +309,16 @@ impl TestProxy {
     }
 }
 
+/// Replaces `path` the way editors save: write a sibling temp file, then rename it over.
+pub fn save_like_an_editor(path: &std::path::Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        "{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// The records of the audit log at `path` (none when it does not exist).
 pub fn audit_records_in(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
