@@ -2212,8 +2212,9 @@ async fn c22_stream_load_queues_without_refused_streams() {
     if which("h2load") {
         // HARDENING says `-c 50 -m 300 -n 100000`. 300 streams per connection against a
         // limit of 100 is what exercises queueing; 10 connections keep the upstream fan-out
-        // (one upstream connection per in-flight stream, ~1000) under the test upstream's
-        // accept backlog of 1024, and 10 000 requests keep the run to seconds.
+        // (one upstream connection per in-flight stream, ~1000, opened in one burst) well
+        // under the test upstream's accept backlog of 4096, and 10 000 requests keep the
+        // run to seconds.
         let n = 10_000;
         let args: Vec<String> = ["-c", "10", "-m", "300", "-n", &n.to_string(), "-t", "1"]
             .iter()

@@ -32,7 +32,7 @@ async fn probe(ep: &EndpointRt, hc: &HealthCheckConfig) -> bool {
     else {
         return false;
     };
-    matches!(tokio::time::timeout(hc.timeout, ep.client().request(req)).await, Ok(Ok(r)) if r.status().is_success())
+    matches!(tokio::time::timeout(hc.timeout, ep.send(req)).await, Ok(Ok(r)) if r.status().is_success())
 }
 
 /// Applies one probe result to the endpoint's streaks; returns whether `healthy` flipped.

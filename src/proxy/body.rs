@@ -23,6 +23,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Sleep;
 
+use super::client::UpstreamBody;
 use super::outcome::{End, Recording};
 use crate::telemetry::UpstreamErrorKind;
 
@@ -735,7 +736,7 @@ pin_project! {
     /// An upstream response body on its way to the client (or, for a shadow, to nowhere).
     pub struct Metered {
         #[pin]
-        inner: Incoming,
+        inner: UpstreamBody,
         #[pin]
         idle: Sleep,
         idle_for: Duration,
@@ -759,7 +760,7 @@ pin_project! {
 }
 
 impl Metered {
-    pub fn new(inner: Incoming, idle_for: Duration, rec: Recording) -> Self {
+    pub fn new(inner: UpstreamBody, idle_for: Duration, rec: Recording) -> Self {
         Metered {
             inner,
             idle: tokio::time::sleep(idle_for),

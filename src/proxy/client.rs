@@ -1,32 +1,61 @@
-//! Upstream connections: one pooled hyper-util client per version, over plain TCP
-//! (`http://`), rustls (`https://`, certificate and SNI verified) or HTTP/2 prior knowledge
-//! (`h2c://`).
+//! Upstream connections: a pool of connections per version endpoint and data-plane worker,
+//! over plain TCP (`http://`), rustls (`https://`, certificate and SNI verified, ALPN h2 or
+//! http/1.1) or HTTP/2 prior knowledge (`h2c://`).
+//!
+//! Connecting (DNS, TCP with a connect timeout and TCP_NODELAY, TLS with SNI and ALPN) is
+//! hyper-util's `HttpConnector` under hyper-rustls. The pool is our own, over hyper's
+//! connection API (`hyper::client::conn`), because hyper-util's legacy pool costs the
+//! request path on every request: it hashes the authority (SipHash) on each checkout and
+//! return, and spawns a task per HTTP/1.1 request to return the connection once the
+//! response ends. Here a pool belongs to one endpoint and one thread, so it needs no key
+//! and its lock is never contended; an HTTP/1.1 connection is lent with its response
+//! ([`UpstreamBody`]) and comes back when that body ends or is dropped. An HTTP/2
+//! connection is shared by every request of its pool.
 //!
 //! Settings follow ../shared/HARDENING.md "Defaults to set explicitly": connect timeout and
-//! TCP_NODELAY on the connector, pool idle timeout below the usual upstream keep-alive of
-//! 5 s with a pool timer, a bounded idle pool.
+//! TCP_NODELAY on the connector; an idle connection is not reused after 4 s, below the
+//! usual upstream keep-alive of 5 s (gunicorn, Node), so the pool never hands out a
+//! connection the upstream is closing; at most 1,024 idle connections per pool (a pool holds
+//! no more than its thread's peak of concurrent requests; a smaller cap makes bursts above
+//! it close and reopen connections). A request
+//! that a pooled connection returns unsent (its upstream closed it as the request went
+//! out) is sent once more on a new connection, as hyper-util's client does.
 
 use std::cell::Cell;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::uri::Authority;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tower_service::Service;
 
 use super::body::ReqBody;
 use crate::config::{Endpoint, EndpointScheme, VersionConfig};
 
+/// The client for the proxy's own outgoing calls (webhooks, the CLI, the demo's load):
+/// hyper-util's pooled client. The data plane uses [`EndpointRt::send`].
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
 
-/// Idle upstream connections are closed after this, below the 5 s keep-alive of gunicorn
-/// and Node, so the pool never hands out a connection the upstream is closing.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+/// Idle upstream connections are not reused after this, below the 5 s keep-alive of
+/// gunicorn and Node, so the pool never hands out a connection the upstream is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-const POOL_MAX_IDLE_PER_HOST: usize = 64;
+const POOL_MAX_IDLE: usize = 1024;
 
 /// Data-plane worker threads (see `app::DataPlane`); 0 when the data plane runs on the
 /// caller's runtime. Set once at start-up, before the first routing table is compiled.
@@ -49,13 +78,40 @@ pub fn enter_worker(index: usize) {
     WORKER.with(|w| w.set(index + 1));
 }
 
+/// A failed exchange with an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: DNS, TCP connect, TLS or the HTTP/2 handshake failed. The request
+    /// was not sent.
+    #[error("connect error")]
+    Connect(#[source] BoxError),
+    /// The connection failed while the request was sent or its response awaited.
+    #[error("request error")]
+    Request(#[source] BoxError),
+}
+
+impl SendError {
+    /// The request never left: it may go elsewhere whatever its method.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
 /// One endpoint of a version.
 pub struct EndpointRt {
     pub endpoint: Endpoint,
     /// One pool per data-plane worker thread, so an upstream connection is only ever driven
-    /// by the thread whose requests use it (no cross-thread wake-ups, no shared pool lock);
-    /// slot 0 serves every other thread.
-    clients: Box<[HttpClient]>,
+    /// by the thread whose requests use it (no cross-thread wake-ups); slot 0 serves every
+    /// other thread.
+    pools: Box<[Arc<Pool>]>,
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector is called with.
+    connect_uri: Uri,
+    /// The upstream chose h2 by ALPN on an earlier connection.
+    negotiated_h2: AtomicBool,
+    /// The `Host` an HTTP/1.1 request gets when it has none (the endpoint's host, and its
+    /// port unless it is the scheme's default).
+    host: HeaderValue,
     /// Kept by the health checker; unhealthy endpoints are skipped while others remain.
     pub healthy: AtomicBool,
     /// Consecutive failed / passed active health checks.
@@ -83,12 +139,357 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The connections of one endpoint used by one thread. Its locks are taken only by that
+/// thread (slot 0 aside: health checks and tests), never across an `.await`.
+#[derive(Default)]
+struct Pool {
+    /// HTTP/1.1 connections not lent out, the most recently returned last.
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection (h2c, or https that negotiated h2), shared by every request.
+    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// Held while an HTTP/2 connection is being made (an async lock, held across the
+    /// connect on purpose: the requests behind it wait for that one connection).
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// HTTP/2 connection attempts finished, so a request that waited can tell that the
+    /// attempt it waited for failed.
+    h2_attempts: AtomicUsize,
+}
+
+struct Idle {
+    tx: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    /// The shared HTTP/2 connection, unless it is closed.
+    fn shared_h2(&self) -> Option<http2::SendRequest<ReqBody>> {
+        let mut slot = lock(&self.h2);
+        match slot.as_ref() {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The most recently returned HTTP/1.1 connection that can take a request now. Closed
+    /// connections and those idle too long are dropped; one whose previous response its
+    /// connection task has not finished yet stays for later.
+    fn take_h1(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let mut idle = lock(&self.idle);
+        let now = Instant::now();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.tx.is_closed() || now.saturating_duration_since(c.since) >= POOL_IDLE_TIMEOUT {
+                idle.remove(i);
+            } else if c.tx.is_ready() {
+                return Some(idle.remove(i).tx);
+            }
+        }
+        None
+    }
+
+    fn put_h1(&self, tx: http1::SendRequest<ReqBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = lock(&self.idle);
+        if idle
+            .first()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= POOL_IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push(Idle { tx, since: now });
+        }
+    }
+}
+
+/// An HTTP/1.1 connection lent to one exchange; back to its pool when dropped.
+struct Lease {
+    tx: Option<http1::SendRequest<ReqBody>>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.pool.put_h1(tx);
+        }
+    }
+}
+
+/// An upstream response body. It carries the HTTP/1.1 connection it came on, which goes
+/// back to the pool when the body ends or is dropped (hyper closes a connection whose
+/// body was dropped unread; the pool skips it).
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.lease = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection just made.
+enum Fresh {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
 impl EndpointRt {
+    fn new(e: &Endpoint, connect_timeout: Duration, tls: rustls::ClientConfig) -> Self {
+        let scheme = e.uri_scheme();
+        let connect_uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(e.authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match e.authority.port_u16() {
+            Some(p) if p != default_port => e.authority.as_str(),
+            _ => e.authority.host(),
+        };
+        EndpointRt {
+            endpoint: e.clone(),
+            pools: (0..=DATA_WORKERS.load(Ordering::Relaxed))
+                .map(|_| Arc::new(Pool::default()))
+                .collect(),
+            connector: connector(e, connect_timeout, tls),
+            connect_uri,
+            negotiated_h2: AtomicBool::new(false),
+            host: HeaderValue::from_str(host)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+        }
+    }
+
     /// The calling thread's connection pool for this endpoint.
     #[inline]
-    pub fn client(&self) -> &HttpClient {
+    fn pool(&self) -> &Arc<Pool> {
         let i = WORKER.with(Cell::get);
-        self.clients.get(i).unwrap_or(&self.clients[0])
+        self.pools.get(i).unwrap_or(&self.pools[0])
+    }
+
+    /// Sends `req` on a pooled connection, or a new one. The URI may be origin-form (a
+    /// path): the endpoint supplies scheme and authority for HTTP/2, and `Host` for
+    /// HTTP/1.1 when the request has none.
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
+        let pool = self.pool();
+        let req = if let Some(tx) = pool.shared_h2() {
+            match self.send_h2(tx, req).await {
+                Ok(answer) => return answer,
+                Err(req) => req,
+            }
+        } else if let Some(tx) = pool.take_h1() {
+            match self.send_h1(pool, tx, req).await {
+                Ok(answer) => return answer,
+                Err(req) => req,
+            }
+        } else {
+            req
+        };
+        // No pooled connection took it (none idle, or the upstream closed the pooled one
+        // as the request went out): a new connection.
+        let fresh = if self.h2_expected() {
+            // One HTTP/2 connection at a time per pool: requests that arrive while it is
+            // being made wait for it and share it, or share its failure.
+            let attempts = pool.h2_attempts.load(Ordering::Acquire);
+            let _turn = pool.h2_connecting.lock().await;
+            match pool.shared_h2() {
+                Some(tx) => Fresh::H2(tx),
+                None if pool.h2_attempts.load(Ordering::Acquire) != attempts => {
+                    return Err(SendError::Connect(
+                        "the HTTP/2 connection this request waited for failed".into(),
+                    ));
+                }
+                None => {
+                    let made = self.connect(pool).await;
+                    pool.h2_attempts.fetch_add(1, Ordering::AcqRel);
+                    made?
+                }
+            }
+        } else {
+            self.connect(pool).await?
+        };
+        let answer = match fresh {
+            Fresh::H1(tx) => self.send_h1(pool, tx, req).await,
+            Fresh::H2(tx) => self.send_h2(tx, req).await,
+        };
+        // A new connection that does not take the request is an error, not a reason to
+        // try yet another.
+        answer.unwrap_or_else(|_| {
+            Err(SendError::Request(
+                "a new upstream connection closed before the request was sent".into(),
+            ))
+        })
+    }
+
+    /// The answer, or the request back if it never left.
+    #[allow(clippy::result_large_err)] // see `settle`
+    async fn send_h1(
+        &self,
+        pool: &Arc<Pool>,
+        mut tx: http1::SendRequest<ReqBody>,
+        mut req: Request<ReqBody>,
+    ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>> {
+        self.for_h1(&mut req);
+        let answer = tx.try_send_request(req).await;
+        let lease = Lease {
+            tx: Some(tx),
+            pool: pool.clone(),
+        };
+        settle(answer, Some(lease))
+    }
+
+    /// The answer, or the request back if it never left.
+    #[allow(clippy::result_large_err)] // see `settle`
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<ReqBody>,
+        mut req: Request<ReqBody>,
+    ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>> {
+        self.for_h2(&mut req);
+        settle(tx.try_send_request(req).await, None)
+    }
+
+    /// Whether a new connection will speak HTTP/2: h2c, or https whose upstream
+    /// negotiated h2 before.
+    fn h2_expected(&self) -> bool {
+        self.endpoint.scheme == EndpointScheme::H2c || self.negotiated_h2.load(Ordering::Relaxed)
+    }
+
+    /// Connects, and for HTTP/2 makes the connection the pool's shared one.
+    async fn connect(&self, pool: &Pool) -> Result<Fresh, SendError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io: Io = connector
+            .call(self.connect_uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let negotiated_h2 = io.connected().is_negotiated_h2();
+        if negotiated_h2 {
+            self.negotiated_h2.store(true, Ordering::Relaxed);
+        }
+        if self.endpoint.scheme == EndpointScheme::H2c || negotiated_h2 {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .adaptive_window(true)
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            *lock(&pool.h2) = Some(tx.clone());
+            Ok(Fresh::H2(tx))
+        } else {
+            let (tx, conn) = http1::handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Fresh::H1(tx))
+        }
+    }
+
+    /// HTTP/1.1 wants the origin form and a `Host`.
+    fn for_h1(&self, req: &mut Request<ReqBody>) {
+        *req.version_mut() = http::Version::HTTP_11;
+        if !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, self.host.clone());
+        }
+        if req.uri().scheme().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
+    }
+
+    /// HTTP/2 wants scheme and authority in the URI (`:scheme`, `:authority`).
+    fn for_h2(&self, req: &mut Request<ReqBody>) {
+        *req.version_mut() = http::Version::HTTP_2;
+        if req.uri().scheme().is_none() {
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(self.endpoint.uri_scheme());
+            parts.authority = Some(self.endpoint.authority.clone());
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+}
+
+fn with_lease(resp: Response<Incoming>, lease: Option<Lease>) -> Response<UpstreamBody> {
+    resp.map(|inner| UpstreamBody { inner, lease })
+}
+
+/// The answer on a pooled connection, or the request back if it never left.
+// The request comes back by value, as from hyper's `try_send_request` (which allows the
+// same lint): boxing it would allocate on a path that must stay cheap.
+#[allow(clippy::result_large_err)]
+fn settle(
+    answer: Result<Response<Incoming>, TrySendError<Request<ReqBody>>>,
+    lease: Option<Lease>,
+) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>> {
+    match answer {
+        Ok(resp) => Ok(Ok(with_lease(resp, lease))),
+        Err(mut e) => match e.take_message() {
+            Some(req) => Err(req),
+            None => Ok(Err(SendError::Request(e.into_error().into()))),
+        },
     }
 }
 
@@ -98,15 +499,7 @@ impl Upstream {
         let endpoints = v
             .endpoints
             .iter()
-            .map(|e| EndpointRt {
-                endpoint: e.clone(),
-                clients: (0..=DATA_WORKERS.load(Ordering::Relaxed))
-                    .map(|_| build_client(e, connect_timeout, tls.clone()))
-                    .collect(),
-                healthy: AtomicBool::new(true),
-                failures: AtomicU32::new(0),
-                successes: AtomicU32::new(0),
-            })
+            .map(|e| EndpointRt::new(e, connect_timeout, tls.clone()))
             .collect();
         Ok(Upstream {
             endpoints,
@@ -177,7 +570,11 @@ fn client_tls(ca_file: Option<&Path>) -> std::io::Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
-fn build_client(e: &Endpoint, connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
+fn connector(
+    e: &Endpoint,
+    connect_timeout: Duration,
+    tls: rustls::ClientConfig,
+) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -186,24 +583,10 @@ fn build_client(e: &Endpoint, connect_timeout: Duration, tls: rustls::ClientConf
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
-    let connector = match e.scheme {
+    match e.scheme {
         EndpointScheme::Https => b.enable_all_versions().wrap_connector(http),
         EndpointScheme::Http | EndpointScheme::H2c => b.enable_http1().wrap_connector(http),
-    };
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new());
-    if e.scheme == EndpointScheme::H2c {
-        builder
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(20))
-            .http2_adaptive_window(true);
     }
-    builder.build(connector)
 }
 
 /// Body bytes kept for a retry: bodies up to this size are read before the first attempt

@@ -26,17 +26,21 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that describe one hop, never the message (RFC 9110 §7.6.1, plus the legacy
 /// `proxy-connection` and h2c's `http2-settings`).
+static HOP_BY_HOP: [&HeaderName; 10] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &HTTP2_SETTINGS,
+];
+
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == HTTP2_SETTINGS
+    HOP_BY_HOP.contains(&name)
 }
 
 /// Headers a `Connection` list may not remove: framing and the proxy's own.
@@ -52,19 +56,26 @@ fn is_protected(name: &str) -> bool {
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: one pass over the names (enum compares for standard headers) instead of a
-    // hashed lookup per hop-by-hop name; most requests carry none of them.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names (enum compares for standard headers) notes which hop-by-hop
+    // headers are present; only those are then removed, each removal being a hashed
+    // lookup. Most requests carry none; most HTTP/1.1 responses carry `Connection` alone.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
         // Collect nominated names first: the map cannot be mutated while borrowed.
         let mut nominated: Vec<HeaderName> = Vec::new();
         for v in headers.get_all(header::CONNECTION) {
             let Ok(s) = v.to_str() else { continue };
             for tok in s.split(',') {
                 let tok = tok.trim();
-                if tok.is_empty() || is_protected(tok) {
+                if tok.is_empty() || is_protected(tok) || is_hop_by_hop_str(tok) {
                     continue;
                 }
                 if let Ok(n) = HeaderName::from_bytes(tok.as_bytes()) {
@@ -76,20 +87,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(&n);
         }
     }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &HTTP2_SETTINGS,
-    ] {
-        headers.remove(n);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
+}
+
+/// A `Connection` token that names a hop-by-hop header (`keep-alive` above all): removed
+/// anyway, so it needs no nominated removal of its own.
+fn is_hop_by_hop_str(tok: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| tok.eq_ignore_ascii_case(h.as_str()))
 }
 
 thread_local! {
@@ -286,6 +296,20 @@ mod tests {
         assert!(h.get(header::HOST).is_some());
         assert!(h.get(header::CONTENT_LENGTH).is_some());
         assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped_and_nothing_else() {
+        for hop in HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            h.append(hop, HeaderValue::from_static("x"));
+            h.append(hop, HeaderValue::from_static("y"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert!(h.get(hop).is_none(), "{hop} kept");
+            assert_eq!(h.len(), 2, "{hop}: {h:?}");
+        }
     }
 
     #[test]

@@ -23,12 +23,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{Buffered, ClientBodyError, Metered, ReplayBody, ReqBody, RespBody, ShadowCut};
-use super::client::HttpClient;
+use super::client::{EndpointRt, SendError, UpstreamBody};
 use super::headers::{
     self as hdr, X_REQUEST_ID, X_ROLLGATE_DEGRADED, X_ROLLGATE_RETRIED_FROM, X_ROLLGATE_VERSION,
 };
 use super::outcome::{self, Capture, End, GrpcRule, InFlight, Recording};
-use crate::config::{EndpointScheme, Signal, StickyKey};
+use crate::config::{Signal, StickyKey};
 use crate::routing::select::{self, PinOutcome};
 use crate::routing::store::Store;
 use crate::routing::table::{Member, Route, Table};
@@ -623,9 +623,9 @@ struct Exchange<'a> {
 /// How one attempt ended before its response body.
 enum Attempt {
     /// A response to relay (the `Recording` goes into its body).
-    Response(Response<Incoming>),
+    Response(Response<UpstreamBody>),
     /// The upstream answered 5xx and the request may be retried.
-    Retryable5xx(Response<Incoming>),
+    Retryable5xx(Response<UpstreamBody>),
     /// No usable response, the version's fault. `unsent`: nothing reached the upstream.
     Upstream {
         kind: UpstreamErrorKind,
@@ -756,19 +756,10 @@ impl Exchange<'_> {
         }
         let client_error = |body_err: Option<ClientBodyError>| body_err.map(Attempt::Client);
         let probe = body.probe();
-        let up = match upstream_request(self.parts, headers, v, ep, body) {
-            Ok(up) => up,
-            Err(r) => {
-                return Attempt::Upstream {
-                    kind: UpstreamErrorKind::Connect,
-                    refusal: r,
-                    unsent: true,
-                }
-            }
-        };
+        let up = upstream_request(self.parts, headers, v, body);
         let first_byte = self.route.config.timeouts.first_byte;
         let idle = self.route.config.timeouts.idle;
-        match send(ep.client(), up, sent, first_byte, idle).await {
+        match send(ep, up, sent, first_byte, idle).await {
             Ok(Ok(resp)) if bad_framing(&resp) => {
                 // Two framings (CL and TE) or a body where none may be: a desync attempt or
                 // a broken upstream. Never relayed; the connection is dropped with it.
@@ -875,7 +866,7 @@ impl Exchange<'_> {
     /// headers in, the body metered.
     fn respond(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         mut rec: Recording,
         m: &Member,
         retried_from: Option<usize>,
@@ -913,13 +904,13 @@ impl Exchange<'_> {
 /// While the body is being sent, an upstream that takes none of it for `idle` although the
 /// client has more to give (it stopped reading: a full socket) times out too.
 async fn send(
-    client: &HttpClient,
+    ep: &EndpointRt,
     up: Request<ReqBody>,
     sent: Option<&super::body::Sent>,
     first_byte: Duration,
     idle: Duration,
-) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, FirstByteTimeout> {
-    let response = client.request(up);
+) -> Result<Result<Response<UpstreamBody>, SendError>, FirstByteTimeout> {
+    let response = ep.send(up);
     tokio::pin!(response);
     let timer = async {
         if let Some(s) = sent {
@@ -949,37 +940,27 @@ async fn send(
 #[derive(Debug)]
 struct FirstByteTimeout;
 
-/// The request as version `v` at endpoint `ep` gets it.
+/// The request as version `v` gets it, in origin form: the endpoint's connection supplies
+/// scheme and authority for HTTP/2, and `Host` for HTTP/1.1 when the client sent none.
 fn upstream_request(
     parts: &Parts,
     mut h: HeaderMap,
     v: &crate::routing::table::Version,
-    ep: &super::client::EndpointRt,
     body: ReqBody,
-) -> Result<Request<ReqBody>, Refusal> {
+) -> Request<ReqBody> {
     for (n, val) in v.set_headers.iter() {
         h.insert(n.clone(), val.clone());
     }
-    let mut uri_parts = http::uri::Parts::default();
-    uri_parts.scheme = Some(ep.endpoint.uri_scheme());
-    uri_parts.authority = Some(ep.endpoint.authority.clone());
-    uri_parts.path_and_query = parts
+    let path = parts
         .uri
         .path_and_query()
         .cloned()
-        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    let uri =
-        Uri::from_parts(uri_parts).map_err(|_| Refusal::BadRequest("invalid request target"))?;
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut up = Request::new(body);
     *up.method_mut() = parts.method.clone();
-    *up.uri_mut() = uri;
-    *up.version_mut() = if ep.endpoint.scheme == EndpointScheme::H2c {
-        HttpVersion::HTTP_2
-    } else {
-        HttpVersion::HTTP_11
-    };
+    *up.uri_mut() = Uri::from(path);
     *up.headers_mut() = h;
-    Ok(up)
+    up
 }
 
 /// Sends a copy of the request to the route's shadow version, in its own task: it never
@@ -1008,9 +989,7 @@ fn spawn_shadow(
         .unwrap_or(0);
     let body = ReqBody::Shadow(body);
     let sent = body.sent();
-    let Ok(up) = upstream_request(parts, parts.headers.clone(), v, ep, body) else {
-        return;
-    };
+    let up = upstream_request(parts, parts.headers.clone(), v, body);
     let rule = GrpcRule {
         faults: route.grpc_faults,
         client_deadline: parts
@@ -1031,7 +1010,7 @@ fn spawn_shadow(
         rec.sending_to(&ep.endpoint.authority, false);
         let first_byte = route.config.timeouts.first_byte;
         let idle = route.config.timeouts.idle;
-        let resp = match send(ep.client(), up, sent.as_deref(), first_byte, idle).await {
+        let resp = match send(ep, up, sent.as_deref(), first_byte, idle).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 if let Some(cut) = find_source::<ShadowCut>(&e) {
@@ -1096,7 +1075,7 @@ fn find_source<'e, T: std::error::Error + 'static>(
 /// An upstream response whose framing cannot be relayed faithfully: `Content-Length`
 /// together with `Transfer-Encoding`, or a body framing on a status that never has a body
 /// (1xx, 204; a 304 may state the representation's length, RFC 9110 §8.6).
-fn bad_framing(resp: &Response<Incoming>) -> bool {
+fn bad_framing(resp: &Response<UpstreamBody>) -> bool {
     let h = resp.headers();
     let cl = h.contains_key(header::CONTENT_LENGTH);
     let te = h.contains_key(header::TRANSFER_ENCODING);

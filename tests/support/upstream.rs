@@ -106,6 +106,8 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     served: AtomicU64,
     disconnects: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: AtomicUsize,
 }
 
 pub struct TestUpstream {
@@ -137,9 +139,14 @@ impl TestUpstream {
     }
 
     async fn start_inner(name: &str, ca: Option<TestCa>) -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        // The largest accept queue the kernel allows (somaxconn, 4096 by default): a proxy
+        // fanning a burst of concurrent requests out over new connections must not meet
+        // a test upstream that drops their SYNs (tokio's default backlog is 1024).
+        let socket = tokio::net::TcpSocket::new_v4().expect("upstream socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
             .expect("bind upstream");
+        let listener = socket.listen(4096).expect("listen upstream");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -148,6 +155,7 @@ impl TestUpstream {
             requests: Mutex::new(Vec::new()),
             served: AtomicU64::new(0),
             disconnects: Arc::new(AtomicUsize::new(0)),
+            connections: AtomicUsize::new(0),
         });
         let acceptor = ca
             .as_ref()
@@ -159,6 +167,7 @@ impl TestUpstream {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                accept_shared.connections.fetch_add(1, Ordering::SeqCst);
                 let shared = accept_shared.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -257,6 +266,11 @@ impl TestUpstream {
     /// How many streamed response bodies were dropped before their end (client went away).
     pub fn disconnects(&self) -> usize {
         self.shared.disconnects.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
     }
 }
 
