@@ -327,7 +327,17 @@ impl EndpointRt {
             req
         };
         // No pooled connection took it (none idle, or the upstream closed the pooled one
-        // as the request went out): a new connection.
+        // as the request went out): a new connection. Boxed: connecting (TLS, the HTTP/2
+        // handshake) is a large future, and every request's future would otherwise be
+        // as large as it and be moved as such.
+        Box::pin(self.send_fresh(pool, req)).await
+    }
+
+    async fn send_fresh(
+        &self,
+        pool: &Arc<Pool>,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let fresh = if self.h2_expected() {
             // One HTTP/2 connection at a time per pool: requests that arrive while it is
             // being made wait for it and share it, or share its failure.
