@@ -15,9 +15,9 @@
 //! Settings follow ../shared/HARDENING.md "Defaults to set explicitly": connect timeout and
 //! TCP_NODELAY on the connector; an idle connection is not reused after 4 s, below the
 //! usual upstream keep-alive of 5 s (gunicorn, Node), so the pool never hands out a
-//! connection the upstream is closing; at most 1,024 idle connections per pool (a pool holds
-//! no more than its thread's peak of concurrent requests; a smaller cap makes bursts above
-//! it close and reopen connections). A request
+//! connection the upstream is closing, and a reaper closes idle connections once they are
+//! past that, also when no request comes; at most 64 idle HTTP/1.1 connections per pool
+//! (HARDENING: 32-64 per host), the oldest closed first. A request
 //! that a pooled connection returns unsent (its upstream closed it as the request went
 //! out) is sent once more on a new connection, as hyper-util's client does.
 
@@ -55,7 +55,7 @@ type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 /// Idle upstream connections are not reused after this, below the 5 s keep-alive of
 /// gunicorn and Node, so the pool never hands out a connection the upstream is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-const POOL_MAX_IDLE: usize = 1024;
+const POOL_MAX_IDLE: usize = 64;
 
 /// Data-plane worker threads (see `app::DataPlane`); 0 when the data plane runs on the
 /// caller's runtime. Set once at start-up, before the first routing table is compiled.
@@ -85,15 +85,52 @@ pub enum SendError {
     /// was not sent.
     #[error("connect error")]
     Connect(#[source] BoxError),
+    /// The upstream refused the request before processing any of it (HTTP/2
+    /// `REFUSED_STREAM`, RFC 9113 §8.7): like a connect error, safe to send elsewhere.
+    #[error("request refused")]
+    Refused(#[source] BoxError),
     /// The connection failed while the request was sent or its response awaited.
     #[error("request error")]
     Request(#[source] BoxError),
 }
 
 impl SendError {
-    /// The request never left: it may go elsewhere whatever its method.
+    /// No connection could be made.
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
+    }
+
+    /// The upstream never processed the request: it may go elsewhere whatever its method.
+    pub fn is_unsent(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Refused(_))
+    }
+
+    fn request(e: hyper::Error) -> Self {
+        let refused = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM));
+        if refused {
+            SendError::Refused(e.into())
+        } else {
+            SendError::Request(e.into())
+        }
+    }
+}
+
+/// A connect failure shared by the requests that waited for that connection: its cause
+/// stays reachable through `source()`, so TLS failures are still told from others.
+#[derive(Debug, Clone)]
+struct SharedFailure(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for SharedFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the HTTP/2 connection this request waited for failed")
+    }
+}
+
+impl std::error::Error for SharedFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -107,7 +144,7 @@ pub struct EndpointRt {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`, what the connector is called with.
     connect_uri: Uri,
-    /// The upstream chose h2 by ALPN on an earlier connection.
+    /// The upstream chose h2 by ALPN on the latest connection.
     negotiated_h2: AtomicBool,
     /// The `Host` an HTTP/1.1 request gets when it has none (the endpoint's host, and its
     /// port unless it is the scheme's default).
@@ -140,24 +177,31 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// The connections of one endpoint used by one thread. Its locks are taken only by that
-/// thread (slot 0 aside: health checks and tests), never across an `.await`.
+/// thread (slot 0 aside: health checks and tests) and its reaper, never across an `.await`.
 #[derive(Default)]
 struct Pool {
     /// HTTP/1.1 connections not lent out, the most recently returned last.
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection (h2c, or https that negotiated h2), shared by every request.
-    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// The HTTP/2 connection (h2c, or https that negotiated h2), shared by every request,
+    /// and when a request last used it.
+    h2: Mutex<Option<(http2::SendRequest<ReqBody>, Instant)>>,
     /// Held while an HTTP/2 connection is being made (an async lock, held across the
     /// connect on purpose: the requests behind it wait for that one connection).
     h2_connecting: tokio::sync::Mutex<()>,
-    /// HTTP/2 connection attempts finished, so a request that waited can tell that the
-    /// attempt it waited for failed.
-    h2_attempts: AtomicUsize,
+    /// Failed HTTP/2 connection attempts and the last one's error, so the requests that
+    /// waited for an attempt share its failure.
+    h2_failures: Mutex<(usize, Option<Arc<dyn std::error::Error + Send + Sync>>)>,
+    /// A reaper task is running for this pool.
+    reaping: AtomicBool,
 }
 
 struct Idle {
     tx: http1::SendRequest<ReqBody>,
     since: Instant,
+}
+
+fn expired(since: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(since) >= POOL_IDLE_TIMEOUT
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,14 +212,68 @@ impl Pool {
     /// The shared HTTP/2 connection, unless it is closed.
     fn shared_h2(&self) -> Option<http2::SendRequest<ReqBody>> {
         let mut slot = lock(&self.h2);
-        match slot.as_ref() {
-            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+        match slot.as_mut() {
+            Some((tx, used)) if !tx.is_closed() => {
+                *used = Instant::now();
+                Some(tx.clone())
+            }
             Some(_) => {
                 *slot = None;
                 None
             }
             None => None,
         }
+    }
+
+    fn set_h2(self: &Arc<Self>, tx: http2::SendRequest<ReqBody>) {
+        *lock(&self.h2) = Some((tx, Instant::now()));
+        self.reap_later();
+    }
+
+    /// Closes what has been idle too long, also when no request comes to notice: a task
+    /// on the calling thread's runtime that runs while the pool holds idle connections.
+    fn reap_later(self: &Arc<Self>) {
+        if self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.reaping.store(false, Ordering::Release);
+            return;
+        };
+        let pool = Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(POOL_IDLE_TIMEOUT / 2).await;
+                let Some(pool) = pool.upgrade() else { return };
+                if !pool.reap(Instant::now()) {
+                    pool.reaping.store(false, Ordering::Release);
+                    // A connection that came back meanwhile restarts a reaper.
+                    if pool.holds_any() {
+                        pool.reap_later();
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Drops idle HTTP/1.1 connections and an unused HTTP/2 one past the idle timeout;
+    /// whether the pool still holds any.
+    fn reap(&self, now: Instant) -> bool {
+        let mut idle = lock(&self.idle);
+        idle.retain(|c| !c.tx.is_closed() && !expired(c.since, now));
+        let mut h2 = lock(&self.h2);
+        if h2
+            .as_ref()
+            .is_some_and(|(tx, used)| tx.is_closed() || expired(*used, now))
+        {
+            *h2 = None;
+        }
+        !idle.is_empty() || h2.is_some()
+    }
+
+    fn holds_any(&self) -> bool {
+        !lock(&self.idle).is_empty() || lock(&self.h2).is_some()
     }
 
     /// The most recently returned HTTP/1.1 connection that can take a request now. Closed
@@ -188,7 +286,7 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let c = &idle[i];
-            if c.tx.is_closed() || now.saturating_duration_since(c.since) >= POOL_IDLE_TIMEOUT {
+            if c.tx.is_closed() || expired(c.since, now) {
                 idle.remove(i);
             } else if c.tx.is_ready() {
                 return Some(idle.remove(i).tx);
@@ -197,20 +295,24 @@ impl Pool {
         None
     }
 
-    fn put_h1(&self, tx: http1::SendRequest<ReqBody>) {
+    fn put_h1(self: &Arc<Self>, tx: http1::SendRequest<ReqBody>) {
         if tx.is_closed() {
             return;
         }
         let now = Instant::now();
-        let mut idle = lock(&self.idle);
-        if idle
-            .first()
-            .is_some_and(|c| now.saturating_duration_since(c.since) >= POOL_IDLE_TIMEOUT)
         {
-            idle.remove(0);
-        }
-        if idle.len() < POOL_MAX_IDLE {
+            let mut idle = lock(&self.idle);
+            if idle.first().is_some_and(|c| expired(c.since, now)) {
+                idle.remove(0);
+            }
+            if idle.len() >= POOL_MAX_IDLE {
+                // The oldest goes: the newest are the ones the next requests take.
+                idle.remove(0);
+            }
             idle.push(Idle { tx, since: now });
+        }
+        if !self.reaping.load(Ordering::Relaxed) {
+            self.reap_later();
         }
     }
 }
@@ -341,19 +443,31 @@ impl EndpointRt {
         let fresh = if self.h2_expected() {
             // One HTTP/2 connection at a time per pool: requests that arrive while it is
             // being made wait for it and share it, or share its failure.
-            let attempts = pool.h2_attempts.load(Ordering::Acquire);
+            let failures = lock(&pool.h2_failures).0;
             let _turn = pool.h2_connecting.lock().await;
-            match pool.shared_h2() {
-                Some(tx) => Fresh::H2(tx),
-                None if pool.h2_attempts.load(Ordering::Acquire) != attempts => {
-                    return Err(SendError::Connect(
-                        "the HTTP/2 connection this request waited for failed".into(),
-                    ));
+            if let Some(tx) = pool.shared_h2() {
+                Fresh::H2(tx)
+            } else {
+                let failed = {
+                    let f = lock(&pool.h2_failures);
+                    (f.0 != failures).then(|| f.1.clone()).flatten()
+                };
+                if let Some(cause) = failed {
+                    return Err(SendError::Connect(Box::new(SharedFailure(cause))));
                 }
-                None => {
-                    let made = self.connect(pool).await;
-                    pool.h2_attempts.fetch_add(1, Ordering::AcqRel);
-                    made?
+                match self.connect(pool).await {
+                    Ok(fresh) => fresh,
+                    Err(e) => {
+                        let cause: Arc<dyn std::error::Error + Send + Sync> = match e {
+                            SendError::Connect(b)
+                            | SendError::Refused(b)
+                            | SendError::Request(b) => Arc::from(b),
+                        };
+                        let mut f = lock(&pool.h2_failures);
+                        f.0 += 1;
+                        f.1 = Some(cause.clone());
+                        return Err(SendError::Connect(Box::new(SharedFailure(cause))));
+                    }
                 }
             }
         } else {
@@ -366,7 +480,7 @@ impl EndpointRt {
         // A new connection that does not take the request is an error, not a reason to
         // try yet another.
         answer.unwrap_or_else(|_| {
-            Err(SendError::Request(
+            Err(SendError::Connect(
                 "a new upstream connection closed before the request was sent".into(),
             ))
         })
@@ -401,13 +515,13 @@ impl EndpointRt {
     }
 
     /// Whether a new connection will speak HTTP/2: h2c, or https whose upstream
-    /// negotiated h2 before.
+    /// negotiated h2 on the latest connection.
     fn h2_expected(&self) -> bool {
         self.endpoint.scheme == EndpointScheme::H2c || self.negotiated_h2.load(Ordering::Relaxed)
     }
 
     /// Connects, and for HTTP/2 makes the connection the pool's shared one.
-    async fn connect(&self, pool: &Pool) -> Result<Fresh, SendError> {
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<Fresh, SendError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -417,11 +531,17 @@ impl EndpointRt {
             .await
             .map_err(SendError::Connect)?;
         let negotiated_h2 = io.connected().is_negotiated_h2();
-        if negotiated_h2 {
-            self.negotiated_h2.store(true, Ordering::Relaxed);
+        if self.endpoint.scheme == EndpointScheme::Https {
+            // What the upstream chose last: one that stops offering h2 (a restart, mixed
+            // backends behind a balancer) gets HTTP/1.1 connections made in parallel again.
+            self.negotiated_h2.store(negotiated_h2, Ordering::Relaxed);
         }
         if self.endpoint.scheme == EndpointScheme::H2c || negotiated_h2 {
+            // One stream until the upstream's SETTINGS say how many it takes: a burst on a
+            // new connection otherwise exceeds a small SETTINGS_MAX_CONCURRENT_STREAMS
+            // (Triton, vLLM's gRPC) and is refused (REFUSED_STREAM), instead of queued.
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .initial_max_send_streams(1)
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20))
@@ -434,7 +554,7 @@ impl EndpointRt {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            *lock(&pool.h2) = Some(tx.clone());
+            pool.set_h2(tx.clone());
             Ok(Fresh::H2(tx))
         } else {
             let (tx, conn) = http1::handshake(io)
@@ -498,7 +618,7 @@ fn settle(
         Ok(resp) => Ok(Ok(with_lease(resp, lease))),
         Err(mut e) => match e.take_message() {
             Some(req) => Err(req),
-            None => Ok(Err(SendError::Request(e.into_error().into()))),
+            None => Ok(Err(SendError::request(e.into_error()))),
         },
     }
 }

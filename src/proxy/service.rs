@@ -784,11 +784,12 @@ impl Exchange<'_> {
                 } else {
                     UpstreamErrorKind::Reset
                 };
+                let unsent = e.is_unsent();
                 tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");
                 Attempt::Upstream {
                     kind,
                     refusal: Refusal::UpstreamUnavailable(error_chain(&e)),
-                    unsent: connect,
+                    unsent,
                 }
             }
             Err(_) => match client_error(probe.client_error()) {
@@ -1104,15 +1105,15 @@ fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
         if c.downcast_ref::<rustls::Error>().is_some() {
             return true;
         }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
-            {
-                return true;
-            }
-        }
-        cur = c.source();
+        // An `io::Error` that wraps another (hyper-rustls wraps rustls' error, sometimes
+        // twice) hides it from `source()`: walk into what it wraps.
+        cur = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
     }
     false
 }
