@@ -120,17 +120,25 @@ impl SendError {
 /// A connect failure shared by the requests that waited for that connection: its cause
 /// stays reachable through `source()`, so TLS failures are still told from others.
 #[derive(Debug, Clone)]
-struct SharedFailure(Arc<dyn std::error::Error + Send + Sync>);
+struct SharedFailure {
+    cause: Arc<dyn std::error::Error + Send + Sync>,
+    /// This request waited for another's attempt (rather than making it).
+    waited: bool,
+}
 
 impl std::fmt::Display for SharedFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the HTTP/2 connection this request waited for failed")
+        if self.waited {
+            write!(f, "the connection attempt this request waited for failed")
+        } else {
+            write!(f, "connection attempt failed")
+        }
     }
 }
 
 impl std::error::Error for SharedFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
+        Some(&*self.cause)
     }
 }
 
@@ -200,6 +208,17 @@ struct Idle {
     since: Instant,
 }
 
+/// A pool's reaper is running; dropped, it lets the next returned connection start one.
+struct Reaping(std::sync::Weak<Pool>);
+
+impl Drop for Reaping {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.reaping.store(false, Ordering::Release);
+        }
+    }
+}
+
 fn expired(since: Instant, now: Instant) -> bool {
     now.saturating_duration_since(since) >= POOL_IDLE_TIMEOUT
 }
@@ -231,7 +250,8 @@ impl Pool {
     }
 
     /// Closes what has been idle too long, also when no request comes to notice: a task
-    /// on the calling thread's runtime that runs while the pool holds idle connections.
+    /// on the calling thread's runtime that runs while the pool holds idle connections,
+    /// waking when the oldest of them expires.
     fn reap_later(self: &Arc<Self>) {
         if self.reaping.swap(true, Ordering::AcqRel) {
             return;
@@ -240,26 +260,34 @@ impl Pool {
             self.reaping.store(false, Ordering::Release);
             return;
         };
-        let pool = Arc::downgrade(self);
+        // Clears `reaping` however the task ends, also when a runtime shutting down drops
+        // it unrun.
+        let reaping = Reaping(Arc::downgrade(self));
         rt.spawn(async move {
+            let mut next = Instant::now() + POOL_IDLE_TIMEOUT;
             loop {
-                tokio::time::sleep(POOL_IDLE_TIMEOUT / 2).await;
-                let Some(pool) = pool.upgrade() else { return };
-                if !pool.reap(Instant::now()) {
-                    pool.reaping.store(false, Ordering::Release);
-                    // A connection that came back meanwhile restarts a reaper.
-                    if pool.holds_any() {
-                        pool.reap_later();
-                    }
+                tokio::time::sleep(next.saturating_duration_since(Instant::now())).await;
+                let Some(pool) = reaping.0.upgrade() else {
                     return;
+                };
+                match pool.reap(Instant::now()) {
+                    Some(at) => next = at,
+                    None => {
+                        drop(reaping);
+                        // A connection that came back meanwhile restarts a reaper.
+                        if pool.holds_any() {
+                            pool.reap_later();
+                        }
+                        return;
+                    }
                 }
             }
         });
     }
 
     /// Drops idle HTTP/1.1 connections and an unused HTTP/2 one past the idle timeout;
-    /// whether the pool still holds any.
-    fn reap(&self, now: Instant) -> bool {
+    /// when the next of those left expires, if any are left.
+    fn reap(&self, now: Instant) -> Option<Instant> {
         let mut idle = lock(&self.idle);
         idle.retain(|c| !c.tx.is_closed() && !expired(c.since, now));
         let mut h2 = lock(&self.h2);
@@ -269,7 +297,12 @@ impl Pool {
         {
             *h2 = None;
         }
-        !idle.is_empty() || h2.is_some()
+        let oldest = idle
+            .iter()
+            .map(|c| c.since)
+            .chain(h2.as_ref().map(|(_, used)| *used))
+            .min()?;
+        Some(oldest + POOL_IDLE_TIMEOUT)
     }
 
     fn holds_any(&self) -> bool {
@@ -444,16 +477,25 @@ impl EndpointRt {
             // One HTTP/2 connection at a time per pool: requests that arrive while it is
             // being made wait for it and share it, or share its failure.
             let failures = lock(&pool.h2_failures).0;
-            let _turn = pool.h2_connecting.lock().await;
+            let turn = pool.h2_connecting.lock().await;
             if let Some(tx) = pool.shared_h2() {
                 Fresh::H2(tx)
+            } else if !self.h2_expected() {
+                // The attempt this request waited for made an HTTP/1.1 connection (the
+                // upstream stopped offering h2): connect in parallel, as for HTTP/1.1.
+                drop(turn);
+                self.connect(pool).await?
             } else {
                 let failed = {
                     let f = lock(&pool.h2_failures);
                     (f.0 != failures).then(|| f.1.clone()).flatten()
                 };
                 if let Some(cause) = failed {
-                    return Err(SendError::Connect(Box::new(SharedFailure(cause))));
+                    let waited = SharedFailure {
+                        cause,
+                        waited: true,
+                    };
+                    return Err(SendError::Connect(Box::new(waited)));
                 }
                 match self.connect(pool).await {
                     Ok(fresh) => fresh,
@@ -466,7 +508,11 @@ impl EndpointRt {
                         let mut f = lock(&pool.h2_failures);
                         f.0 += 1;
                         f.1 = Some(cause.clone());
-                        return Err(SendError::Connect(Box::new(SharedFailure(cause))));
+                        let made = SharedFailure {
+                            cause,
+                            waited: false,
+                        };
+                        return Err(SendError::Connect(Box::new(made)));
                     }
                 }
             }
