@@ -165,17 +165,8 @@ impl FlipServer {
                     }
                     match leaf {
                         Some(leaf) => {
-                            let (chain, key) = (leaf.0.clone(), leaf.1.clone_key());
-                            let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
-                                rustls::crypto::ring::default_provider(),
-                            ))
-                            .with_safe_default_protocol_versions()
-                            .unwrap()
-                            .with_no_client_auth()
-                            .with_single_cert(chain, key)
-                            .unwrap();
-                            sc.alpn_protocols = c.alpn.clone();
-                            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+                            let sc = support::certs::server_config(&leaf, c.alpn.clone());
+                            let acceptor = tokio_rustls::TlsAcceptor::from(sc);
                             let Ok(tls) = acceptor.accept(stream).await else {
                                 return;
                             };

@@ -58,19 +58,8 @@ impl Up {
                 let leaf = leaf.clone();
                 let task = tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .with_no_client_auth()
-                    .with_single_cert(leaf.0.clone(), leaf.1.clone_key())
-                    .unwrap();
-                    sc.alpn_protocols = protos;
-                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(Arc::new(sc))
-                        .accept(stream)
-                        .await
-                    else {
+                    let sc = support::certs::server_config(&leaf, protos);
+                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(sc).accept(stream).await else {
                         return;
                     };
                     let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {

@@ -448,7 +448,12 @@ impl EndpointRt {
     /// HTTP/1.1 when the request has none.
     pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
         let pool = self.pool();
-        let req = if let Some(tx) = pool.shared_h2() {
+        // A plain http:// endpoint never has an HTTP/2 connection: no lock for it.
+        let h2 = match self.endpoint.scheme {
+            EndpointScheme::Http => None,
+            EndpointScheme::Https | EndpointScheme::H2c => pool.shared_h2(),
+        };
+        let req = if let Some(tx) = h2 {
             match self.send_h2(tx, req).await {
                 Ok(answer) => return answer,
                 Err(req) => req,

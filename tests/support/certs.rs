@@ -71,16 +71,24 @@ impl TestCa {
 
     /// A rustls server config for `localhost` (and 127.0.0.1), ALPN h2 + http/1.1.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let (chain, key) = self.leaf(&["localhost", "127.0.0.1"]);
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(cfg)
+        let leaf = self.leaf(&["localhost", "127.0.0.1"]);
+        server_config(&leaf, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
     }
+}
+
+/// A rustls server config presenting `leaf` (from [`TestCa::leaf`]) and offering `alpn`.
+pub fn server_config(
+    leaf: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    alpn: Vec<Vec<u8>>,
+) -> Arc<rustls::ServerConfig> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(leaf.0.clone(), leaf.1.clone_key())
+    .unwrap();
+    cfg.alpn_protocols = alpn;
+    Arc::new(cfg)
 }
