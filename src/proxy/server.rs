@@ -28,15 +28,17 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::body::RespBody;
@@ -62,18 +64,22 @@ pub const MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
 /// Back-off after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The hyper-util connection builder with every limit set explicitly.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 connection builder with every limit set explicitly.
+pub fn http1_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_BUF_SIZE)
         .max_headers(MAX_HEADERS)
         .keep_alive(true)
         .half_close(false);
-    b.http2()
-        .timer(TokioTimer::new())
+    b
+}
+
+/// The h2 connection builder with every limit set explicitly.
+pub fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(1024)
@@ -160,8 +166,8 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let builders = Arc::new(Builders {
-        h1: http_builder().http1_only(),
-        h2: http_builder().http2_only(),
+        h1: http1_builder(),
+        h2: http2_builder(),
     });
     // Every connection task holds a clone of `live` until it ends, and the drain waits for
     // the last one to go: the counting hyper-util's `GracefulShutdown` does, done here
@@ -207,10 +213,11 @@ pub async fn serve<H, F>(
 
 /// Connection builders by protocol, which is always known before the first request: from
 /// ALPN, or from the first bytes of the connection ([`sniff_h2`]). hyper-util's own
-/// detection is not used: it waits for those bytes with no time limit.
+/// detection is not used: it waits for those bytes with no time limit, and its connection
+/// type holds both protocols' state, so every connection would take the larger one.
 struct Builders {
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
 }
 
 /// A connection task's tie to its listener: the stop signal, and a token the drain counts
@@ -268,6 +275,9 @@ async fn read_preface<I: AsyncRead + Unpin>(
     Some((true, filled))
 }
 
+/// One connection's task. What it keeps for the connection's whole life is kept small:
+/// the TLS path and the protocol's serving state are boxed, each at its own size, so a
+/// cleartext HTTP/1.1 connection carries no room for a TLS session or for h2's state.
 async fn serve_connection<H, F>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -293,44 +303,59 @@ async fn serve_connection<H, F>(
             };
             conn.serve(io, h2, handler, life).await
         }
-        Some(acceptor) => {
-            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-            let tls_stream = tokio::select! {
-                r = handshake => match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
-                _ = life.stopping() => return,
-            };
-            let alpn = tls_stream.get_ref().1.alpn_protocol();
-            let (alpn_h1, alpn_h2) = (alpn == Some(b"http/1.1"), alpn == Some(b"h2"));
-            if alpn_h1 {
-                // hyper's header read timeout bounds the wait for the first request.
-                let io = Rewind::new(tls_stream, Bytes::new());
-                conn.serve(io, false, handler, life).await
-            } else {
-                // h2 (by ALPN, or sniffed when the client sent no ALPN) has no header read
-                // timeout: the wait for the preface is bounded here, as on cleartext. With
-                // ALPN h2, hyper answers anything but the preface with a GOAWAY.
-                let Some((h2, io)) = sniff_h2(tls_stream, &mut life).await else {
-                    tracing::debug!(%peer, "TLS client closed, silent or stopped before a request");
-                    return;
-                };
-                conn.serve(io, h2 || alpn_h2, handler, life).await
-            }
-        }
+        Some(acceptor) => match Box::pin(accept_tls(stream, acceptor, peer, &mut life)).await {
+            Some((h2, io)) => conn.serve(io, h2, handler, life).await,
+            None => return,
+        },
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
+
+/// The TLS handshake, and then the protocol: by ALPN, or sniffed when the client sent no
+/// ALPN. `None` when the handshake failed or timed out, the client went silent, or the
+/// listener is stopping.
+async fn accept_tls(
+    stream: StallGuard<TcpStream>,
+    acceptor: TlsAcceptor,
+    peer: SocketAddr,
+    life: &mut Lifecycle,
+) -> Option<(bool, Rewind<Box<TlsStream<StallGuard<TcpStream>>>>)> {
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let tls_stream = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return None;
+            }
+        },
+        _ = life.stopping() => return None,
+    };
+    let alpn = tls_stream.get_ref().1.alpn_protocol();
+    let (alpn_h1, alpn_h2) = (alpn == Some(b"http/1.1"), alpn == Some(b"h2"));
+    // Boxed: the session lives with the serving state, at its own size.
+    let tls_stream = Box::new(tls_stream);
+    if alpn_h1 {
+        // hyper's header read timeout bounds the wait for the first request.
+        return Some((false, Rewind::new(tls_stream, Bytes::new())));
+    }
+    // h2 (by ALPN, or sniffed when the client sent no ALPN) has no header read timeout:
+    // the wait for the preface is bounded here, as on cleartext. With ALPN h2, hyper
+    // answers anything but the preface with a GOAWAY.
+    let Some((h2, io)) = sniff_h2(tls_stream, life).await else {
+        tracing::debug!(%peer, "TLS client closed, silent or stopped before a request");
+        return None;
+    };
+    Some((h2 || alpn_h2, io))
+}
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One accepted connection, once its protocol is known.
 struct Conn<'a> {
@@ -343,14 +368,14 @@ impl Conn<'_> {
     /// Serves HTTP/1.1 or h2 on `io` until the connection ends. It is closed gracefully
     /// (h1: `Connection: close` on the response in progress; h2: GOAWAY, open streams
     /// finish) when the listener stops and, for h2, after [`H2_IDLE_TIMEOUT`] with no
-    /// stream open.
-    async fn serve<I, H, F>(
+    /// stream open. The serving state is one allocation of the chosen protocol's size.
+    fn serve<I, H, F>(
         self,
         io: I,
         h2: bool,
         handler: H,
-        mut life: Lifecycle,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+        life: Lifecycle,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ConnError>> + Send>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Fn(SocketAddr, bool, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -382,33 +407,48 @@ impl Conn<'_> {
                 }))
             }
         });
-        let builder = if h2 {
-            &self.builders.h2
-        } else {
-            &self.builders.h1
-        };
-        let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
-        let idle = async {
-            match &streams {
-                Some(s) => s.idle_for(h2_idle_timeout()).await,
-                None => std::future::pending().await,
+        let io = TokioIo::new(io);
+        match streams {
+            Some(streams) => {
+                let conn = self.builders.h2.serve_connection(io, service);
+                let idle = async move { streams.idle_for(h2_idle_timeout()).await };
+                Box::pin(drive(conn, idle, life, peer))
             }
-        };
-        let mut idle = std::pin::pin!(idle);
-        let mut closing = false;
-        loop {
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => return r,
-                _ = life.stopping(), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = idle.as_mut(), if !closing => {
-                    tracing::debug!(%peer, "h2 connection idle; sending GOAWAY");
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+            None => {
+                let conn = self.builders.h1.serve_connection(io, service);
+                Box::pin(drive(conn, std::future::pending(), life, peer))
+            }
+        }
+    }
+}
+
+/// Runs `conn` to its end, starting its graceful shutdown once when the listener stops or
+/// `idle` resolves.
+async fn drive<C>(
+    conn: C,
+    idle: impl Future<Output = ()>,
+    mut life: Lifecycle,
+    peer: SocketAddr,
+) -> Result<(), ConnError>
+where
+    C: GracefulConnection,
+    C::Error: Into<ConnError>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r.map_err(Into::into),
+            _ = life.stopping(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = idle.as_mut(), if !closing => {
+                tracing::debug!(%peer, "h2 connection idle; sending GOAWAY");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
             }
         }
     }
@@ -537,6 +577,8 @@ pin_project_lite::pin_project! {
     /// HTTP/1.1), then the connection's own bytes; writes go straight through.
     struct Rewind<T> {
         prefix: Bytes,
+        // An error met while reading on past the prefix, for the read after it.
+        failed: Option<io::Error>,
         #[pin]
         inner: T,
     }
@@ -544,7 +586,11 @@ pin_project_lite::pin_project! {
 
 impl<T> Rewind<T> {
     fn new(inner: T, prefix: Bytes) -> Self {
-        Rewind { prefix, inner }
+        Rewind {
+            prefix,
+            failed: None,
+            inner,
+        }
     }
 }
 
@@ -555,12 +601,26 @@ impl<T: AsyncRead> AsyncRead for Rewind<T> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        if !this.prefix.is_empty() && buf.remaining() > 0 {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Err(e));
         }
-        this.inner.poll_read(cx, buf)
+        if this.prefix.is_empty() || buf.remaining() == 0 {
+            return this.inner.poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        // The rest of the request head is usually already here: hand it over in the same
+        // read. A head that arrives in two reads makes hyper grow its 8 KiB read buffer to
+        // 16 KiB for the connection's whole life (bytes' amortised growth), so returning
+        // the prefix alone cost every connection 8 KiB. Nothing is lost if the socket has
+        // nothing yet: the prefix is returned and the next read waits as usual.
+        if this.prefix.is_empty() && buf.remaining() > 0 {
+            if let Poll::Ready(Err(e)) = this.inner.poll_read(cx, buf) {
+                // The prefix is this read's result; the error is the next one's.
+                *this.failed = Some(e);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -688,5 +748,70 @@ impl<T: AsyncWrite> AsyncWrite for StallGuard<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A reader whose every read fails.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sniffed_prefix_and_the_rest_of_the_head_come_in_one_read() {
+        // hyper grows its read buffer to 16 KiB for good when a head comes in two reads.
+        let (mut client, server) = tokio::io::duplex(1024);
+        client
+            .write_all(b"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut io = Rewind::new(server, Bytes::from_static(b"GET "));
+        let mut buf = [0u8; 8192];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_prefix_alone_when_nothing_more_has_come_and_the_rest_later() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = Rewind::new(server, Bytes::from_static(b"GET "));
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET ");
+        client.write_all(b"/ HTTP/1.1\r\n").await.unwrap();
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"/ HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_error_after_the_prefix_is_the_next_reads_result() {
+        let mut io = Rewind::new(Broken, Bytes::from_static(b"GET "));
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 4);
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_prefix_larger_than_the_buffer_is_handed_over_in_parts() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let mut io = Rewind::new(server, Bytes::from_static(b"PRI * HTTP/2.0"));
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        assert_eq!(&buf, b"PRI * HT");
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"TP/2.0");
     }
 }

@@ -615,7 +615,7 @@ pub fn request_route(data: &[u8]) -> Option<RouteOutcome> {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
             }
         });
-        let builder = rollgate::proxy::server::http_builder();
+        let builder = rollgate::proxy::server::http1_builder();
         let conn = builder.serve_connection(TokioIo::new(server), svc);
         let talk = async {
             // The proxy may answer (and close) before reading everything: ignore write errors.
