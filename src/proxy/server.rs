@@ -2,17 +2,18 @@
 //! behind TLS with ALPN `h2,http/1.1`.
 //!
 //! Every hyper / h2 knob that HARDENING.md lists under "Defaults to set explicitly" is set
-//! here, in one place ([`http_builder`]), so a reader can audit the limits without chasing
-//! library defaults. The accept loop survives `EMFILE` (it backs off and continues rather than
+//! here, in one place ([`http1_builder`], [`http2_builder`]), so a reader can audit the limits
+//! without chasing library defaults. The accept loop survives `EMFILE` (it backs off and continues rather than
 //! returning), and shutdown is graceful: listeners close, h1 connections finish their
 //! response with `Connection: close`, h2 connections get GOAWAY and finish their streams.
 //!
 //! No connection waits for its client without a time limit: the TLS handshake has
 //! [`TLS_HANDSHAKE_TIMEOUT`]; the first bytes (which tell h2 from HTTP/1.1 on cleartext and
 //! on TLS without ALPN, and must be the h2 preface with ALPN `h2`) and every HTTP/1.1
-//! request head have [`HEADER_READ_TIMEOUT`]; an h2 connection with no stream open is
-//! closed after [`H2_IDLE_TIMEOUT`]. Waiting costs a pending read and a timer, never a poll
-//! loop.
+//! request head have [`HEADER_READ_TIMEOUT`] (on cleartext the two add up: a client that
+//! drips the first bytes of an HTTP/1.1 head for up to 10 s gets 10 s more for the rest);
+//! an h2 connection with no stream open is closed after [`H2_IDLE_TIMEOUT`]. Waiting costs a
+//! pending read and a timer, never a poll loop.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -65,6 +66,11 @@ pub const MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The HTTP/1.1 connection builder with every limit set explicitly.
+///
+/// Writes stay vectored (hyper's default for sockets). `writev(false)` was measured: 6 %
+/// less CPU per small request at 5,000 req/s, but hyper then copies every body chunk into
+/// one buffer that is cleared and never shrunk, so each connection would keep the size of
+/// the largest response it ever carried (2 MiB after a 1 MiB frame) for its whole life.
 pub fn http1_builder() -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
