@@ -52,6 +52,81 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
+/// An upstream connection's transport, kept in the connection's task for its whole life.
+/// hyper-rustls' [`MaybeHttpsStream`] has room for a TLS session inline (1.1 KiB) on a
+/// plain connection too; here only a TLS connection pays for it.
+enum Transport {
+    Plain(TokioIo<tokio::net::TcpStream>),
+    Tls(Box<Io>),
+}
+
+impl From<Io> for Transport {
+    fn from(io: Io) -> Self {
+        match io {
+            MaybeHttpsStream::Http(plain) => Transport::Plain(plain),
+            tls => Transport::Tls(Box::new(tls)),
+        }
+    }
+}
+
+impl hyper::rt::Read for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(io) => io.is_write_vectored(),
+            Transport::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(io) => Pin::new(io).poll_flush(cx),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Idle upstream connections are not reused after this, below the 5 s keep-alive of
 /// gunicorn and Node, so the pool never hands out a connection the upstream is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -587,6 +662,7 @@ impl EndpointRt {
             // backends behind a balancer) gets HTTP/1.1 connections made in parallel again.
             self.negotiated_h2.store(negotiated_h2, Ordering::Relaxed);
         }
+        let io = Transport::from(io);
         if self.endpoint.scheme == EndpointScheme::H2c || negotiated_h2 {
             // One stream until the upstream's SETTINGS say how many it takes: a burst on a
             // new connection otherwise exceeds a small SETTINGS_MAX_CONCURRENT_STREAMS
