@@ -22,14 +22,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-async fn proxy_to(url: &str) -> TestProxy {
-    TestProxy::new()
-        .version_with("v1", url, "")
-        .route(Route::new("chat", "v1"))
-        .start()
-        .await
-}
-
 // ---------------------------------------------------------------------------------------
 // A hyper upstream (h1 + h2, optionally TLS) whose ALPN, accept delay, response delay,
 // stream limit and graceful shutdown can be changed while it runs, and whose connections can
@@ -257,7 +249,7 @@ async fn burst(proxy: &TestProxy, path: &str, n: usize, method: Method) -> Vec<(
 async fn idle_upstream_connections_are_closed_once_traffic_stops() {
     // Answers after 300 ms and keeps every connection open, never timing one out.
     let up = RawUpstream::start(Fault::DelayFirstByte(Duration::from_millis(300))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let results = burst(&proxy, "/v1/burst", 8, Method::GET).await;
     assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
     assert_eq!(
@@ -339,7 +331,7 @@ async fn http10_and_connection_close_responses_are_never_reused() {
         b"HTTP/1.0 200 OK\r\ncontent-length: 4\r\n\r\nh1.0",
     )))
     .await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     for i in 0..10 {
         let r = client
@@ -373,7 +365,7 @@ async fn http10_and_connection_close_responses_are_never_reused() {
 #[tokio::test]
 async fn upstream_closing_after_every_response_never_fails_a_post() {
     let up = RawUpstream::start(Fault::RespondAndClose(ok_response("bye"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     for i in 0..100 {
         let r = client
@@ -392,7 +384,7 @@ async fn bodiless_responses_head_204_304_keep_the_connection_in_sync() {
         b"HTTP/1.1 204 No Content\r\n\r\n",
     )))
     .await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     for _ in 0..10 {
         assert_eq!(client.get(&proxy.url("/v1/204")).await.status, 204);
@@ -436,7 +428,7 @@ async fn chunked_response_with_trailers_is_reused_without_desync() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n",
     )))
     .await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     for i in 0..20 {
         let r = client.get(&proxy.url("/v1/chunked")).await;
@@ -560,7 +552,7 @@ async fn early_answer_while_the_request_body_streams_keeps_the_connection_in_syn
             });
         }
     });
-    let proxy = proxy_to(&format!("http://{addr}")).await;
+    let proxy = TestProxy::to(&format!("http://{addr}")).await;
     let (tx, body) = ChannelBody::channel();
     let req = request(Method::POST, &proxy.url("/v1/upload"))
         .header("content-length", "200000")
@@ -631,7 +623,7 @@ async fn upstream_closing_idle_keep_alive_at_2s_is_not_a_502() {
             });
         }
     });
-    let proxy = proxy_to(&format!("http://{addr}")).await;
+    let proxy = TestProxy::to(&format!("http://{addr}")).await;
     let client = TestClient::http1();
     for i in 0..3 {
         let r = client.get(&proxy.url("/v1/ka")).await;
@@ -653,7 +645,7 @@ async fn h2c_graceful_goaway_every_third_request_never_fails_a_post() {
         },
     )
     .await;
-    let proxy = proxy_to(&up.h2c_url()).await;
+    let proxy = TestProxy::to(&up.h2c_url()).await;
     let client = TestClient::http1();
     for i in 0..30 {
         let r = client
@@ -683,7 +675,7 @@ async fn h2c_max_concurrent_streams_1_queues_instead_of_failing() {
         },
     )
     .await;
-    let proxy = proxy_to(&up.h2c_url()).await;
+    let proxy = TestProxy::to(&up.h2c_url()).await;
     let results = burst(&proxy, "/v1/s", 16, Method::POST).await;
     assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
     assert_eq!(up.served.load(Ordering::SeqCst), 16);
@@ -693,7 +685,7 @@ async fn h2c_max_concurrent_streams_1_queues_instead_of_failing() {
 #[tokio::test]
 async fn h2c_upstream_restart_then_burst_reconnects_once() {
     let up = FlipServer::start(false, FlipConfig::default()).await;
-    let proxy = proxy_to(&up.h2c_url()).await;
+    let proxy = TestProxy::to(&up.h2c_url()).await;
     assert_eq!(
         TestClient::http1().get(&proxy.url("/v1/a")).await.status,
         200
@@ -714,7 +706,7 @@ async fn h2c_upstream_restart_then_burst_reconnects_once() {
 #[tokio::test]
 async fn h2_client_without_host_gets_the_endpoint_host_upstream() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let r = TestClient::h2c().get(&proxy.url("/v1/h2?q=1")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let reqs = up.requests();
@@ -727,7 +719,7 @@ async fn h2_client_without_host_gets_the_endpoint_host_upstream() {
 #[tokio::test]
 async fn absolute_form_request_goes_upstream_in_origin_form_with_the_endpoint_host() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let out = raw_http1(
         proxy.data_addr(),
         b"GET http://example.test/v1/abs?q=1 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
@@ -748,7 +740,7 @@ async fn connection_nominations_and_hop_by_hop_are_stripped_both_ways() {
         b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-bar\r\nx-bar: 1\r\nkeep-alive: timeout=5\r\nx-keep: 1\r\ncontent-length: 2\r\n\r\nok",
     )))
     .await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let r = TestClient::http1()
         .get_with(
             &proxy.url("/v1/hop"),
@@ -786,7 +778,7 @@ async fn connection_nominations_and_hop_by_hop_are_stripped_both_ways() {
 #[tokio::test]
 async fn a_burst_leaves_at_most_64_idle_connections_per_endpoint() {
     let up = RawUpstream::start(Fault::DelayFirstByte(Duration::from_millis(300))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let results = burst(&proxy, "/v1/spike", 100, Method::GET).await;
     assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
     assert_eq!(up.connection_count(), 100);
@@ -840,7 +832,7 @@ async fn removing_a_version_closes_its_upstream_connections() {
 #[tokio::test]
 async fn connect_and_asterisk_targets_never_go_upstream_malformed() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let _ = raw_http1(
         proxy.data_addr(),
         b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
@@ -928,7 +920,7 @@ async fn requests_behind_a_failed_h2_tls_connect_are_all_counted_as_tls() {
 async fn a_tls_verification_failure_is_counted_as_kind_tls() {
     let up = TestUpstream::start_tls("secure").await;
     // No ca_file: the test CA is not trusted.
-    let proxy = proxy_to(&up.https_url()).await;
+    let proxy = TestProxy::to(&up.https_url()).await;
     let r = TestClient::http1().get(&proxy.url("/v1/x")).await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("UnknownIssuer"), "{}", r.text());

@@ -6,7 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,14 +119,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
-async fn proxy_for(url: &str) -> TestProxy {
-    TestProxy::new()
-        .version_with("v1", url, "")
-        .route(Route::new("chat", "v1"))
-        .start()
-        .await
-}
-
 // ---------------------------------------------------------------------------------------
 // Large and streamed bodies through the proxy.
 // ---------------------------------------------------------------------------------------
@@ -215,7 +206,7 @@ async fn sse_events_stream_one_by_one() {
 #[tokio::test]
 async fn an_h1_head_dripped_byte_by_byte_is_served() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_for(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
     s.set_nodelay(true).unwrap();
     for b in b"GET /v1/drip HTTP/1.1\r\nHost: a\r\n\r\n" {
@@ -257,7 +248,7 @@ async fn h2_frame_of<S: AsyncRead + Unpin>(s: &mut S, ty: u8, stream: u32) -> Op
 #[tokio::test]
 async fn an_h2_preface_dripped_byte_by_byte_is_served() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_for(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
     s.set_nodelay(true).unwrap();
     for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
@@ -285,7 +276,7 @@ async fn an_h2_preface_dripped_byte_by_byte_is_served() {
 #[tokio::test]
 async fn drain_finishes_in_flight_h1_with_close_and_closes_idle_h1() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_for(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let addr = proxy.data_addr();
     let mut idle = TcpStream::connect(addr).await.unwrap();
     idle.write_all(b"GET /v1/once HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -319,44 +310,6 @@ async fn drain_finishes_in_flight_h1_with_close_and_closes_idle_h1() {
         "drain took {:?}",
         t.elapsed()
     );
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let mut s = format!("-----BEGIN {label}-----\n");
-    for line in base64(der).as_bytes().chunks(64) {
-        s.push_str(std::str::from_utf8(line).unwrap());
-        s.push('\n');
-    }
-    s.push_str(&format!("-----END {label}-----\n"));
-    s
-}
-
-fn write_tls_files(ca: &TestCa, dir: &Path) -> (PathBuf, PathBuf) {
-    let (chain, key) = ca.leaf(&["localhost"]);
-    let cert = dir.join("tls.crt");
-    let key_path = dir.join("tls.key");
-    let chain: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    std::fs::write(&cert, chain).unwrap();
-    std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
-    (cert, key_path)
 }
 
 async fn tls_connect(
@@ -418,7 +371,7 @@ async fn drain_closes_silent_fresh_connections_over_tls_http11_as_on_cleartext()
         key.display()
     );
 
-    let cleartext = proxy_for(&up.url()).await;
+    let cleartext = TestProxy::to(&up.url()).await;
     let (clear_took, clear_closed) = shutdown_with_silent(cleartext, |a| async move {
         TcpStream::connect(a).await.unwrap()
     })

@@ -16,18 +16,10 @@ use support::raw_upstream::{ok_response, Fault, RawUpstream};
 use support::redis::free_port;
 use support::*;
 
-async fn proxy_to(url: &str) -> TestProxy {
-    TestProxy::new()
-        .version_with("v1", url, "")
-        .route(Route::new("chat", "v1"))
-        .start()
-        .await
-}
-
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     for i in 0..200 {
         let req = if i % 2 == 0 {
@@ -56,7 +48,7 @@ async fn sequential_requests_share_one_upstream_connection() {
 #[tokio::test]
 async fn concurrent_requests_need_one_connection_each_and_no_more() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     const CLIENTS: usize = 16;
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
@@ -89,7 +81,7 @@ async fn a_connection_whose_response_was_cut_short_is_not_reused() {
         every: Duration::from_millis(20),
     })
     .await;
-    let proxy = proxy_to(&up.url()).await;
+    let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     // The client reads the head and a little of the body, then goes away.
     let resp = client
@@ -129,7 +121,7 @@ async fn a_connection_whose_response_was_cut_short_is_not_reused() {
 async fn an_h2c_upstream_gets_one_connection_even_for_a_first_burst() {
     let up = TestUpstream::start("v1").await;
     up.set_delay(Duration::from_millis(50));
-    let proxy = proxy_to(&up.h2c_url()).await;
+    let proxy = TestProxy::to(&up.h2c_url()).await;
     // 64 requests at once, before any upstream connection exists.
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..64 {
@@ -158,7 +150,7 @@ async fn an_h2c_upstream_gets_one_connection_even_for_a_first_burst() {
 #[tokio::test]
 async fn requests_behind_a_failed_h2c_connect_get_502_and_a_later_request_connects() {
     let port = free_port();
-    let proxy = proxy_to(&format!("h2c://127.0.0.1:{port}")).await;
+    let proxy = TestProxy::to(&format!("h2c://127.0.0.1:{port}")).await;
     // Nothing listens yet: the first connect is refused and the requests queued behind it
     // share its failure.
     let mut tasks = tokio::task::JoinSet::new();

@@ -92,3 +92,42 @@ pub fn server_config(
     cfg.alpn_protocols = alpn;
     Arc::new(cfg)
 }
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for line in base64(der).as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(line).unwrap());
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+/// Writes a `localhost` certificate chain and key signed by `ca` into `dir`.
+pub fn write_tls_files(ca: &TestCa, dir: &Path) -> (PathBuf, PathBuf) {
+    let (chain, key) = ca.leaf(&["localhost"]);
+    let cert = dir.join("tls.crt");
+    let key_path = dir.join("tls.key");
+    let chain: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    std::fs::write(&cert, chain).unwrap();
+    std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+    (cert, key_path)
+}

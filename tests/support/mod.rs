@@ -20,7 +20,7 @@ pub mod sim;
 pub mod upstream;
 
 pub use body::ChannelBody;
-pub use certs::TestCa;
+pub use certs::{write_tls_files, TestCa};
 pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
 pub use load::Load;
 pub use metrics::metric_sum;

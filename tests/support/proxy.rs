@@ -182,6 +182,15 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// A proxy with one version `v1` at `url` and one route `chat` to it.
+    pub async fn to(url: &str) -> TestProxy {
+        TestProxy::new()
+            .version_with("v1", url, "")
+            .route(Route::new("chat", "v1"))
+            .start()
+            .await
+    }
+
     #[allow(clippy::new_ret_no_self)] // the builder is the entry point, as `TestProxy::new().version(..)` reads
     pub fn new() -> TestProxyBuilder {
         TestProxyBuilder::default()
