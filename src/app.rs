@@ -198,10 +198,8 @@ pub async fn start_on(
     let (stop_data, stop_data_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared::new(store.clone(), usize::MAX));
-    let handler = move |peer, tls, req| {
-        let shared = shared.clone();
-        async move { service::handle(&shared, ConnInfo { peer, tls }, req).await }
-    };
+    let handler =
+        move |peer, tls, req| service::handle(shared.clone(), ConnInfo { peer, tls }, req);
     // A client that stops reading is cut off after the longest route idle timeout.
     let write_stall: server::WriteStall = {
         let store = store.clone();

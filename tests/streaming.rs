@@ -493,3 +493,79 @@ async fn a_shadow_over_its_cap_is_dropped_and_counted() {
     assert!(shadow.request_count() <= 2);
     proxy.shutdown().await;
 }
+
+/// The response body's idle timer is moved lazily (frames only note their time; a timer
+/// that fires early is re-armed from the last frame): a stream whose chunks keep coming
+/// for longer than `idle` in total is never cut, and one that then goes silent is cut
+/// `idle` after its last chunk, not after its first.
+#[tokio::test]
+async fn response_idle_timeout_counts_from_the_last_chunk_not_the_first() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_url = format!("http://{}", listener.local_addr().unwrap());
+    const CHUNKS: usize = 10;
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "proxy closed before its request head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        // 10 chunks 150 ms apart: 1.35 s of streaming against a 500 ms idle timeout.
+        for i in 0..CHUNKS {
+            let event = format!("data: {i}\n\n");
+            let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+            s.write_all(chunk.as_bytes()).await.unwrap();
+            if i + 1 < CHUNKS {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+        // Then silence, with the connection open, until the proxy lets go.
+        let _ = s.read(&mut buf).await;
+    });
+    let proxy = TestProxy::new()
+        .version_with("m", &up_url, "")
+        .route(Route::new("r", "m").with("timeouts: {first_byte: 5s, idle: 500ms}"))
+        .start()
+        .await;
+    let resp = TestClient::http1()
+        .send_streaming(
+            request(Method::GET, &proxy.url("/v1/stream"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut received = Vec::new();
+    let mut last_chunk = Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.frame()).await {
+            Err(_) => panic!("the silent stream was not cut within 10 s"),
+            Ok(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    received.extend_from_slice(d);
+                    last_chunk = Instant::now();
+                }
+            }
+            Ok(Some(Err(_))) | Ok(None) => break last_chunk.elapsed(),
+        }
+    };
+    let text = String::from_utf8_lossy(&received);
+    assert_eq!(
+        text.matches("data: ").count(),
+        CHUNKS,
+        "every chunk arrived before the cut: {text}"
+    );
+    assert!(
+        ended >= Duration::from_millis(400),
+        "cut {ended:?} after the last chunk, before the idle timeout ran from it"
+    );
+    upstream.abort();
+    proxy.shutdown().await;
+}

@@ -737,9 +737,13 @@ pin_project! {
     pub struct Metered {
         #[pin]
         inner: UpstreamBody,
+        // The idle timer is not moved on every frame (a timer-wheel removal and insertion
+        // per chunk): frames only note their time, and a timer that fires before
+        // `last_frame + idle_for` is re-armed there.
         #[pin]
         idle: Sleep,
         idle_for: Duration,
+        last_frame: tokio::time::Instant,
         rec: Option<Recording>,
     }
 
@@ -761,10 +765,12 @@ pin_project! {
 
 impl Metered {
     pub fn new(inner: UpstreamBody, idle_for: Duration, rec: Recording) -> Self {
+        let now = tokio::time::Instant::now();
         Metered {
             inner,
-            idle: tokio::time::sleep(idle_for),
+            idle: tokio::time::sleep_until(now + idle_for),
             idle_for,
+            last_frame: now,
             rec: Some(rec),
         }
     }
@@ -791,8 +797,7 @@ impl Body for Metered {
                     if let (Some(data), Some(rec)) = (frame.data_ref(), this.rec.as_mut()) {
                         rec.data(data);
                     }
-                    let deadline = tokio::time::Instant::now() + *this.idle_for;
-                    this.idle.as_mut().reset(deadline);
+                    *this.last_frame = tokio::time::Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -809,7 +814,13 @@ impl Body for Metered {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Pending => {
-                if this.idle.as_mut().poll(cx).is_ready() {
+                while this.idle.as_mut().poll(cx).is_ready() {
+                    let due = *this.last_frame + *this.idle_for;
+                    if due > this.idle.deadline() {
+                        // A frame came after the timer was set: not idle yet.
+                        this.idle.as_mut().reset(due);
+                        continue;
+                    }
                     if let Some(rec) = this.rec.take() {
                         rec.close(End::Upstream(UpstreamErrorKind::Timeout));
                     }

@@ -22,6 +22,7 @@
 //! out) is sent once more on a new connection, as hyper-util's client does.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -613,31 +614,42 @@ impl EndpointRt {
     }
 
     /// The answer, or the request back if it never left.
-    #[allow(clippy::result_large_err)] // see `settle`
-    async fn send_h1(
+    ///
+    /// Not an `async fn`, here and in [`send_h2`](Self::send_h2): the request is handed to
+    /// hyper before the future is made, so the future does not hold it a second time (an
+    /// `async fn` keeps room for its by-value arguments), and every future that awaits this
+    /// one, up to the whole request's, is that much smaller to move.
+    fn send_h1(
         &self,
         pool: &Arc<Pool>,
         mut tx: http1::SendRequest<ReqBody>,
         mut req: Request<ReqBody>,
-    ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>> {
+    ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>>>
+    {
         self.for_h1(&mut req);
-        let answer = tx.try_send_request(req).await;
-        let lease = Lease {
-            tx: Some(tx),
-            pool: pool.clone(),
-        };
-        settle(answer, Some(lease))
+        let answer = tx.try_send_request(req);
+        let pool = pool.clone();
+        async move {
+            let answer = answer.await;
+            let lease = Lease { tx: Some(tx), pool };
+            settle(answer, Some(lease))
+        }
     }
 
     /// The answer, or the request back if it never left.
-    #[allow(clippy::result_large_err)] // see `settle`
-    async fn send_h2(
+    fn send_h2(
         &self,
         mut tx: http2::SendRequest<ReqBody>,
         mut req: Request<ReqBody>,
-    ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>> {
+    ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>>>
+    {
         self.for_h2(&mut req);
-        settle(tx.try_send_request(req).await, None)
+        let answer = tx.try_send_request(req);
+        async move {
+            let answer = answer.await;
+            drop(tx); // kept until the answer, as the connection's user
+            settle(answer, None)
+        }
     }
 
     /// Whether a new connection will speak HTTP/2: h2c, or https whose upstream

@@ -442,12 +442,16 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut idle = std::pin::pin!(idle);
+    // One stop future for the connection's life: made anew on every wake of the
+    // connection (every read and write), it cost a watch borrow and a waiter
+    // registration per wake.
+    let mut stopping = std::pin::pin!(life.stopping());
     let mut closing = false;
     loop {
         tokio::select! {
             biased;
             r = conn.as_mut() => return r.map_err(Into::into),
-            _ = life.stopping(), if !closing => {
+            _ = stopping.as_mut(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

@@ -3,12 +3,13 @@
 //! The table is loaded once per request (`Arc` clone, no lock). Statistics handles come
 //! from the table, so recording does no label lookup. No lock is held across `.await`.
 //!
-//! The flow reads top to bottom in [`proxy`]: check the head, choose the route and the
+//! The flow reads top to bottom in [`handle`]: check the head, choose the route and the
 //! version, then [`Exchange::run`] makes at most two attempts. Each attempt ends in a typed
 //! [`Attempt`] result; what it counts as (the blame rules of SPEC section 4) is decided in
 //! one place, [`super::outcome::classify`], when its [`Recording`] closes: at the end of
 //! the response body, at a failure, or when the client goes away.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use super::outcome::{self, Capture, End, GrpcRule, InFlight, Recording};
 use crate::config::{Signal, StickyKey};
 use crate::routing::select::{self, PinOutcome};
 use crate::routing::store::Store;
-use crate::routing::table::{Member, Route, Table};
+use crate::routing::table::{Member, Route, Table, Version};
 use crate::telemetry::access_log::{self, AccessEntry, AccessLog};
 use crate::telemetry::signals::is_flagged;
 use crate::telemetry::{Class, UpstreamErrorKind};
@@ -179,24 +180,6 @@ impl Refusal {
         }
         r
     }
-}
-
-/// Serves one request. Never fails: every error becomes a response.
-pub async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
-    let table = shared.store.load();
-    let cap = table.config.max_in_flight.min(shared.max_in_flight);
-    let Some(permit) = InFlight::acquire(&shared.in_flight, cap) else {
-        shared.store.metrics.requests_shed.inc();
-        let r = Refusal::Overloaded;
-        if let Some(log) = access_log::current().filter(|l| l.sampled()) {
-            let mut e = entry_for(req.method(), req.uri(), req.version(), req.headers());
-            e.code = r.status().as_u16();
-            e.classification = Class::Refused.as_str();
-            log.log(e);
-        }
-        return r.into_response(None, None);
-    };
-    proxy(shared, &table, conn, req, permit).await
 }
 
 /// The authority the client addressed: `:authority` / absolute-form, else `Host`. Rejects
@@ -433,13 +416,28 @@ fn choose_version(
     Ok((chosen, reason))
 }
 
-async fn proxy(
-    shared: &Shared,
-    table: &Arc<Table>,
+/// Serves one request. Never fails: every error becomes a response.
+///
+/// One `async fn` from the request head to the exchange: every nested level is one more
+/// move of the whole request future (several KiB, a `memcpy` per level per request).
+pub async fn handle(
+    shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
-    permit: InFlight,
 ) -> Response<RespBody> {
+    let table = &shared.store.load();
+    let cap = table.config.max_in_flight.min(shared.max_in_flight);
+    let Some(permit) = InFlight::acquire(&shared.in_flight, cap) else {
+        shared.store.metrics.requests_shed.inc();
+        let r = Refusal::Overloaded;
+        if let Some(log) = access_log::current().filter(|l| l.sampled()) {
+            let mut e = entry_for(req.method(), req.uri(), req.version(), req.headers());
+            e.code = r.status().as_u16();
+            e.classification = Class::Refused.as_str();
+            log.log(e);
+        }
+        return r.into_response(None, None);
+    };
     let (mut parts, body) = req.into_parts();
     let request_id = hdr::request_id(&parts.headers);
     let log = access_log::current().filter(|l| l.sampled());
@@ -640,166 +638,126 @@ enum Attempt {
 
 impl Exchange<'_> {
     /// Makes the first attempt at `chosen` and at most one retry.
-    async fn run(
+    ///
+    /// Not an `async fn`: one would hold the recording and the body twice (its arguments,
+    /// and the variables they are moved into).
+    fn run(
         &self,
         chosen: usize,
         mut rec: Recording,
         mut body: ReqBody,
         mut headers: HeaderMap,
-    ) -> Response<RespBody> {
-        let route = self.route;
-        let mut at = chosen;
-        let mut retried_from: Option<usize> = None;
-        let mut exclude: Option<&http::uri::Authority> = None;
-        loop {
-            let m = &route.members[at];
-            let v = &self.table.versions[m.version];
-            let ep = exclude
-                .and_then(|a| v.upstream.pick_other(a))
-                .unwrap_or_else(|| v.upstream.pick());
-            // A retry goes to the stand-in (the baseline, or the fallback while degraded);
-            // from the stand-in itself only to another endpoint.
-            let target = if retried_from.is_some() {
-                None
-            } else if at != route.stand_in {
-                Some(route.stand_in)
-            } else if v.upstream.pick_other(&ep.endpoint.authority).is_some() {
-                Some(at)
-            } else {
-                None
-            };
-            let replay = target.and_then(|_| body.replay());
-            let this_body = match replay {
-                Some(copy) => std::mem::replace(&mut body, copy),
-                None => std::mem::replace(&mut body, ReqBody::Empty),
-            };
-            let sent = this_body.sent();
-            // The last attempt takes the headers; one that may be retried sends a copy.
-            let h = if target.is_some() {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
-            };
-            rec.sending_to(&ep.endpoint.authority, retried_from.is_some());
-            let attempt = self
-                .attempt(m, ep, this_body, h, sent.as_deref(), &mut rec)
-                .await;
-            // May this failure be retried at `target`, inside the budget?
-            let retry = |may: bool| {
-                target.filter(|_| may && body.replayable() && route.retry_budget.try_withdraw())
-            };
-            let next = match &attempt {
-                Attempt::Retryable5xx(_) => retry(self.retry_method),
-                // A reset may be retried; a timeout is not (it would double the wait and
-                // run the inference twice).
-                Attempt::Upstream {
-                    kind: UpstreamErrorKind::Timeout,
-                    ..
-                } => None,
-                Attempt::Upstream { unsent, .. } => retry(*unsent || self.retry_method),
-                Attempt::Injected => retry(self.retry_method),
-                _ => None,
-            };
-            let sent_at = sent.as_deref();
-            let Some(next) = next else {
-                return self.finish(attempt, rec, at, retried_from, sent_at);
-            };
-            // Record the failed attempt, then begin the retry.
-            let nm = &route.members[next];
-            let mut next_rec = Recording::begin(
-                &nm.stats,
-                &self.table.versions[nm.version].counters,
-                self.rule,
-            );
-            rec.hand_over(&mut next_rec);
-            match attempt {
-                Attempt::Retryable5xx(resp) => {
-                    let (head, _) = resp.into_parts();
-                    rec.head(&head, sent_at, None);
-                    rec.close(End::Answered { trailers: None });
-                }
-                Attempt::Upstream { kind, refusal, .. } => {
-                    rec.set_status(refusal.status().as_u16());
-                    rec.close(End::Upstream(kind));
-                }
-                _ => {
-                    rec.set_status(500);
-                    rec.close(End::Upstream(UpstreamErrorKind::Status5xx));
-                }
-            }
-            m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
-            rec = next_rec;
-            retried_from = Some(at);
-            exclude = Some(&ep.endpoint.authority);
-            at = next;
-        }
-    }
-
-    /// One attempt at member `m` through endpoint `ep`.
-    async fn attempt(
-        &self,
-        m: &Member,
-        ep: &super::client::EndpointRt,
-        body: ReqBody,
-        headers: HeaderMap,
-        sent: Option<&super::body::Sent>,
-        rec: &mut Recording,
-    ) -> Attempt {
-        let v = &self.table.versions[m.version];
-        let fault = v.counters.faults.sample();
-        if !fault.delay.is_zero() {
-            rec.injected_delay(fault.delay);
-            tokio::time::sleep(fault.delay).await;
-        }
-        if fault.fail {
-            return Attempt::Injected;
-        }
-        let client_error = |body_err: Option<ClientBodyError>| body_err.map(Attempt::Client);
-        let probe = body.probe();
-        let up = upstream_request(self.parts, headers, v, body);
-        let first_byte = self.route.config.timeouts.first_byte;
-        let idle = self.route.config.timeouts.idle;
-        match send(ep, up, sent, first_byte, idle).await {
-            Ok(Ok(resp)) if bad_framing(&resp) => {
-                // Two framings (CL and TE) or a body where none may be: a desync attempt or
-                // a broken upstream. Never relayed; the connection is dropped with it.
-                tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, status = %resp.status(), "upstream response with conflicting framing");
-                Attempt::Upstream {
-                    kind: UpstreamErrorKind::Reset,
-                    refusal: Refusal::UpstreamUnavailable("malformed response framing".into()),
-                    unsent: false,
-                }
-            }
-            Ok(Ok(resp)) if resp.status().is_server_error() => Attempt::Retryable5xx(resp),
-            Ok(Ok(resp)) => Attempt::Response(resp),
-            Ok(Err(e)) => {
-                if let Some(a) = client_error(probe.client_error()) {
-                    return a;
-                }
-                let connect = e.is_connect();
-                let kind = if connect && is_tls_error(&e) {
-                    UpstreamErrorKind::Tls
-                } else if connect {
-                    UpstreamErrorKind::Connect
+    ) -> impl Future<Output = Response<RespBody>> + '_ {
+        async move {
+            let route = self.route;
+            let mut at = chosen;
+            let mut retried_from: Option<usize> = None;
+            let mut exclude: Option<&http::uri::Authority> = None;
+            loop {
+                let m = &route.members[at];
+                let v = &self.table.versions[m.version];
+                let ep = exclude
+                    .and_then(|a| v.upstream.pick_other(a))
+                    .unwrap_or_else(|| v.upstream.pick());
+                // A retry goes to the stand-in (the baseline, or the fallback while degraded);
+                // from the stand-in itself only to another endpoint.
+                let target = if retried_from.is_some() {
+                    None
+                } else if at != route.stand_in {
+                    Some(route.stand_in)
+                } else if v.upstream.pick_other(&ep.endpoint.authority).is_some() {
+                    Some(at)
                 } else {
-                    UpstreamErrorKind::Reset
+                    None
                 };
-                let unsent = e.is_unsent();
-                tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");
-                Attempt::Upstream {
-                    kind,
-                    refusal: Refusal::UpstreamUnavailable(error_chain(&e)),
-                    unsent,
+                rec.sending_to(&ep.endpoint.authority, retried_from.is_some());
+                let fault = v.counters.faults.sample();
+                if !fault.delay.is_zero() {
+                    rec.injected_delay(fault.delay);
+                    tokio::time::sleep(fault.delay).await;
                 }
+                let sent;
+                let attempt = if fault.fail {
+                    let this_body = take_body(&mut body, target.is_some());
+                    sent = this_body.sent();
+                    Attempt::Injected
+                } else {
+                    let timeouts = &route.config.timeouts;
+                    let probe;
+                    // Made in a block and awaited at once: what goes into the request is
+                    // not also kept beside it while it is sent, nor the request beside
+                    // the future that sends it.
+                    let answer = {
+                        let this_body = take_body(&mut body, target.is_some());
+                        sent = this_body.sent();
+                        probe = this_body.probe();
+                        // The last attempt takes the headers; one that may be retried
+                        // sends a copy.
+                        let h = if target.is_some() {
+                            headers.clone()
+                        } else {
+                            std::mem::take(&mut headers)
+                        };
+                        send(
+                            ep,
+                            upstream_request(self.parts, h, v, this_body),
+                            sent.as_deref(),
+                            timeouts.first_byte,
+                            timeouts.idle,
+                        )
+                    }
+                    .await;
+                    classify(answer, &probe, v, ep, timeouts.first_byte)
+                };
+                // May this failure be retried at `target`, inside the budget?
+                let retry = |may: bool| {
+                    target.filter(|_| may && body.replayable() && route.retry_budget.try_withdraw())
+                };
+                let next = match &attempt {
+                    Attempt::Retryable5xx(_) => retry(self.retry_method),
+                    // A reset may be retried; a timeout is not (it would double the wait and
+                    // run the inference twice).
+                    Attempt::Upstream {
+                        kind: UpstreamErrorKind::Timeout,
+                        ..
+                    } => None,
+                    Attempt::Upstream { unsent, .. } => retry(*unsent || self.retry_method),
+                    Attempt::Injected => retry(self.retry_method),
+                    _ => None,
+                };
+                let sent_at = sent.as_deref();
+                let Some(next) = next else {
+                    return self.finish(attempt, rec, at, retried_from, sent_at);
+                };
+                // Record the failed attempt, then begin the retry.
+                let nm = &route.members[next];
+                let mut next_rec = Recording::begin(
+                    &nm.stats,
+                    &self.table.versions[nm.version].counters,
+                    self.rule,
+                );
+                rec.hand_over(&mut next_rec);
+                match attempt {
+                    Attempt::Retryable5xx(resp) => {
+                        let (head, _) = resp.into_parts();
+                        rec.head(&head, sent_at, None);
+                        rec.close(End::Answered { trailers: None });
+                    }
+                    Attempt::Upstream { kind, refusal, .. } => {
+                        rec.set_status(refusal.status().as_u16());
+                        rec.close(End::Upstream(kind));
+                    }
+                    _ => {
+                        rec.set_status(500);
+                        rec.close(End::Upstream(UpstreamErrorKind::Status5xx));
+                    }
+                }
+                m.retries_to_baseline.count.fetch_add(1, Ordering::Relaxed);
+                rec = next_rec;
+                retried_from = Some(at);
+                exclude = Some(&ep.endpoint.authority);
+                at = next;
             }
-            Err(_) => match client_error(probe.client_error()) {
-                Some(a) => a,
-                None => Attempt::Upstream {
-                    kind: UpstreamErrorKind::Timeout,
-                    refusal: Refusal::UpstreamTimeout(first_byte),
-                    unsent: false,
-                },
-            },
         }
     }
 
@@ -904,16 +862,21 @@ impl Exchange<'_> {
 ///
 /// While the body is being sent, an upstream that takes none of it for `idle` although the
 /// client has more to give (it stopped reading: a full socket) times out too.
-async fn send(
-    ep: &EndpointRt,
+///
+/// Not an `async fn` nor a `select!`: the request goes into the send future before this
+/// one is made, and [`FirstByte`] holds that future and the timer once each, side by side;
+/// an `async fn` would keep room for the request beside the future it went into.
+fn send<'a>(
+    ep: &'a EndpointRt,
     up: Request<ReqBody>,
-    sent: Option<&super::body::Sent>,
+    sent: Option<&'a super::body::Sent>,
     first_byte: Duration,
     idle: Duration,
-) -> Result<Result<Response<UpstreamBody>, SendError>, FirstByteTimeout> {
-    let response = ep.send(up);
-    tokio::pin!(response);
-    let timer = async {
+) -> FirstByte<
+    impl Future<Output = Result<Response<UpstreamBody>, SendError>> + 'a,
+    impl Future<Output = ()> + 'a,
+> {
+    let timer = async move {
         if let Some(s) = sent {
             let check = (idle / 4).max(Duration::from_millis(10));
             loop {
@@ -929,10 +892,96 @@ async fn send(
         }
         tokio::time::sleep(first_byte).await;
     };
-    tokio::select! {
-        biased;
-        r = &mut response => Ok(r),
-        () = timer => Err(FirstByteTimeout),
+    FirstByte {
+        response: ep.send(up),
+        timer,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response, unless the timer ends first. The response is polled first.
+    struct FirstByte<R, T> {
+        #[pin]
+        response: R,
+        #[pin]
+        timer: T,
+    }
+}
+
+impl<R: Future, T: Future<Output = ()>> Future for FirstByte<R, T> {
+    type Output = Result<R::Output, FirstByteTimeout>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(r) = this.response.poll(cx) {
+            return std::task::Poll::Ready(Ok(r));
+        }
+        this.timer.poll(cx).map(|()| Err(FirstByteTimeout))
+    }
+}
+
+/// The body for one attempt: a copy when the request may be retried (`keep`, and a body
+/// that can be replayed), else the body itself.
+fn take_body(body: &mut ReqBody, keep: bool) -> ReqBody {
+    match keep.then(|| body.replay()).flatten() {
+        Some(copy) => std::mem::replace(body, copy),
+        None => std::mem::replace(body, ReqBody::Empty),
+    }
+}
+
+/// What one attempt's answer means for the exchange.
+fn classify(
+    answer: Result<Result<Response<UpstreamBody>, SendError>, FirstByteTimeout>,
+    probe: &super::body::Probe,
+    v: &Version,
+    ep: &super::client::EndpointRt,
+    first_byte: Duration,
+) -> Attempt {
+    let client_error = || probe.client_error().map(Attempt::Client);
+    match answer {
+        Ok(Ok(resp)) if bad_framing(&resp) => {
+            // Two framings (CL and TE) or a body where none may be: a desync attempt or
+            // a broken upstream. Never relayed; the connection is dropped with it.
+            tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, status = %resp.status(), "upstream response with conflicting framing");
+            Attempt::Upstream {
+                kind: UpstreamErrorKind::Reset,
+                refusal: Refusal::UpstreamUnavailable("malformed response framing".into()),
+                unsent: false,
+            }
+        }
+        Ok(Ok(resp)) if resp.status().is_server_error() => Attempt::Retryable5xx(resp),
+        Ok(Ok(resp)) => Attempt::Response(resp),
+        Ok(Err(e)) => {
+            if let Some(a) = client_error() {
+                return a;
+            }
+            let connect = e.is_connect();
+            let kind = if connect && is_tls_error(&e) {
+                UpstreamErrorKind::Tls
+            } else if connect {
+                UpstreamErrorKind::Connect
+            } else {
+                UpstreamErrorKind::Reset
+            };
+            let unsent = e.is_unsent();
+            tracing::debug!(version = %v.name, endpoint = %ep.endpoint.url, error = %error_chain(&e), "upstream request failed");
+            Attempt::Upstream {
+                kind,
+                refusal: Refusal::UpstreamUnavailable(error_chain(&e)),
+                unsent,
+            }
+        }
+        Err(_) => match client_error() {
+            Some(a) => a,
+            None => Attempt::Upstream {
+                kind: UpstreamErrorKind::Timeout,
+                refusal: Refusal::UpstreamTimeout(first_byte),
+                unsent: false,
+            },
+        },
     }
 }
 

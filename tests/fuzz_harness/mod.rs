@@ -586,7 +586,7 @@ pub fn request_route(data: &[u8]) -> Option<RouteOutcome> {
                     tls: false,
                 };
                 let resp = rollgate::proxy::service::handle(
-                    &shared,
+                    shared.clone(),
                     conn,
                     Request::from_parts(parts, incoming),
                 )
