@@ -569,3 +569,53 @@ async fn response_idle_timeout_counts_from_the_last_chunk_not_the_first() {
     upstream.abort();
     proxy.shutdown().await;
 }
+
+/// An HTTP/2 upstream connection is idle from the end of its last stream, not from the
+/// start of its last request: a stream that runs past the pool's 4 s idle timeout, with no
+/// other request meanwhile, keeps the connection, and the next request reuses it.
+// Failed before the fix: the pool stamped the connection's use when a request began, let
+// go of it 4 s into the stream, and the next request opened a second connection.
+#[tokio::test]
+async fn an_h2_stream_longer_than_the_pool_idle_timeout_keeps_its_connection() {
+    let up = TestUpstream::start("llm").await;
+    // 46 events 100 ms apart: 4.5 s, past the pool's 4 s idle timeout.
+    up.set(Reply::Sse {
+        chunks: 46,
+        interval: Duration::from_millis(100),
+    });
+    let proxy = TestProxy::new()
+        .version_with("llm", &up.h2c_url(), "")
+        .route(Route::new("chat", "llm"))
+        .start()
+        .await;
+    let client = TestClient::http1();
+    let resp = client
+        .send_streaming(
+            request(Method::GET, &proxy.url("/v1/stream"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("the stream ends within 20 s")
+        .expect("the stream ends cleanly")
+        .to_bytes();
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "the stream must outlast the pool's idle timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
+    up.set(Reply::Json);
+    let next = client.get(&proxy.url("/v1/next")).await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(
+        up.connections(),
+        1,
+        "the request after a long stream reuses its HTTP/2 connection"
+    );
+    proxy.shutdown().await;
+}

@@ -10,7 +10,9 @@
 //! response ends. Here a pool belongs to one endpoint and one thread, so it needs no key
 //! and its lock is never contended; an HTTP/1.1 connection is lent with its response
 //! ([`UpstreamBody`]) and comes back when that body ends or is dropped. An HTTP/2
-//! connection is shared by every request of its pool.
+//! connection is shared by every request of its pool; it is idle only while none of its
+//! streams is in flight (counted from each request's send to the end of its response
+//! body), so a stream that runs for minutes keeps it.
 //!
 //! Settings follow ../shared/HARDENING.md "Defaults to set explicitly": connect timeout and
 //! TCP_NODELAY on the connector; an idle connection is not reused after 4 s, below the
@@ -266,9 +268,8 @@ impl std::fmt::Debug for Upstream {
 struct Pool {
     /// HTTP/1.1 connections not lent out, the most recently returned last.
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection (h2c, or https that negotiated h2), shared by every request,
-    /// and when a request last used it.
-    h2: Mutex<Option<(http2::SendRequest<ReqBody>, Instant)>>,
+    /// The HTTP/2 connection (h2c, or https that negotiated h2), shared by every request.
+    h2: Mutex<Option<SharedH2>>,
     /// Held while an HTTP/2 connection is being made (an async lock, held across the
     /// connect on purpose: the requests behind it wait for that one connection).
     h2_connecting: tokio::sync::Mutex<()>,
@@ -282,6 +283,24 @@ struct Pool {
 struct Idle {
     tx: http1::SendRequest<ReqBody>,
     since: Instant,
+}
+
+/// A pool's HTTP/2 connection and its use.
+struct SharedH2 {
+    tx: http2::SendRequest<ReqBody>,
+    /// When its last stream ended (or when it was made).
+    used: Instant,
+    /// Its requests in flight, from their send to the end of their response body: while
+    /// any is, the connection is in use, however long ago it was last handed out (an LLM
+    /// stream runs for minutes). Changed only under the pool's `h2` lock, so a reaper
+    /// never sees a stream begun or ended without its `used`.
+    streams: Arc<AtomicUsize>,
+}
+
+impl SharedH2 {
+    fn idle(&self) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
+    }
 }
 
 /// A pool's reaper is running; dropped, it lets the next returned connection start one.
@@ -304,25 +323,59 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
-    /// The shared HTTP/2 connection, unless it is closed.
-    fn shared_h2(&self) -> Option<http2::SendRequest<ReqBody>> {
+    /// The shared HTTP/2 connection for one request, unless it is closed or idle past
+    /// the timeout; the request's stream counts as in flight until its [`Lease`] drops.
+    fn shared_h2(self: &Arc<Self>) -> Option<(http2::SendRequest<ReqBody>, Lease)> {
         let mut slot = lock(&self.h2);
-        match slot.as_mut() {
-            Some((tx, used)) if !tx.is_closed() => {
-                *used = Instant::now();
-                Some(tx.clone())
-            }
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
+        let s = slot.as_mut()?;
+        if s.tx.is_closed() || (s.idle() && expired(s.used, Instant::now())) {
+            // The reaper has not run yet: the upstream may be closing it.
+            *slot = None;
+            return None;
+        }
+        s.streams.fetch_add(1, Ordering::AcqRel);
+        Some((s.tx.clone(), self.h2_lease(&s.streams)))
+    }
+
+    /// Makes `tx` the shared HTTP/2 connection, with one stream in flight: the request
+    /// it was made for.
+    fn set_h2(self: &Arc<Self>, tx: http2::SendRequest<ReqBody>) -> Lease {
+        let streams = Arc::new(AtomicUsize::new(1));
+        let lease = self.h2_lease(&streams);
+        *lock(&self.h2) = Some(SharedH2 {
+            tx,
+            used: Instant::now(),
+            streams,
+        });
+        self.reap_later();
+        lease
+    }
+
+    fn h2_lease(self: &Arc<Self>, streams: &Arc<AtomicUsize>) -> Lease {
+        Lease {
+            tx: None,
+            pool: self.clone(),
+            h2: Some(streams.clone()),
         }
     }
 
-    fn set_h2(self: &Arc<Self>, tx: http2::SendRequest<ReqBody>) {
-        *lock(&self.h2) = Some((tx, Instant::now()));
-        self.reap_later();
+    /// A stream of an HTTP/2 connection ended (its response body, or a failure): when it
+    /// was the connection's last one in flight, the connection's idle time starts now (if
+    /// it is still the shared one: a replaced connection is no longer the pool's).
+    fn end_h2_stream(self: &Arc<Self>, streams: &Arc<AtomicUsize>) {
+        let last = {
+            let mut slot = lock(&self.h2);
+            let last = streams.fetch_sub(1, Ordering::AcqRel) == 1;
+            if let Some(s) = slot.as_mut().filter(|s| Arc::ptr_eq(&s.streams, streams)) {
+                if last {
+                    s.used = Instant::now();
+                }
+            }
+            last
+        };
+        if last {
+            self.reap_later();
+        }
     }
 
     /// Closes what has been idle too long, also when no request comes to notice: a task
@@ -362,27 +415,31 @@ impl Pool {
     }
 
     /// Drops idle HTTP/1.1 connections and an unused HTTP/2 one past the idle timeout;
-    /// when the next of those left expires, if any are left.
+    /// when the next of those left expires, if any are left. An HTTP/2 connection with a
+    /// stream in flight is in use, not idle: the end of its last stream starts the reaper
+    /// again.
     fn reap(&self, now: Instant) -> Option<Instant> {
         let mut idle = lock(&self.idle);
         idle.retain(|c| !c.tx.is_closed() && !expired(c.since, now));
         let mut h2 = lock(&self.h2);
         if h2
             .as_ref()
-            .is_some_and(|(tx, used)| tx.is_closed() || expired(*used, now))
+            .is_some_and(|s| s.tx.is_closed() || (s.idle() && expired(s.used, now)))
         {
             *h2 = None;
         }
         let oldest = idle
             .iter()
             .map(|c| c.since)
-            .chain(h2.as_ref().map(|(_, used)| *used))
+            .chain(h2.as_ref().filter(|s| s.idle()).map(|s| s.used))
             .min()?;
         Some(oldest + POOL_IDLE_TIMEOUT)
     }
 
+    /// Whether anything is left for a reaper: idle HTTP/1.1 connections, or an HTTP/2
+    /// connection with no stream in flight.
     fn holds_any(&self) -> bool {
-        !lock(&self.idle).is_empty() || lock(&self.h2).is_some()
+        !lock(&self.idle).is_empty() || lock(&self.h2).as_ref().is_some_and(SharedH2::idle)
     }
 
     /// The most recently returned HTTP/1.1 connection that can take a request now. Closed
@@ -426,10 +483,13 @@ impl Pool {
     }
 }
 
-/// An HTTP/1.1 connection lent to one exchange; back to its pool when dropped.
+/// One exchange's use of an upstream connection, until its response body ends: an
+/// HTTP/1.1 connection lent to it (back to its pool when dropped), or a stream in flight
+/// on an HTTP/2 connection (counted in [`SharedH2::streams`]).
 struct Lease {
     tx: Option<http1::SendRequest<ReqBody>>,
     pool: Arc<Pool>,
+    h2: Option<Arc<AtomicUsize>>,
 }
 
 impl Drop for Lease {
@@ -437,12 +497,16 @@ impl Drop for Lease {
         if let Some(tx) = self.tx.take() {
             self.pool.put_h1(tx);
         }
+        if let Some(streams) = self.h2.take() {
+            self.pool.end_h2_stream(&streams);
+        }
     }
 }
 
-/// An upstream response body. It carries the HTTP/1.1 connection it came on, which goes
-/// back to the pool when the body ends or is dropped (hyper closes a connection whose
-/// body was dropped unread; the pool skips it).
+/// An upstream response body. It carries its [`Lease`]: the HTTP/1.1 connection it came
+/// on, which goes back to the pool when the body ends or is dropped (hyper closes a
+/// connection whose body was dropped unread; the pool skips it), or its HTTP/2 stream's
+/// place in the connection's count of streams in flight.
 pub struct UpstreamBody {
     inner: Incoming,
     lease: Option<Lease>,
@@ -475,7 +539,8 @@ impl Body for UpstreamBody {
 /// A connection just made.
 enum Fresh {
     H1(http1::SendRequest<ReqBody>),
-    H2(http2::SendRequest<ReqBody>),
+    /// With the request's stream counted on it.
+    H2(http2::SendRequest<ReqBody>, Lease),
 }
 
 impl EndpointRt {
@@ -529,8 +594,8 @@ impl EndpointRt {
             EndpointScheme::Http => None,
             EndpointScheme::Https | EndpointScheme::H2c => pool.shared_h2(),
         };
-        let req = if let Some(tx) = h2 {
-            match self.send_h2(tx, req).await {
+        let req = if let Some((tx, stream)) = h2 {
+            match self.send_h2(tx, stream, req).await {
                 Ok(answer) => return answer,
                 Err(req) => req,
             }
@@ -559,8 +624,8 @@ impl EndpointRt {
             // being made wait for it and share it, or share its failure.
             let failures = lock(&pool.h2_failures).0;
             let turn = pool.h2_connecting.lock().await;
-            if let Some(tx) = pool.shared_h2() {
-                Fresh::H2(tx)
+            if let Some((tx, stream)) = pool.shared_h2() {
+                Fresh::H2(tx, stream)
             } else if !self.h2_expected() {
                 // The attempt this request waited for made an HTTP/1.1 connection (the
                 // upstream stopped offering h2): connect in parallel, as for HTTP/1.1.
@@ -602,7 +667,7 @@ impl EndpointRt {
         };
         let answer = match fresh {
             Fresh::H1(tx) => self.send_h1(pool, tx, req).await,
-            Fresh::H2(tx) => self.send_h2(tx, req).await,
+            Fresh::H2(tx, stream) => self.send_h2(tx, stream, req).await,
         };
         // A new connection that does not take the request is an error, not a reason to
         // try yet another.
@@ -631,7 +696,11 @@ impl EndpointRt {
         let pool = pool.clone();
         async move {
             let answer = answer.await;
-            let lease = Lease { tx: Some(tx), pool };
+            let lease = Lease {
+                tx: Some(tx),
+                pool,
+                h2: None,
+            };
             settle(answer, Some(lease))
         }
     }
@@ -640,6 +709,7 @@ impl EndpointRt {
     fn send_h2(
         &self,
         mut tx: http2::SendRequest<ReqBody>,
+        stream: Lease,
         mut req: Request<ReqBody>,
     ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, Request<ReqBody>>>
     {
@@ -648,7 +718,7 @@ impl EndpointRt {
         async move {
             let answer = answer.await;
             drop(tx); // kept until the answer, as the connection's user
-            settle(answer, None)
+            settle(answer, Some(stream))
         }
     }
 
@@ -693,8 +763,8 @@ impl EndpointRt {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            pool.set_h2(tx.clone());
-            Ok(Fresh::H2(tx))
+            let stream = pool.set_h2(tx.clone());
+            Ok(Fresh::H2(tx, stream))
         } else {
             let (tx, conn) = http1::handshake(io)
                 .await

@@ -2,10 +2,11 @@
 //! behind TLS with ALPN `h2,http/1.1`.
 //!
 //! Every hyper / h2 knob that HARDENING.md lists under "Defaults to set explicitly" is set
-//! here, in one place ([`http1_builder`], [`http2_builder`]), so a reader can audit the limits
-//! without chasing library defaults. The accept loop survives `EMFILE` (it backs off and continues rather than
-//! returning), and shutdown is graceful: listeners close, h1 connections finish their
-//! response with `Connection: close`, h2 connections get GOAWAY and finish their streams.
+//! here, in one place ([`http1_builder`], [`http2_builder`]), so a reader can audit the
+//! limits without chasing library defaults. The accept loop survives `EMFILE` (it backs off
+//! and continues rather than returning), and shutdown is graceful: listeners close, h1
+//! connections finish their response with `Connection: close`, h2 connections get GOAWAY
+//! and finish their streams.
 //!
 //! No connection waits for its client without a time limit: the TLS handshake has
 //! [`TLS_HANDSHAKE_TIMEOUT`]; the first bytes (which tell h2 from HTTP/1.1 on cleartext and
