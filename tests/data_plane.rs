@@ -542,13 +542,7 @@ async fn client_disconnect_mid_stream_closes_the_upstream_stream() {
         .start()
         .await;
     let client = TestClient::http1();
-    let resp = client
-        .send_streaming(
-            request(Method::GET, &proxy.url("/v1/stream"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = client.get_streaming(&proxy.url("/v1/stream")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     for _ in 0..3 {

@@ -175,13 +175,7 @@ async fn defect_5xx_is_hidden_as_client_abort_when_client_leaves_mid_body() {
         .start()
         .await;
     let client = TestClient::http1();
-    let resp = client
-        .send_streaming(
-            request(Method::GET, &proxy.url("/v1/x"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = client.get_streaming(&proxy.url("/v1/x")).await;
     assert_eq!(resp.status(), 503);
     let mut body = resp.into_body();
     let _ = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;

@@ -157,13 +157,7 @@ async fn open_streams_hold_max_in_flight_until_they_end() {
     let client = TestClient::http1();
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let resp = client
-            .send_streaming(
-                request(Method::GET, &proxy.url("/v1/stream"))
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await;
+        let resp = client.get_streaming(&proxy.url("/v1/stream")).await;
         assert_eq!(resp.status(), 200);
         streams.push(resp);
     }
@@ -534,11 +528,7 @@ async fn response_idle_timeout_counts_from_the_last_chunk_not_the_first() {
         .start()
         .await;
     let resp = TestClient::http1()
-        .send_streaming(
-            request(Method::GET, &proxy.url("/v1/stream"))
-                .body(empty())
-                .unwrap(),
-        )
+        .get_streaming(&proxy.url("/v1/stream"))
         .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
@@ -589,13 +579,7 @@ async fn an_h2_stream_longer_than_the_pool_idle_timeout_keeps_its_connection() {
         .start()
         .await;
     let client = TestClient::http1();
-    let resp = client
-        .send_streaming(
-            request(Method::GET, &proxy.url("/v1/stream"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = client.get_streaming(&proxy.url("/v1/stream")).await;
     assert_eq!(resp.status(), 200);
     let started = Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())

@@ -84,13 +84,7 @@ async fn a_connection_whose_response_was_cut_short_is_not_reused() {
     let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
     // The client reads the head and a little of the body, then goes away.
-    let resp = client
-        .send_streaming(
-            request(Method::GET, &proxy.url("/v1/drip"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = client.get_streaming(&proxy.url("/v1/drip")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = body.frame().await.expect("a first frame").expect("data");

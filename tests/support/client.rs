@@ -102,6 +102,12 @@ impl TestClient {
         }
     }
 
+    /// A GET whose response comes back with its body unread (a stream to read as it goes).
+    pub async fn get_streaming(&self, url: &str) -> Response<Incoming> {
+        self.send_streaming(request(Method::GET, url).body(empty()).unwrap())
+            .await
+    }
+
     /// Sends and reads the whole response (body and trailers), or says what went wrong.
     pub async fn try_send(&self, req: Request<ReqBody>) -> Result<TestResponse, String> {
         let what = format!("{} {}", req.method(), req.uri());
