@@ -249,7 +249,10 @@ async fn sse_arrives_chunk_by_chunk() {
     let mut body = resp.into_body();
     let mut got = Vec::new();
     let mut arrivals = Vec::new();
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("SSE frame within 5 s")
+    {
         if let Ok(data) = frame.unwrap().into_data() {
             got.extend_from_slice(&data);
             arrivals.push(t0.elapsed());
@@ -259,6 +262,11 @@ async fn sse_arrives_chunk_by_chunk() {
         Bytes::from(got),
         sse_body("llm", 6),
         "bytes pass through untouched"
+    );
+    assert!(
+        arrivals[0] < Duration::from_millis(600),
+        "first event only after {:?}: buffered",
+        arrivals[0]
     );
     let first = arrivals[0];
     let last = *arrivals.last().unwrap();
@@ -744,7 +752,7 @@ async fn downstream_tls_serves_h1_and_h2_by_alpn() {
     let up = TestUpstream::start("v1").await;
     let ca = TestCa::new("rollgate downstream test CA");
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, _, _) = tls_proxy(&up, &ca, dir.path()).await;
+    let (proxy, _) = tls_proxy(&up, &ca, dir.path()).await;
 
     for want in [http::Version::HTTP_2, http::Version::HTTP_11] {
         let resp = tls_get(&ca, proxy.data_addr().port(), want).await.unwrap();
@@ -759,45 +767,21 @@ async fn downstream_tls_serves_h1_and_h2_by_alpn() {
     proxy.shutdown().await;
 }
 
-/// Writes a `localhost` leaf of `ca` as PEM files.
-fn write_leaf(ca: &TestCa, cert_path: &std::path::Path, key_path: &std::path::Path) {
-    let (chain, key) = ca.leaf(&["localhost"]);
-    let pem = |label: &str, der: &[u8]| {
-        use std::fmt::Write;
-        let b64 = base64_encode(der);
-        let mut s = format!("-----BEGIN {label}-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            writeln!(s, "{}", std::str::from_utf8(line).unwrap()).unwrap();
-        }
-        writeln!(s, "-----END {label}-----").unwrap();
-        s
-    };
-    let chain: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    std::fs::write(cert_path, chain).unwrap();
-    std::fs::write(key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
-}
-
 /// A proxy in front of `up` serving TLS with a `localhost` leaf of `ca`, its PEM files in
-/// `dir`; returns them too.
+/// `dir` (`write_tls_files` names them); returns the certificate's path too.
 async fn tls_proxy(
     up: &TestUpstream,
     ca: &TestCa,
     dir: &std::path::Path,
-) -> (TestProxy, std::path::PathBuf, std::path::PathBuf) {
-    let cert_path = dir.join("tls.crt");
-    let key_path = dir.join("tls.key");
-    write_leaf(ca, &cert_path, &key_path);
+) -> (TestProxy, std::path::PathBuf) {
+    let (cert_path, key_path) = support::certs::write_tls_files(ca, dir);
     let proxy = TestProxy::new()
         .version("v1", up)
         .route(Route::new("chat", "v1"))
-        .top(&format!(
-            "tls: {{cert: \"{}\", key: \"{}\"}}",
-            cert_path.display(),
-            key_path.display()
-        ))
+        .top(&support::certs::tls_top(&cert_path, &key_path))
         .start()
         .await;
-    (proxy, cert_path, key_path)
+    (proxy, cert_path)
 }
 
 /// GET https://localhost:PORT/v1/x over a fresh connection trusting only `ca`.
@@ -839,7 +823,7 @@ async fn tls_certificates_reload_and_a_bad_pem_keeps_the_old_one() {
     let old_ca = TestCa::new("rollgate old CA");
     let new_ca = TestCa::new("rollgate new CA");
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, cert_path, key_path) = tls_proxy(&up, &old_ca, dir.path()).await;
+    let (proxy, cert_path) = tls_proxy(&up, &old_ca, dir.path()).await;
     let port = proxy.data_addr().port();
     let h1 = http::Version::HTTP_11;
     assert_eq!(tls_get(&old_ca, port, h1).await.unwrap().status(), 200);
@@ -857,31 +841,13 @@ async fn tls_certificates_reload_and_a_bad_pem_keeps_the_old_one() {
     assert_eq!(tls_get(&old_ca, port, h1).await.unwrap().status(), 200);
 
     // The rotated pair: new handshakes present it.
-    write_leaf(&new_ca, &cert_path, &key_path);
+    support::certs::write_tls_files(&new_ca, dir.path());
     let r = reload().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json().get("tls_error").is_none(), "{}", r.text());
     assert_eq!(tls_get(&new_ca, port, h1).await.unwrap().status(), 200);
     assert!(tls_get(&old_ca, port, h1).await.is_err());
     proxy.shutdown().await;
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -1631,11 +1631,7 @@ async fn b16_tls_handshake_stall_is_closed_after_10s() {
     let proxy = TestProxy::new()
         .version("v1", &up)
         .route(Route::new("chat", "v1"))
-        .top(&format!(
-            "tls: {{cert: \"{}\", key: \"{}\"}}",
-            cert.display(),
-            key.display()
-        ))
+        .top(&support::certs::tls_top(&cert, &key))
         .start()
         .await;
     let addr = proxy.data_addr();
@@ -1687,11 +1683,7 @@ async fn b16_silent_tls_clients_close_at_the_header_read_timeout_whatever_the_al
     let proxy = TestProxy::new()
         .version("v1", &up)
         .route(Route::new("chat", "v1"))
-        .top(&format!(
-            "tls: {{cert: \"{}\", key: \"{}\"}}",
-            cert.display(),
-            key.display()
-        ))
+        .top(&support::certs::tls_top(&cert, &key))
         .start()
         .await;
     let addr = proxy.data_addr();
@@ -3686,11 +3678,7 @@ async fn f37_tls_versions_alpn_no_0rtt_and_upstream_name_verification() {
     let ca = TestCa::new("rollgate f37 CA");
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = write_tls_files(&ca, dir.path());
-    let tls_top = format!(
-        "tls: {{cert: \"{}\", key: \"{}\"}}",
-        cert.display(),
-        key.display()
-    );
+    let tls_top = support::certs::tls_top(&cert, &key);
     let proxy = TestProxy::new()
         .version("v1", &up)
         .route(Route::new("chat", "v1"))

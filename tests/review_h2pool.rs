@@ -168,6 +168,24 @@ fn get(url: String) -> Request<ReqBody> {
 
 /// The reaper is off while a stream is in flight; the end of the last stream must start
 /// it again, so the connection is closed about 4 s later (not earlier, not never).
+/// Sends `/short` until one is answered on connection 1 (the proxy has seen connection 0's
+/// GOAWAY and made a new one), every answer a 200; at most 5 s.
+async fn until_on_second_connection(client: &TestClient, proxy: &TestProxy) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client.get(&proxy.url("/short")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.header("x-conn") == Some("1") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request reached a new connection within 5 s of the GOAWAY"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn h2_connection_is_closed_about_4s_after_its_long_stream_ends() {
     let up = H2Up::start().await;
@@ -258,15 +276,8 @@ async fn replacement_h2_connection_is_reaped_while_the_old_one_drains() {
     let resp = client.send_streaming(get(proxy.url("/drain/15000"))).await;
     assert_eq!(resp.status(), 200);
     let draining = tokio::spawn(read_to_end(resp));
-    // Let the GOAWAY reach the proxy.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = client.get(&proxy.url("/short")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.header("x-conn"),
-        Some("1"),
-        "a new connection after the GOAWAY"
-    );
+    // A new connection after the GOAWAY.
+    until_on_second_connection(&client, &proxy).await;
     let idle_since = Instant::now();
     assert!(!draining.is_finished(), "A's stream still runs");
     let deadline = POOL_IDLE + Duration::from_secs(3);
@@ -299,7 +310,7 @@ async fn after_a_goaway_drain_every_connection_is_closed_once_traffic_stops() {
     let resp = client.send_streaming(get(proxy.url("/drain/2000"))).await;
     assert_eq!(resp.status(), 200);
     let draining = tokio::spawn(read_to_end(resp));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_on_second_connection(&client, &proxy).await;
     for _ in 0..3 {
         let r = client.get(&proxy.url("/short")).await;
         assert_eq!(r.status, 200, "{}", r.text());

@@ -366,10 +366,9 @@ impl Pool {
         let last = {
             let mut slot = lock(&self.h2);
             let last = streams.fetch_sub(1, Ordering::AcqRel) == 1;
-            if let Some(s) = slot.as_mut().filter(|s| Arc::ptr_eq(&s.streams, streams)) {
-                if last {
-                    s.used = Instant::now();
-                }
+            let shared = slot.as_mut().filter(|s| Arc::ptr_eq(&s.streams, streams));
+            if let Some(s) = shared.filter(|_| last) {
+                s.used = Instant::now();
             }
             last
         };

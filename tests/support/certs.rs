@@ -131,3 +131,12 @@ pub fn write_tls_files(ca: &TestCa, dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
     (cert, key_path)
 }
+
+/// The config line that serves TLS from `cert` and `key`.
+pub fn tls_top(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls: {{cert: \"{}\", key: \"{}\"}}",
+        cert.display(),
+        key.display()
+    )
+}
