@@ -439,6 +439,71 @@ async fn request_id_is_propagated_or_generated() {
     proxy.shutdown().await;
 }
 
+/// Over HTTP/2 the request id, different on every response, goes as a literal never
+/// indexed: indexed, each one took a new entry in the connection's compression table, and
+/// the encoder walked the chain of old ids on every later response.
+#[tokio::test]
+async fn h2_request_ids_stay_out_of_the_header_compression_table() {
+    let up = TestUpstream::start("v1").await;
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1"))
+        .start()
+        .await;
+    let mut h2 = support::h2raw::H2Conn::connect(proxy.data_addr()).await;
+    let mut ids = Vec::new();
+    for (i, client_id) in [None, None, Some("client-id-7"), None]
+        .into_iter()
+        .enumerate()
+    {
+        let stream = 2 * i as u32 + 1;
+        let extra: Vec<(&str, &str)> = client_id
+            .map(|id| ("x-request-id", id))
+            .into_iter()
+            .collect();
+        let block = support::h2raw::request_block("GET", "/v1/chat", Some("a"), &extra);
+        h2.send(&support::h2raw::headers(stream, &block, true, true))
+            .await
+            .unwrap();
+        let head = h2
+            .wait_for(
+                Duration::from_secs(5),
+                |e| matches!(e, support::h2raw::Event::Headers { stream: s, .. } if *s == stream),
+            )
+            .await;
+        let Some(support::h2raw::Event::Headers {
+            fields, indexed, ..
+        }) = head
+        else {
+            panic!("no response head on stream {stream}: {:?}", h2.seen());
+        };
+        let id = fields
+            .iter()
+            .find(|(n, _)| n == "x-request-id")
+            .map(|(_, v)| v.clone())
+            .expect("x-request-id on every response");
+        if let Some(c) = client_id {
+            assert_eq!(id, c, "the client's id comes back");
+        }
+        assert!(
+            !indexed.iter().any(|n| n == "x-request-id"),
+            "response {i}: the request id was added to the compression table ({indexed:?})"
+        );
+        if i == 0 {
+            // The same value every time: indexed once, which shows the check can see it.
+            assert!(
+                indexed.iter().any(|n| n == "x-rollgate-version"),
+                "{indexed:?}"
+            );
+        }
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "one id per request: {ids:?}");
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn closed_canary_port_still_gives_the_client_a_200_from_the_baseline() {
     let stable = TestUpstream::start("stable").await;

@@ -375,6 +375,8 @@ pub struct Decoder {
     table: VecDeque<(Vec<u8>, Vec<u8>)>,
     size: usize,
     max_size: usize,
+    /// Names of the fields the last block added to the dynamic table.
+    indexed: Vec<String>,
 }
 
 impl Default for Decoder {
@@ -383,6 +385,7 @@ impl Default for Decoder {
             table: VecDeque::new(),
             size: 0,
             max_size: 4096,
+            indexed: Vec::new(),
         }
     }
 }
@@ -457,6 +460,7 @@ impl Decoder {
     pub fn decode(&mut self, src: &[u8]) -> Result<Vec<(String, String)>, String> {
         let mut out = Vec::new();
         let mut pos = 0;
+        self.indexed.clear();
         while pos < src.len() {
             let b = src[pos];
             let (name, value) = if b & 0x80 != 0 {
@@ -470,6 +474,8 @@ impl Decoder {
                     self.get(i)?.0
                 };
                 let value = Self::string(src, &mut pos)?;
+                self.indexed
+                    .push(String::from_utf8_lossy(&name).into_owned());
                 self.insert(name.clone(), value.clone());
                 (name, value)
             } else if b & 0xe0 == 0x20 {
@@ -511,6 +517,8 @@ pub enum Event {
         stream: u32,
         fields: Vec<(String, String)>,
         end_stream: bool,
+        /// Names of the fields sent "with incremental indexing" (added to the table).
+        indexed: Vec<String>,
     },
     Data {
         stream: u32,
@@ -758,6 +766,7 @@ fn apply(out: &mut StreamOutcome, stream: u32, e: &Event) -> bool {
             stream: s,
             fields,
             end_stream,
+            ..
         } if *s == stream => {
             if out.status.is_none() {
                 out.status = fields
@@ -865,6 +874,7 @@ async fn read_loop(
                             stream: s,
                             fields,
                             end_stream,
+                            indexed: std::mem::take(&mut decoder.indexed),
                         },
                         Err(e) => {
                             let _ = tx.send(Event::Closed(format!("undecodable headers: {e}")));
