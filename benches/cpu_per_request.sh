@@ -7,6 +7,8 @@
 #        from /proc) / requests. Robust to other load on the machine, unlike req/s.
 #   Ir:  with CALLGRIND=1, rollgate under valgrind --tool=callgrind, 20,000 HTTP/1.1 requests
 #        (h2load --h1 -c16) after a warm-up; instructions per request from the dump.
+#   PROTO=h2c: the client speaks h2c instead (h2load -c16 -m4, 4 s, for both measures); the
+#        upstream stays HTTP/1.1.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-$root/target/release/rollgate}; shift || true
@@ -31,20 +33,32 @@ YAML
 ready() { for _ in $(seq 1 400); do curl -sf -o /dev/null "127.0.0.1:$admin/readyz" && return 0; sleep 0.05; done; return 1; }
 env "$@" taskset -c 0 "$bin" run -c "$tmp/rg.yaml" >"$tmp/rg.log" 2>&1 & p=$!; pids+=($p)
 ready
-taskset -c 1 wrk -t1 -c64 -d1s "http://127.0.0.1:$data/" >/dev/null
-t0=$(awk '{print $14+$15}' /proc/$p/stat)
-out=$(taskset -c 1 wrk -t1 -c64 -d4s "http://127.0.0.1:$data/")
-t1=$(awk '{print $14+$15}' /proc/$p/stat)
-n=$(echo "$out" | awk '/requests in/ {print $1}')
-echo "cpu: $(echo "$out" | awk '/Requests\/sec/ {print $2}') req/s, $(python3 -c "print(round(($t1-$t0)*1e6/$(getconf CLK_TCK)/$n,2))") µs CPU per request"
+if [ "${PROTO:-h1}" = h2c ]; then
+  taskset -c 1 h2load -D 1 -c16 -m4 "http://127.0.0.1:$data/" >/dev/null
+  t0=$(awk '{print $14+$15}' /proc/$p/stat)
+  out=$(taskset -c 1 h2load -D 4 -c16 -m4 "http://127.0.0.1:$data/")
+  t1=$(awk '{print $14+$15}' /proc/$p/stat)
+  n=$(echo "$out" | awk '/^requests:/ {print $4}')
+  rate=$(echo "$out" | awk '/^finished in/ {print $4}')
+  h2load_flags=(-m4)
+else
+  taskset -c 1 wrk -t1 -c64 -d1s "http://127.0.0.1:$data/" >/dev/null
+  t0=$(awk '{print $14+$15}' /proc/$p/stat)
+  out=$(taskset -c 1 wrk -t1 -c64 -d4s "http://127.0.0.1:$data/")
+  t1=$(awk '{print $14+$15}' /proc/$p/stat)
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  h2load_flags=(--h1)
+fi
+echo "cpu: $rate req/s, $(python3 -c "print(round(($t1-$t0)*1e6/$(getconf CLK_TCK)/$n,2))") µs CPU per request"
 kill "$p"; wait "$p" 2>/dev/null || true
 if [ "${CALLGRIND:-0}" = 1 ]; then
   env "$@" valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" run -c "$tmp/rg.yaml" >"$tmp/cg.log" 2>&1 & v=$!; pids+=($v)
   ready
-  h2load --h1 -n 1000 -c 16 "http://127.0.0.1:$data/" >/dev/null
+  h2load "${h2load_flags[@]}" -n 1000 -c 16 "http://127.0.0.1:$data/" >/dev/null
   callgrind_control -z "$v" >/dev/null
-  h2load --h1 -n 20000 -c 16 "http://127.0.0.1:$data/" | grep -E "^requests:"
+  h2load "${h2load_flags[@]}" -n 20000 -c 16 "http://127.0.0.1:$data/" | grep -E "^requests:"
   callgrind_control -d "$v" >/dev/null
   total=$(callgrind_annotate "$tmp/cg.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1}')
-  echo "Ir: $((total / 20000)) instructions per request (user space, 20,000 requests)"
+  echo "Ir: $((total / 20000)) instructions per request (user space, 20,000 ${PROTO:-h1} requests)"
 fi

@@ -837,10 +837,15 @@ impl Exchange<'_> {
         parts
             .headers
             .insert(X_ROLLGATE_VERSION.clone(), v.name_value.clone());
-        if !parts.headers.contains_key(&X_REQUEST_ID) {
-            parts
-                .headers
-                .insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        match parts.headers.get_mut(&X_REQUEST_ID) {
+            // The upstream's own (vLLM echoes the request's), never indexed by HTTP/2
+            // either: see `hdr::request_id`.
+            Some(id) => id.set_sensitive(true),
+            None => {
+                parts
+                    .headers
+                    .insert(X_REQUEST_ID.clone(), self.request_id.clone());
+            }
         }
         let capture = observe_signals(self.table, m, &parts);
         rec.head(&parts, sent_at, capture);
