@@ -2920,15 +2920,24 @@ async fn e32_overload_sheds_with_503_and_retry_after() {
         assert_eq!(r.status, 503, "over the cap: {}", r.text());
         assert!(r.header("retry-after").is_some(), "503 without Retry-After");
         assert!(
+            r.header("x-request-id").is_some_and(|id| !id.is_empty()),
+            "503 without a request id"
+        );
+        assert!(
             t.elapsed() < Duration::from_millis(500),
             "shed after {:?}",
             t.elapsed()
         );
     }
+    let r = client
+        .get_with(&proxy.url("/v1/shed"), &[("x-request-id", "shed-1")])
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-request-id"), Some("shed-1"), "the client's id");
     assert_eq!(up.request_count(), 4, "a shed request reached the upstream");
     assert_eq!(
         proxy.metric("rollgate_requests_shed_total", &[]).await,
-        10.0
+        11.0
     );
     assert_eq!(requests_of(&proxy, "v1", "error").await, 0.0);
     // The cap frees up when the held requests go away.

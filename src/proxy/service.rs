@@ -430,13 +430,17 @@ pub async fn handle(
     let Some(permit) = InFlight::acquire(&shared.in_flight, cap) else {
         shared.store.metrics.requests_shed.inc();
         let r = Refusal::Overloaded;
+        // Shed, but answered with the client's request id or a new one, as every other
+        // answer is.
+        let id = hdr::request_id(req.headers());
         if let Some(log) = access_log::current().filter(|l| l.sampled()) {
             let mut e = entry_for(req.method(), req.uri(), req.version(), req.headers());
             e.code = r.status().as_u16();
             e.classification = Class::Refused.as_str();
+            e.request_id = Some(id.clone());
             log.log(e);
         }
-        return r.into_response(None, None);
+        return r.into_response(None, Some(&id));
     };
     let (mut parts, body) = req.into_parts();
     let request_id = hdr::request_id(&parts.headers);
@@ -837,14 +841,14 @@ impl Exchange<'_> {
         parts
             .headers
             .insert(X_ROLLGATE_VERSION.clone(), v.name_value.clone());
-        match parts.headers.get_mut(&X_REQUEST_ID) {
+        match parts.headers.entry(X_REQUEST_ID.clone()) {
             // The upstream's own (vLLM echoes the request's), never indexed by HTTP/2
             // either: see `hdr::request_id`.
-            Some(id) => id.set_sensitive(true),
-            None => {
-                parts
-                    .headers
-                    .insert(X_REQUEST_ID.clone(), self.request_id.clone());
+            header::Entry::Occupied(mut ids) => {
+                ids.iter_mut().for_each(|id| id.set_sensitive(true))
+            }
+            header::Entry::Vacant(v) => {
+                v.insert(self.request_id.clone());
             }
         }
         let capture = observe_signals(self.table, m, &parts);

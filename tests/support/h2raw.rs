@@ -377,6 +377,8 @@ pub struct Decoder {
     max_size: usize,
     /// Names of the fields the last block added to the dynamic table.
     indexed: Vec<String>,
+    /// Names of the fields the last block sent as literals never indexed.
+    never_indexed: Vec<String>,
 }
 
 impl Default for Decoder {
@@ -386,6 +388,7 @@ impl Default for Decoder {
             size: 0,
             max_size: 4096,
             indexed: Vec::new(),
+            never_indexed: Vec::new(),
         }
     }
 }
@@ -461,6 +464,7 @@ impl Decoder {
         let mut out = Vec::new();
         let mut pos = 0;
         self.indexed.clear();
+        self.never_indexed.clear();
         while pos < src.len() {
             let b = src[pos];
             let (name, value) = if b & 0x80 != 0 {
@@ -484,12 +488,17 @@ impl Decoder {
                 continue;
             } else {
                 // Literal without indexing (0000) or never indexed (0001).
+                let never = b & 0xf0 == 0x10;
                 let i = Self::int(src, &mut pos, 4)?;
                 let name = if i == 0 {
                     Self::string(src, &mut pos)?
                 } else {
                     self.get(i)?.0
                 };
+                if never {
+                    self.never_indexed
+                        .push(String::from_utf8_lossy(&name).into_owned());
+                }
                 (name, Self::string(src, &mut pos)?)
             };
             out.push((
@@ -519,6 +528,8 @@ pub enum Event {
         end_stream: bool,
         /// Names of the fields sent "with incremental indexing" (added to the table).
         indexed: Vec<String>,
+        /// Names of the fields sent as literals "never indexed" (RFC 7541 6.2.3).
+        never_indexed: Vec<String>,
     },
     Data {
         stream: u32,
@@ -575,6 +586,74 @@ impl StreamOutcome {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// A response head as [`get_heads`] saw it.
+#[derive(Debug)]
+pub struct Head {
+    pub fields: Vec<(String, String)>,
+    /// Names of the fields the server added to its HPACK table.
+    pub indexed: Vec<String>,
+    /// Names of the fields the server sent as literals never indexed.
+    pub never_indexed: Vec<String>,
+}
+
+impl Head {
+    /// Every value of `name`, in order.
+    pub fn values(&self, name: &str) -> Vec<String> {
+        let named = self.fields.iter().filter(|(n, _)| n == name);
+        named.map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Every `name` field was sent never indexed, and none went into the table.
+    pub fn never_indexed(&self, name: &str) -> bool {
+        let sent = self.never_indexed.iter().filter(|n| *n == name).count();
+        sent == self.values(name).len() && !self.indexed.iter().any(|n| n == name)
+    }
+}
+
+/// GETs of `/v1/chat` (authority `a`), one per entry of `requests` with that entry's extra
+/// fields, sent one at a time on one connection opened with SETTINGS `settings`: the
+/// response head of each. Panics when one does not come within 5 s.
+pub async fn get_heads(
+    addr: SocketAddr,
+    settings: &[(u16, u32)],
+    requests: &[Vec<(&str, &str)>],
+) -> Vec<Head> {
+    let mut h2 = H2Conn::connect_with(addr, settings).await;
+    h2.start_reader();
+    let mut out = Vec::new();
+    for (i, extra) in requests.iter().enumerate() {
+        let stream = 2 * i as u32 + 1;
+        let block = request_block("GET", "/v1/chat", Some("a"), extra);
+        h2.send(&headers(stream, &block, true, true))
+            .await
+            .expect("send HEADERS");
+        let head = h2
+            .wait_for(
+                Duration::from_secs(5),
+                |e| matches!(e, Event::Headers { stream: s, .. } if *s == stream),
+            )
+            .await;
+        let Some(Event::Headers {
+            fields,
+            indexed,
+            never_indexed,
+            ..
+        }) = head
+        else {
+            panic!(
+                "request {i} {extra:?} (settings {settings:?}): no response head: {:?}",
+                h2.seen().iter().rev().take(3).collect::<Vec<_>>()
+            );
+        };
+        out.push(Head {
+            fields,
+            indexed,
+            never_indexed,
+        });
+    }
+    out
 }
 
 pub struct H2Conn {
@@ -875,6 +954,7 @@ async fn read_loop(
                             fields,
                             end_stream,
                             indexed: std::mem::take(&mut decoder.indexed),
+                            never_indexed: std::mem::take(&mut decoder.never_indexed),
                         },
                         Err(e) => {
                             let _ = tx.send(Event::Closed(format!("undecodable headers: {e}")));
