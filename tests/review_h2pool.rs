@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -152,6 +152,13 @@ impl H2Up {
     fn closed_at(&self, n: usize) -> Option<Instant> {
         self.closed.lock().unwrap().get(n).copied().flatten()
     }
+
+    /// How long after `since` connection 0 was closed; fails when it is still open
+    /// `within` after `since` (`what` says why that is wrong).
+    async fn first_closed_after(&self, since: Instant, within: Duration, what: &str) -> Duration {
+        assert_eventually!(self.closed_at(0).is_some(), within, "{what}");
+        self.closed_at(0).unwrap().saturating_duration_since(since)
+    }
 }
 
 async fn read_to_end(resp: Response<Incoming>) -> Result<Bytes, String> {
@@ -162,12 +169,6 @@ async fn read_to_end(resp: Response<Incoming>) -> Result<Bytes, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
-fn get(url: String) -> Request<ReqBody> {
-    request(Method::GET, &url).body(empty()).unwrap()
-}
-
-/// The reaper is off while a stream is in flight; the end of the last stream must start
-/// it again, so the connection is closed about 4 s later (not earlier, not never).
 /// Sends `/short` until one is answered on connection 1 (the proxy has seen connection 0's
 /// GOAWAY and made a new one), every answer a 200; at most 5 s.
 async fn until_on_second_connection(client: &TestClient, proxy: &TestProxy) {
@@ -186,22 +187,25 @@ async fn until_on_second_connection(client: &TestClient, proxy: &TestProxy) {
     }
 }
 
+/// The reaper is off while a stream is in flight; the end of the last stream must start
+/// it again, so the connection is closed about 4 s later (not earlier, not never).
 #[tokio::test]
 async fn h2_connection_is_closed_about_4s_after_its_long_stream_ends() {
     let up = H2Up::start().await;
     let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
-    let resp = client.send_streaming(get(proxy.url("/long/5000"))).await;
+    let resp = client.get_streaming(&proxy.url("/long/5000")).await;
     assert_eq!(resp.status(), 200);
     read_to_end(resp).await.expect("the stream ends cleanly");
     let ended = Instant::now();
     assert!(up.closed_at(0).is_none(), "closed under a stream");
-    assert_eventually!(
-        up.closed_at(0).is_some(),
-        Duration::from_secs(10),
-        "the h2 connection is still open 10 s after its last stream ended"
-    );
-    let after = up.closed_at(0).unwrap().saturating_duration_since(ended);
+    let after = up
+        .first_closed_after(
+            ended,
+            Duration::from_secs(10),
+            "the h2 connection is still open 10 s after its last stream ended",
+        )
+        .await;
     assert!(
         after >= POOL_IDLE - Duration::from_millis(500),
         "closed {after:?} after its last stream, before the idle timeout"
@@ -218,7 +222,7 @@ async fn h2_stream_abandoned_by_the_client_still_lets_the_connection_be_reaped()
     let proxy = TestProxy::to(&up.url()).await;
     {
         let client = TestClient::http1();
-        let resp = client.send_streaming(get(proxy.url("/long/60000"))).await;
+        let resp = client.get_streaming(&proxy.url("/long/60000")).await;
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
         let first = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
@@ -226,13 +230,14 @@ async fn h2_stream_abandoned_by_the_client_still_lets_the_connection_be_reaped()
         // Client gone: body and client dropped here.
     }
     let gone = Instant::now();
-    assert_eventually!(
-        up.closed_at(0).is_some(),
-        Duration::from_secs(12),
-        "the h2 connection is still open 12 s after its only stream's client went away \
-         (a stream still counted as in flight?)"
-    );
-    let after = up.closed_at(0).unwrap().saturating_duration_since(gone);
+    let after = up
+        .first_closed_after(
+            gone,
+            Duration::from_secs(12),
+            "the h2 connection is still open 12 s after its only stream's client went away \
+             (a stream still counted as in flight?)",
+        )
+        .await;
     assert!(after < Duration::from_secs(12), "{after:?}");
     proxy.shutdown().await;
 }
@@ -250,15 +255,13 @@ async fn h2_first_byte_timeout_still_lets_the_connection_be_reaped() {
     let r = TestClient::http1().get(&proxy.url("/hang")).await;
     assert_eq!(r.status, 504, "{}", r.text());
     let timed_out = Instant::now();
-    assert_eventually!(
-        up.closed_at(0).is_some(),
-        Duration::from_secs(10),
-        "the h2 connection is still open 10 s after its only request timed out"
-    );
     let after = up
-        .closed_at(0)
-        .unwrap()
-        .saturating_duration_since(timed_out);
+        .first_closed_after(
+            timed_out,
+            Duration::from_secs(10),
+            "the h2 connection is still open 10 s after its only request timed out",
+        )
+        .await;
     assert!(after >= POOL_IDLE - Duration::from_millis(500), "{after:?}");
     proxy.shutdown().await;
 }
@@ -273,7 +276,7 @@ async fn replacement_h2_connection_is_reaped_while_the_old_one_drains() {
     let up = H2Up::start().await;
     let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
-    let resp = client.send_streaming(get(proxy.url("/drain/15000"))).await;
+    let resp = client.get_streaming(&proxy.url("/drain/15000")).await;
     assert_eq!(resp.status(), 200);
     let draining = tokio::spawn(read_to_end(resp));
     // A new connection after the GOAWAY.
@@ -307,7 +310,7 @@ async fn after_a_goaway_drain_every_connection_is_closed_once_traffic_stops() {
     let up = H2Up::start().await;
     let proxy = TestProxy::to(&up.url()).await;
     let client = TestClient::http1();
-    let resp = client.send_streaming(get(proxy.url("/drain/2000"))).await;
+    let resp = client.get_streaming(&proxy.url("/drain/2000")).await;
     assert_eq!(resp.status(), 200);
     let draining = tokio::spawn(read_to_end(resp));
     until_on_second_connection(&client, &proxy).await;
@@ -339,7 +342,7 @@ async fn overlapping_h2_streams_keep_one_connection_then_it_is_reaped() {
     let client = TestClient::http1();
     let mut streams = Vec::new();
     for _ in 0..4 {
-        let resp = client.send_streaming(get(proxy.url("/long/2500"))).await;
+        let resp = client.get_streaming(&proxy.url("/long/2500")).await;
         assert_eq!(resp.status(), 200);
         streams.push(tokio::spawn(read_to_end(resp)));
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -355,8 +358,13 @@ async fn overlapping_h2_streams_keep_one_connection_then_it_is_reaped() {
         "one connection for ~7 s of overlapping streams"
     );
     let ended = Instant::now();
-    assert_eventually!(up.closed_at(0).is_some(), Duration::from_secs(10));
-    let after = up.closed_at(0).unwrap().saturating_duration_since(ended);
+    let after = up
+        .first_closed_after(
+            ended,
+            Duration::from_secs(10),
+            "the h2 connection is still open 10 s after the overlapping streams ended",
+        )
+        .await;
     assert!(after >= POOL_IDLE - Duration::from_millis(500), "{after:?}");
     proxy.shutdown().await;
 }

@@ -573,11 +573,7 @@ async fn an_h2_stream_longer_than_the_pool_idle_timeout_keeps_its_connection() {
         chunks: 46,
         interval: Duration::from_millis(100),
     });
-    let proxy = TestProxy::new()
-        .version_with("llm", &up.h2c_url(), "")
-        .route(Route::new("chat", "llm"))
-        .start()
-        .await;
+    let proxy = TestProxy::to(&up.h2c_url()).await;
     let client = TestClient::http1();
     let resp = client.get_streaming(&proxy.url("/v1/stream")).await;
     assert_eq!(resp.status(), 200);
