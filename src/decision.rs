@@ -192,6 +192,14 @@ struct RollbackPlan {
     trigger: Trigger,
 }
 
+/// A config file that swapped in: the generation now serving, and its audit record or why
+/// none could be written.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub record: std::io::Result<Value>,
+}
+
 /// Applies every change of runtime state. See the module docs for its invariants.
 pub struct Controller {
     pub store: Arc<Store>,
@@ -1197,11 +1205,16 @@ impl Controller {
 
     /// A new config file: prune the runtime state it voids, swap, persist, record. `fields`
     /// are the reload's own (cause, hashes); the record adds the overrides it dropped.
+    ///
+    /// `Err`: the table did not compile and nothing changed. Once it has swapped, the
+    /// answer is `Ok` whatever follows: a record that cannot be written is logged, alerted
+    /// (`audit_failed`, as for commands) and handed back in [`Reloaded::record`], never
+    /// reported as a reload that did not happen.
     pub async fn reload(
-        &self,
+        self: &Arc<Self>,
         config: Config,
         mut fields: Map<String, Value>,
-    ) -> std::io::Result<Value> {
+    ) -> std::io::Result<Reloaded> {
         let serial = self.decisions.lock().await;
         let mut next = self.store.runtime_state();
         let dropped = prune(&mut next, &config);
@@ -1218,7 +1231,18 @@ impl Controller {
         fields.insert("generation_after".into(), json!(swap.generation_after));
         let record = self.record("config_reload", fields).await;
         drop(serial);
-        record
+        if let Err(e) = &record {
+            tracing::error!(kind = "config_reload", error = %e, generation = swap.generation_after, "the new config serves, but writing its audit record failed");
+            self.alert_later(
+                Severity::Critical,
+                json!({"kind": "audit_failed", "severity": "critical", "record_kind": "config_reload",
+                       "generation": swap.generation_after, "error": e.to_string()}),
+            );
+        }
+        Ok(Reloaded {
+            generation: swap.generation_after,
+            record,
+        })
     }
 
     /// Endpoint health flipped: recompile (degraded routes, fallback, gauges), record each

@@ -28,7 +28,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::audit::id_number;
-use super::reload::{Cause, Reloader};
+use super::reload::{Cause, ReloadError, Reloader};
 use crate::config::VersionName;
 use crate::decision::{Action, Command, Controller, Refused};
 use crate::evaluator::rules::Trigger;
@@ -1015,15 +1015,16 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
         }
         "/api/v1/reload" => match admin.reloader.reload(Cause::Api).await {
             Ok(record) => Ok(json(StatusCode::OK, &record.unwrap_or(Value::Null))),
-            Err(rejected) => {
-                let mut r = json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &json!({"error": "invalid_config", "detail": rejected.error,
-                            "record": rejected.record}),
-                );
-                *r.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
-                Ok(r)
-            }
+            Err(ReloadError::Rejected(rejected)) => Ok(json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({"error": "invalid_config", "detail": rejected.error,
+                        "record": rejected.record}),
+            )),
+            Err(ReloadError::Unrecorded { generation, error }) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "audit_failed",
+                format!("applied (generation {generation}) but the audit record could not be written: {error}"),
+            )),
         },
         _ => Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     }

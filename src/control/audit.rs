@@ -407,6 +407,13 @@ impl Audit {
         self.inner().last
     }
 
+    /// From now on every append fails as on a full disk: writes go to `/dev/full`.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self) {
+        let full = File::options().append(true).open("/dev/full");
+        self.inner().file = full.expect("/dev/full");
+    }
+
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

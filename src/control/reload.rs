@@ -64,6 +64,21 @@ pub struct Rejected {
     pub error: String,
 }
 
+/// Why [`Reloader::reload`] has no record to answer with.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file was refused; the old table keeps serving.
+    Rejected(Rejected),
+    /// The new table serves, but its `config_reload` record could not be written.
+    Unrecorded { generation: u64, error: String },
+}
+
+impl From<Rejected> for ReloadError {
+    fn from(r: Rejected) -> Self {
+        ReloadError::Rejected(r)
+    }
+}
+
 /// Reloads the config file a running rollgate was started from.
 #[derive(Debug)]
 pub struct Reloader {
@@ -211,8 +226,10 @@ impl Reloader {
     }
 
     /// Reloads now. `Ok(None)`: a watched change that left the file as it was (certificates
-    /// were still re-read). `Ok(Some(record))`: the new table serves. `Err`: nothing changed.
-    pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, Rejected> {
+    /// were still re-read). `Ok(Some(record))`: the new table serves.
+    /// `Err(ReloadError::Rejected)`: nothing changed. `Err(ReloadError::Unrecorded)`: the
+    /// new table serves (counted `ok`), but its audit record could not be written.
+    pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, ReloadError> {
         let _turn = self.turn.lock().await;
         let path = self.path.clone();
         let read = tokio::time::timeout(
@@ -255,7 +272,7 @@ impl Reloader {
         }
         let new = match parsed {
             Ok(c) => c,
-            Err(error) => return Err(self.reject(cause, file_hash, error).await),
+            Err(error) => return Err(self.reject(cause, file_hash, error).await.into()),
         };
         // The admin listener stays bound where it is until restart: the token rule applies
         // to that address, not only to the one the new file names.
@@ -265,7 +282,7 @@ impl Reloader {
                 self.path.display(),
                 old.admin.listen
             );
-            return Err(self.reject(cause, file_hash, error).await);
+            return Err(self.reject(cause, file_hash, error).await.into());
         }
         // Opened before anything changes, so a path that cannot be opened refuses the
         // whole reload.
@@ -278,7 +295,7 @@ impl Reloader {
                         Ok(l) => Some(Some(Arc::new(l))),
                         Err(e) => {
                             let error = format!("{}: {e}", self.path.display());
-                            return Err(self.reject(cause, file_hash, error).await);
+                            return Err(self.reject(cause, file_hash, error).await.into());
                         }
                     }
                 }
@@ -310,17 +327,24 @@ impl Reloader {
             fields.insert("access_log".into(), value);
         }
         let hash = new.hash.clone();
-        match self.controller.reload(new, fields).await {
-            Ok(record) => {
-                if let Some(log) = new_access_log {
-                    self.set_access_log(log);
-                }
-                self.count("ok");
-                self.refresh_token(&self.controller.store.config());
-                tracing::info!(config_hash = %hash, cause = cause.as_str(), "config reloaded");
-                Ok(Some(record))
-            }
-            Err(e) => Err(self.reject(cause, file_hash, e.to_string()).await),
+        let done = match self.controller.reload(new, fields).await {
+            Ok(done) => done,
+            Err(e) => return Err(self.reject(cause, file_hash, e.to_string()).await.into()),
+        };
+        // The new table serves from here on: everything that goes with it follows, also
+        // when its record could not be written.
+        if let Some(log) = new_access_log {
+            self.set_access_log(log);
+        }
+        self.count("ok");
+        self.refresh_token(&self.controller.store.config());
+        tracing::info!(config_hash = %hash, cause = cause.as_str(), generation = done.generation, "config reloaded");
+        match done.record {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => Err(ReloadError::Unrecorded {
+                generation: done.generation,
+                error: e.to_string(),
+            }),
         }
     }
 
@@ -419,4 +443,115 @@ pub fn spawn(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) -> JoinHa
             let _ = reloader.reload(cause).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::alerts::Alerts;
+    use crate::control::audit::Audit;
+    use crate::routing::store::Store;
+    use crate::routing::table::RuntimeState;
+    use crate::telemetry::prom::Metrics;
+    use crate::telemetry::Telemetry;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn reloads(store: &Store, result: &'static str) -> u64 {
+        store
+            .metrics
+            .config_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .get()
+    }
+
+    /// The disk under `state_dir` fills after the table swapped: the new config serves, so
+    /// everything says so (counted `ok`, last reload successful, the watcher not told the
+    /// file failed); the missing record is an error of its own, logged and alerted.
+    #[tokio::test]
+    async fn a_reload_whose_record_cannot_be_written_still_reports_the_table_that_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = dir.path().join("rollgate.yaml");
+        let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook_addr = hook.local_addr().unwrap();
+        let write = |split: &str| {
+            let yaml = format!(
+                "state_dir: {}\nalerts: {{webhooks: [{{url: \"http://{hook_addr}/hook\"}}]}}\n\
+                 versions:\n  a: {{endpoints: [\"http://127.0.0.1:1\"]}}\n  b: {{endpoints: [\"http://127.0.0.1:2\"]}}\n\
+                 routes:\n  - {{name: chat, match: {{path_prefix: /}}, baseline: a, split: {split}}}\n",
+                state.display()
+            );
+            std::fs::write(&path, yaml).unwrap();
+        };
+        write("{a: 100, b: 0}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Config::from_str(&text, &path).unwrap();
+        let telemetry = Arc::new(Telemetry::new(config.evaluator.window));
+        let metrics = Arc::new(Metrics::new(telemetry.clone()));
+        let store =
+            Arc::new(Store::new(config, RuntimeState::default(), telemetry, metrics).unwrap());
+        let audit = Arc::new(Audit::open(&state).unwrap());
+        let controller = Arc::new(Controller::new(
+            store.clone(),
+            audit.clone(),
+            Alerts::new().unwrap(),
+            state.clone(),
+        ));
+        let reloader = Reloader::new(controller.clone(), None).unwrap();
+
+        write("{a: 90, b: 10}");
+        let record = reloader.reload(Cause::Api).await.unwrap().unwrap();
+        assert_eq!(record["result"], "ok");
+        assert_eq!(reloads(&store, "ok"), 1);
+
+        audit.fail_writes();
+        write("{a: 50, b: 50}");
+        let before = store.load().generation;
+        let hash = content_hash(&std::fs::read(&path).unwrap());
+        match reloader.reload(Cause::Api).await {
+            Err(ReloadError::Unrecorded { generation, error }) => {
+                assert!(generation > before, "{generation} after {before}");
+                assert_eq!(generation, store.load().generation);
+                assert!(error.contains("space"), "{error}");
+            }
+            other => panic!("expected an unrecorded reload, got {other:?}"),
+        }
+        assert_eq!(store.config().hash, hash, "the new file serves");
+        assert_eq!(reloads(&store, "ok"), 2);
+        assert_eq!(reloads(&store, "error"), 0);
+        assert_eq!(store.metrics.config_last_reload_successful.get(), 1);
+        assert!(
+            reloader.last_failed.lock().unwrap().is_none(),
+            "a watched event for this file must not be skipped as a failed one"
+        );
+
+        // The alert, to the webhook of the config that now serves.
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), hook.accept())
+            .await
+            .expect("no alert within 10 s")
+            .unwrap();
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("\"record_kind\":\"config_reload\"") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(
+                    n > 0,
+                    "connection closed: {}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the alert's body within 10 s");
+        let body = String::from_utf8_lossy(&got);
+        assert!(body.contains("\"kind\":\"audit_failed\""), "{body}");
+        assert!(body.contains("\"severity\":\"critical\""), "{body}");
+        let _ = conn
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await;
+        controller.finish(Duration::from_secs(5)).await;
+    }
 }
