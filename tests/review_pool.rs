@@ -716,6 +716,77 @@ async fn h2_client_without_host_gets_the_endpoint_host_upstream() {
     proxy.shutdown().await;
 }
 
+// The client's Host now stays in the request until it is sent (one insert replaces it for
+// HTTP/1.1): an HTTP/2 upstream must still get only `:authority`, the endpoint's, and a
+// retry or a shadow copy the endpoint's Host too.
+#[tokio::test]
+async fn a_client_host_never_reaches_an_h2c_upstream_and_h1_gets_the_endpoint_host() {
+    let h2 = TestUpstream::start("h2").await;
+    let proxy = TestProxy::to(&h2.h2c_url()).await;
+    let out = raw_http1(
+        proxy.data_addr(),
+        b"GET /v1/h2host HTTP/1.1\r\nHost: client.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let reqs = h2.requests();
+    assert_eq!(reqs[0].version, http::Version::HTTP_2);
+    assert_eq!(reqs[0].header_all("host"), Vec::<String>::new());
+    assert_eq!(
+        reqs[0].uri.authority().map(|a| a.to_string()),
+        Some(h2.addr().to_string())
+    );
+    proxy.shutdown().await;
+
+    // HTTP/1.1, with a retry to the baseline and a shadow copy: one Host each, the
+    // endpoint's they went to.
+    let (a, b, s) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+        TestUpstream::start("s").await,
+    );
+    b.set(Reply::Status(503));
+    let proxy = TestProxy::new()
+        .version("a", &a)
+        .version("b", &b)
+        .version("s", &s)
+        .route(
+            Route::new("chat", "a")
+                .split(&[("a", 0), ("b", 100)])
+                .with("shadow: {version: s, percent: 100}"),
+        )
+        .start()
+        .await;
+    let out = raw_http1(
+        proxy.data_addr(),
+        b"GET /v1/h1host HTTP/1.1\r\nHost: client.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eventually!(
+        s.request_count() == 1,
+        Duration::from_secs(5),
+        "the shadow copy arrives"
+    );
+    for (up, n) in [(&a, 1), (&b, 1), (&s, 1)] {
+        let reqs = up.requests();
+        assert_eq!(reqs.len(), n, "{}", up.name());
+        assert_eq!(
+            reqs[0].header_all("host"),
+            vec![up.addr().to_string()],
+            "{}",
+            up.name()
+        );
+        assert_eq!(
+            reqs[0].header_all("x-forwarded-host"),
+            vec!["client.example".to_string()],
+            "{}",
+            up.name()
+        );
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn absolute_form_request_goes_upstream_in_origin_form_with_the_endpoint_host() {
     let up = RawUpstream::start(Fault::Respond(ok_response("ok"))).await;

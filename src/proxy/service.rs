@@ -558,8 +558,9 @@ pub async fn handle(
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    // (The pin header went with the control headers in `sanitize_request`.)
-    parts.headers.remove(header::HOST);
+    // (The pin header went with the control headers in `sanitize_request`.) The client's
+    // `Host` stays until the request is sent: the endpoint's replaces it for HTTP/1.1, and
+    // HTTP/2 drops it for `:authority` (`EndpointRt::for_h1`, `for_h2`).
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
