@@ -197,7 +197,15 @@ struct RollbackPlan {
 #[derive(Debug)]
 pub struct Reloaded {
     pub generation: u64,
-    pub record: std::io::Result<Value>,
+    pub record: Result<Value, Unwritten>,
+}
+
+/// An audit record that could not be written: the error, and the fields it would have had
+/// (they go out with the `audit_failed` alert and the answer instead).
+#[derive(Debug)]
+pub struct Unwritten {
+    pub error: std::io::Error,
+    pub fields: Map<String, Value>,
 }
 
 /// Applies every change of runtime state. See the module docs for its invariants.
@@ -1208,8 +1216,8 @@ impl Controller {
     ///
     /// `Err`: the table did not compile and nothing changed. Once it has swapped, the
     /// answer is `Ok` whatever follows: a record that cannot be written is logged, alerted
-    /// (`audit_failed`, as for commands) and handed back in [`Reloaded::record`], never
-    /// reported as a reload that did not happen.
+    /// ([`record_or_alert`](Self::record_or_alert)) and handed back in
+    /// [`Reloaded::record`], never reported as a reload that did not happen.
     pub async fn reload(
         self: &Arc<Self>,
         config: Config,
@@ -1229,19 +1237,34 @@ impl Controller {
         }
         fields.insert("generation_before".into(), json!(swap.generation_before));
         fields.insert("generation_after".into(), json!(swap.generation_after));
-        let record = self.record("config_reload", fields).await;
+        let record = self.record_or_alert("config_reload", fields).await;
         drop(serial);
-        if let Err(e) = &record {
-            tracing::error!(kind = "config_reload", error = %e, generation = swap.generation_after, "the new config serves, but writing its audit record failed");
-            self.alert_later(
-                Severity::Critical,
-                json!({"kind": "audit_failed", "severity": "critical", "record_kind": "config_reload",
-                       "generation": swap.generation_after, "error": e.to_string()}),
-            );
-        }
         Ok(Reloaded {
             generation: swap.generation_after,
             record,
+        })
+    }
+
+    /// Appends a record no command carries (config reloads, applied or refused). One that
+    /// cannot be written is logged and alerted (`audit_failed`, critical, with the fields
+    /// it would have had), as a command's is.
+    pub async fn record_or_alert(
+        self: &Arc<Self>,
+        kind: &'static str,
+        fields: Map<String, Value>,
+    ) -> Result<Value, Unwritten> {
+        let kept = fields.clone();
+        self.record(kind, fields).await.map_err(|error| {
+            tracing::error!(kind, %error, "writing the audit record failed");
+            self.alert_later(
+                Severity::Critical,
+                json!({"kind": "audit_failed", "severity": "critical", "record_kind": kind,
+                       "error": error.to_string(), "record": kept}),
+            );
+            Unwritten {
+                error,
+                fields: kept,
+            }
         })
     }
 

@@ -1020,11 +1020,21 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
                 &json!({"error": "invalid_config", "detail": rejected.error,
                         "record": rejected.record}),
             )),
-            Err(ReloadError::Unrecorded { generation, error }) => Err(ApiError::new(
+            // A server fault, not a refusal: the file was applied. What the record would
+            // have said (restart-only keys, TLS errors) comes back with the answer.
+            Err(ReloadError::Unrecorded {
+                generation,
+                error,
+                record,
+            }) => Ok(json(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "audit_failed",
-                format!("applied (generation {generation}) but the audit record could not be written: {error}"),
+                &json!({"error": "audit_failed",
+                        "detail": format!("applied (generation {generation}) but the audit record could not be written: {error}"),
+                        "unrecorded": record}),
             )),
+            Err(ReloadError::Interrupted(e)) => Err(ApiError::internal(format!(
+                "the reload's task ended without an answer: {e}"
+            ))),
         },
         _ => Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     }

@@ -69,8 +69,15 @@ pub struct Rejected {
 pub enum ReloadError {
     /// The file was refused; the old table keeps serving.
     Rejected(Rejected),
-    /// The new table serves, but its `config_reload` record could not be written.
-    Unrecorded { generation: u64, error: String },
+    /// The new table serves, but its `config_reload` record could not be written: `record`
+    /// holds the fields it would have had (restart-only keys, TLS errors, overrides dropped).
+    Unrecorded {
+        generation: u64,
+        error: String,
+        record: Map<String, Value>,
+    },
+    /// The reload's task ended without an answer (the runtime shutting down).
+    Interrupted(String),
 }
 
 impl From<Rejected> for ReloadError {
@@ -229,7 +236,19 @@ impl Reloader {
     /// were still re-read). `Ok(Some(record))`: the new table serves.
     /// `Err(ReloadError::Rejected)`: nothing changed. `Err(ReloadError::Unrecorded)`: the
     /// new table serves (counted `ok`), but its audit record could not be written.
-    pub async fn reload(&self, cause: Cause) -> Result<Option<Value>, ReloadError> {
+    ///
+    /// The work runs in a task of its own, as a command's does: a caller that goes away
+    /// (an admin client that disconnects or times out, which makes hyper drop its request)
+    /// never leaves a new table serving without its record, count, alert, access log or
+    /// admin token.
+    pub async fn reload(self: &Arc<Self>, cause: Cause) -> Result<Option<Value>, ReloadError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.reload_now(cause).await })
+            .await
+            .unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
+    }
+
+    async fn reload_now(&self, cause: Cause) -> Result<Option<Value>, ReloadError> {
         let _turn = self.turn.lock().await;
         let path = self.path.clone();
         let read = tokio::time::timeout(
@@ -341,9 +360,10 @@ impl Reloader {
         tracing::info!(config_hash = %hash, cause = cause.as_str(), generation = done.generation, "config reloaded");
         match done.record {
             Ok(record) => Ok(Some(record)),
-            Err(e) => Err(ReloadError::Unrecorded {
+            Err(unwritten) => Err(ReloadError::Unrecorded {
                 generation: done.generation,
-                error: e.to_string(),
+                error: unwritten.error.to_string(),
+                record: unwritten.fields,
             }),
         }
     }
@@ -361,12 +381,13 @@ impl Reloader {
             "generation".into(),
             json!(self.controller.store.load().generation),
         );
-        let record = match self.controller.record("config_reload", fields).await {
+        let record = match self
+            .controller
+            .record_or_alert("config_reload", fields)
+            .await
+        {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "writing the config_reload audit record failed");
-                Value::Null
-            }
+            Err(_) => Value::Null, // logged and alerted
         };
         Rejected { record, error }
     }
@@ -454,7 +475,7 @@ mod tests {
     use crate::routing::table::RuntimeState;
     use crate::telemetry::prom::Metrics;
     use crate::telemetry::Telemetry;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
     fn reloads(store: &Store, result: &'static str) -> u64 {
         store
@@ -462,6 +483,54 @@ mod tests {
             .config_reloads
             .get_or_create(&labels(&[("result", result)]))
             .get()
+    }
+
+    /// A webhook on `hook`: answers every request 200 and hands on its JSON body.
+    fn webhook(hook: tokio::net::TcpListener) -> mpsc::UnboundedReceiver<Value> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = hook.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut conn = tokio::io::BufReader::new(conn);
+                    loop {
+                        let mut len = 0;
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = line.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if conn.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if conn.get_mut().write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        rx
+    }
+
+    async fn next_alert(alerts: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+        tokio::time::timeout(Duration::from_secs(10), alerts.recv())
+            .await
+            .expect("an alert within 10 s")
+            .expect("the webhook is open")
     }
 
     /// The disk under `state_dir` fills after the table swapped: the new config serves, so
@@ -497,7 +566,7 @@ mod tests {
             Alerts::new().unwrap(),
             state.clone(),
         ));
-        let reloader = Reloader::new(controller.clone(), None).unwrap();
+        let reloader = Arc::new(Reloader::new(controller.clone(), None).unwrap());
 
         write("{a: 90, b: 10}");
         let record = reloader.reload(Cause::Api).await.unwrap().unwrap();
@@ -509,10 +578,16 @@ mod tests {
         let before = store.load().generation;
         let hash = content_hash(&std::fs::read(&path).unwrap());
         match reloader.reload(Cause::Api).await {
-            Err(ReloadError::Unrecorded { generation, error }) => {
+            Err(ReloadError::Unrecorded {
+                generation,
+                error,
+                record,
+            }) => {
                 assert!(generation > before, "{generation} after {before}");
                 assert_eq!(generation, store.load().generation);
                 assert!(error.contains("space"), "{error}");
+                assert_eq!(record["config_hash"], json!(hash));
+                assert_eq!(record["generation_after"], json!(generation));
             }
             other => panic!("expected an unrecorded reload, got {other:?}"),
         }
@@ -525,33 +600,30 @@ mod tests {
             "a watched event for this file must not be skipped as a failed one"
         );
 
-        // The alert, to the webhook of the config that now serves.
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), hook.accept())
-            .await
-            .expect("no alert within 10 s")
-            .unwrap();
-        let mut got = Vec::new();
-        let read = async {
-            let mut buf = [0u8; 4096];
-            while !String::from_utf8_lossy(&got).contains("\"record_kind\":\"config_reload\"") {
-                let n = conn.read(&mut buf).await.unwrap();
-                assert!(
-                    n > 0,
-                    "connection closed: {}",
-                    String::from_utf8_lossy(&got)
-                );
-                got.extend_from_slice(&buf[..n]);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("the alert's body within 10 s");
-        let body = String::from_utf8_lossy(&got);
-        assert!(body.contains("\"kind\":\"audit_failed\""), "{body}");
-        assert!(body.contains("\"severity\":\"critical\""), "{body}");
-        let _ = conn
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .await;
+        // The alert, to the webhook of the config that now serves, with the record that
+        // could not be written.
+        let mut alerts = webhook(hook);
+        let alert = next_alert(&mut alerts).await;
+        assert_eq!(alert["kind"], "audit_failed", "{alert}");
+        assert_eq!(alert["severity"], "critical", "{alert}");
+        assert_eq!(alert["record_kind"], "config_reload", "{alert}");
+        assert_eq!(alert["record"]["result"], "ok", "{alert}");
+        assert_eq!(alert["record"]["config_hash"], json!(hash), "{alert}");
+
+        // A file refused while the disk is still full: nothing changes, and the lost
+        // record of the refusal is alerted too.
+        std::fs::write(&path, "versions: [").unwrap();
+        let serving = store.load().generation;
+        match reloader.reload(Cause::Api).await {
+            Err(ReloadError::Rejected(r)) => assert_eq!(r.record, Value::Null),
+            other => panic!("expected a rejected reload, got {other:?}"),
+        }
+        assert_eq!(store.load().generation, serving);
+        assert_eq!(reloads(&store, "error"), 1);
+        let alert = next_alert(&mut alerts).await;
+        assert_eq!(alert["kind"], "audit_failed", "{alert}");
+        assert_eq!(alert["record_kind"], "config_reload", "{alert}");
+        assert_eq!(alert["record"]["result"], "error", "{alert}");
         controller.finish(Duration::from_secs(5)).await;
     }
 }

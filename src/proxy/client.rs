@@ -232,8 +232,8 @@ pub struct EndpointRt {
     connect_uri: Uri,
     /// The upstream chose h2 by ALPN on the latest connection.
     negotiated_h2: AtomicBool,
-    /// The `Host` an HTTP/1.1 request gets when it has none (the endpoint's host, and its
-    /// port unless it is the scheme's default).
+    /// The `Host` every HTTP/1.1 request gets, in place of any it came with (the endpoint's
+    /// host, and its port unless it is the scheme's default).
     host: HeaderValue,
     /// Kept by the health checker; unhealthy endpoints are skipped while others remain.
     pub healthy: AtomicBool,
@@ -584,8 +584,8 @@ impl EndpointRt {
     }
 
     /// Sends `req` on a pooled connection, or a new one. The URI may be origin-form (a
-    /// path): the endpoint supplies scheme and authority for HTTP/2, and `Host` for
-    /// HTTP/1.1 when the request has none.
+    /// path): the endpoint supplies scheme and authority for HTTP/2 (any `Host` is
+    /// removed), and `Host` for HTTP/1.1 (replacing the request's).
     pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
         let pool = self.pool();
         // A plain http:// endpoint never has an HTTP/2 connection: no lock for it.

@@ -1001,7 +1001,7 @@ fn classify(
 struct FirstByteTimeout;
 
 /// The request as version `v` gets it, in origin form: the endpoint's connection supplies
-/// scheme and authority for HTTP/2, and `Host` for HTTP/1.1 when the client sent none.
+/// scheme and authority for HTTP/2, and `Host` for HTTP/1.1 (either replaces the client's).
 fn upstream_request(
     parts: &Parts,
     mut h: HeaderMap,
