@@ -310,6 +310,10 @@ impl Running {
         self.admin.accepting.store(false, Ordering::Relaxed);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
+        // A reload under way finishes and no other starts; it and the follow-ups below
+        // share FINISH.
+        let deadline = tokio::time::Instant::now() + FINISH;
+        self.reloader.close(FINISH).await;
         // Every request has ended: the access log's last lines are written before the exit.
         if let Some(log) = self.reloader.take_access_log() {
             let _ = tokio::time::timeout(ACCESS_LOG_FLUSH, log.flush()).await;
@@ -321,7 +325,9 @@ impl Running {
         for t in self.control_tasks {
             let _ = t.await;
         }
-        self.controller.finish(FINISH).await;
+        self.controller
+            .finish(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
     }
 }
 

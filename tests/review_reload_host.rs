@@ -136,11 +136,13 @@ async fn an_api_reload_whose_client_disconnects_after_the_swap_is_still_recorded
         g0 + 1,
         reload_records(&proxy)
     );
-    assert_eq!(
+    // Counted after the record is written, in the reload's task: waited for.
+    assert_eventually!(
         proxy
             .metric("rollgate_config_reloads_total", &[("result", "ok")])
-            .await,
-        1.0,
+            .await
+            == 1.0,
+        Duration::from_secs(5),
         "the reload that serves is counted"
     );
     proxy.shutdown().await;

@@ -142,13 +142,18 @@ pub struct FleetConfig {
 impl FleetConfig {
     /// The store URL without its password, for logs, status and records.
     pub fn redacted(&self) -> String {
-        match self.store.split_once("://") {
-            Some((scheme, rest)) => match rest.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://***@{host}"),
-                None => self.store.clone(),
-            },
-            None => self.store.clone(),
-        }
+        redact_url(&self.store)
+    }
+}
+
+/// `url` with whatever comes before its host's `@` (user and password) replaced by `***`:
+/// for every message that quotes a store URL, a refused one included.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    match rest.rsplit_once('@') {
+        Some((_, host)) if scheme.is_empty() => format!("***@{host}"),
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_string(),
     }
 }
 

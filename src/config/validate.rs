@@ -788,20 +788,22 @@ fn access_log(
 fn fleet(p: &mut Problems, l: &Located<FileFleet>, origin: &Path) -> Option<FleetConfig> {
     let f = &l.value;
     let store = f.store.value.trim();
+    // Quoted without its password: the error goes to the log, the API and audit records.
+    let shown = super::redact_url(store);
     let scheme_ok = store.starts_with("redis://") || store.starts_with("rediss://");
     if !scheme_ok {
         p.at(
             &f.store,
             "fleet.store",
             format!(
-                "{store:?} is not a store URL: write redis://host:6379/0 (or rediss:// for TLS)"
+                "{shown:?} is not a store URL: write redis://host:6379/0 (or rediss:// for TLS)"
             ),
         );
     } else if let Err(e) = redis::Client::open(store) {
         p.at(
             &f.store,
             "fleet.store",
-            format!("{store:?} is not a valid Redis URL: {e}"),
+            format!("{shown:?} is not a valid Redis URL: {e}"),
         );
     }
     let name = f.name.value.trim();
@@ -1321,6 +1323,19 @@ fn route(p: &mut Problems, i: usize, r: &FileRoute, known: &BTreeSet<&str>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_urls_are_quoted_without_their_password() {
+        for (url, shown) in [
+            ("redis://:pw@host:6379/0", "redis://***@host:6379/0"),
+            ("rediss://user:p@ss@host/0", "rediss://***@host/0"),
+            ("user:pw@host:6379", "***@host:6379"),
+            ("redis://host:6379/0", "redis://host:6379/0"),
+            ("", ""),
+        ] {
+            assert_eq!(super::super::redact_url(url), shown, "{url}");
+        }
+    }
 
     const MINIMAL: &str = "versions:\n  a: {endpoints: [http://127.0.0.1:1]}\n  b: {endpoints: [http://127.0.0.1:2]}\nroutes:\n  - name: r\n    baseline: a\n    split: {a: 90, b: 10}\n";
 

@@ -1032,9 +1032,11 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
                         "detail": format!("applied (generation {generation}) but the audit record could not be written: {error}"),
                         "unrecorded": record}),
             )),
-            Err(ReloadError::Interrupted(e)) => Err(ApiError::internal(format!(
-                "the reload's task ended without an answer: {e}"
-            ))),
+            Err(ReloadError::Interrupted(e)) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the reload did not run: {e}"),
+            )),
         },
         _ => Err(ApiError::not_found(format!("no admin endpoint {path}"))),
     }

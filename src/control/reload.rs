@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +77,8 @@ pub enum ReloadError {
         error: String,
         record: Map<String, Value>,
     },
-    /// The reload's task ended without an answer (the runtime shutting down).
+    /// The reload did not run to an answer: the process is shutting down ([`Reloader::close`]),
+    /// or its task failed.
     Interrupted(String),
 }
 
@@ -103,6 +105,8 @@ pub struct Reloader {
     /// One reload at a time, from reading the file to the record: a reload that read the
     /// file before an edit must not apply that text after one that read the edit.
     turn: tokio::sync::Mutex<()>,
+    /// Set by [`close`](Self::close): reloads refuse to start.
+    closed: AtomicBool,
 }
 
 /// Config keys whose change needs a restart: reported, not applied.
@@ -159,7 +163,21 @@ impl Reloader {
             last_failed: Mutex::new(None),
             access_log: Mutex::new(None),
             turn: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// At shutdown: no reload starts from now on, and one under way (its swap, record,
+    /// count, alert, access log and token) finishes first, within `timeout`. A reload runs
+    /// in a task of its own, which nothing else waits for.
+    pub async fn close(&self, timeout: Duration) {
+        self.closed.store(true, Ordering::Release);
+        if tokio::time::timeout(timeout, self.turn.lock())
+            .await
+            .is_err()
+        {
+            tracing::error!(?timeout, "a config reload was still running at shutdown");
+        }
     }
 
     /// The access log this instance serves with, if one is on.
@@ -171,8 +189,13 @@ impl Reloader {
     }
 
     /// Makes `log` this instance's access log and the process's ([`access_log::install`]).
+    /// Not once [`close`](Self::close) has begun: shutdown takes the log after it, and one
+    /// installed later would be flushed and removed by nobody.
     pub fn set_access_log(&self, log: Option<Arc<AccessLog>>) {
         let mut slot = self.access_log.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         match (&log, slot.as_ref()) {
             (Some(_), _) => access_log::install(log.clone()),
             (None, Some(old)) => access_log::uninstall(old),
@@ -250,6 +273,11 @@ impl Reloader {
 
     async fn reload_now(&self, cause: Cause) -> Result<Option<Value>, ReloadError> {
         let _turn = self.turn.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ReloadError::Interrupted(
+                "the process is shutting down".into(),
+            ));
+        }
         let path = self.path.clone();
         let read = tokio::time::timeout(
             READ_TIMEOUT,
