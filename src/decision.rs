@@ -589,6 +589,22 @@ impl Controller {
             .map_err(std::io::Error::other)?
     }
 
+    /// Runs `f` in a task of its own, tracked like a follow-up, and answers its result: a
+    /// caller that goes away (an admin client that disconnects, which makes hyper drop its
+    /// request) neither cancels it half way nor leaves it unwaited for at shutdown
+    /// ([`finish`](Self::finish)).
+    pub(crate) async fn run_tracked<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.follow_up(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.await
+            .map_err(|_| "its task ended without an answer".to_string())
+    }
+
     /// Runs `f` after the current command, tracked so shutdown can wait for it.
     fn follow_up(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.followups.lock().unwrap_or_else(|e| e.into_inner());
@@ -607,10 +623,18 @@ impl Controller {
 
     /// Waits, up to `timeout`, for follow-ups (drains, alerts, their records) to finish.
     pub async fn finish(&self, timeout: Duration) {
-        let tasks = std::mem::take(&mut *self.followups.lock().unwrap_or_else(|e| e.into_inner()));
+        // Tasks that run on (a command or reload whose caller left) add follow-ups of their
+        // own: taken again until none is left.
         let all = async {
-            for t in tasks {
-                let _ = t.await;
+            loop {
+                let tasks =
+                    std::mem::take(&mut *self.followups.lock().unwrap_or_else(|e| e.into_inner()));
+                if tasks.is_empty() {
+                    break;
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
             }
         };
         if tokio::time::timeout(timeout, all).await.is_err() {
@@ -626,15 +650,16 @@ impl Controller {
     /// [`apply`](Self::apply) with the instant the decision began, for trip-to-swap. In a
     /// fleet, the command is published first and applied in the fleet's order.
     ///
-    /// The work runs in a task of its own: a caller that goes away (an admin client that
-    /// disconnects) never leaves a change applied but unrecorded or unpublished.
+    /// The work runs in a task of its own ([`run_tracked`](Self::run_tracked)): a caller
+    /// that goes away (an admin client that disconnects) never leaves a change applied but
+    /// unrecorded or unpublished, and shutdown waits for it.
     pub async fn apply_at(
         self: &Arc<Self>,
         cmd: Command,
         began: Instant,
     ) -> Result<Value, Refused> {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.run_tracked(async move {
             match this.fleet.get().cloned() {
                 Some(f) => f.submit(&this, cmd, began).await,
                 None => this.apply_local(cmd, began, None).await,

@@ -158,6 +158,64 @@ async fn shutdown_waits_for_an_api_reload_whose_client_hung_up() {
     );
 }
 
+// The same for a command (it ran in an untracked task too, since before e28b345): a pause
+// whose persist stalls and whose client hangs up after the swap is waited for by shutdown,
+// and recorded before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_command_whose_client_hung_up() {
+    let up = TestUpstream::start("a").await;
+    let inst = start(&up.http_url()).await;
+    let audit = inst.running.controller.audit.path().to_path_buf();
+    let store = inst.running.store.clone();
+    let g0 = store.load().generation;
+    let fifo = inst.state_dir.join(".state.json.tmp");
+    mkfifo(&fifo);
+    let body = br#"{"route": "chat", "paused": true}"#;
+    let mut req = format!(
+        "POST /api/v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let mut s = tokio::net::TcpStream::connect(inst.running.admin_addr)
+        .await
+        .unwrap();
+    s.write_all(&req).await.unwrap();
+    assert_eventually!(
+        store.load().generation == g0 + 1,
+        Duration::from_secs(5),
+        "the pause swaps (and blocks in its persist)"
+    );
+    drop(s);
+    let Instance { running, dir, .. } = inst;
+    let mut shutdown = tokio::spawn(running.shutdown());
+    let returned_first = tokio::time::timeout(Duration::from_secs(4), &mut shutdown)
+        .await
+        .is_ok();
+    let _reader = release(&fifo);
+    if !returned_first {
+        tokio::time::timeout(Duration::from_secs(10), shutdown)
+            .await
+            .expect("shutdown ends once the command can")
+            .unwrap();
+    }
+    let paused: Vec<_> = audit_records_in(&audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "pause")
+        .collect();
+    drop(dir);
+    assert!(
+        !returned_first,
+        "Running::shutdown returned while a command whose client hung up was still running"
+    );
+    assert_eq!(
+        paused.len(),
+        1,
+        "the pause's record, written before shutdown returned"
+    );
+}
+
 // Failed on e28b345 (pre-existing, not made by it; the brief asked): shutdown takes and
 // flushes the access log (app.rs:314) before it stops the control plane (app.rs:320), and
 // nothing stops a reload that is under way from installing a new one after that: a watched

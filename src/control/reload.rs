@@ -260,15 +260,17 @@ impl Reloader {
     /// `Err(ReloadError::Rejected)`: nothing changed. `Err(ReloadError::Unrecorded)`: the
     /// new table serves (counted `ok`), but its audit record could not be written.
     ///
-    /// The work runs in a task of its own, as a command's does: a caller that goes away
-    /// (an admin client that disconnects or times out, which makes hyper drop its request)
-    /// never leaves a new table serving without its record, count, alert, access log or
-    /// admin token.
+    /// The work runs in a task of its own, as a command's does
+    /// ([`Controller::run_tracked`]): a caller that goes away (an admin client that
+    /// disconnects or times out, which makes hyper drop its request) never leaves a new
+    /// table serving without its record, count, alert, access log or admin token, and
+    /// shutdown waits for it.
     pub async fn reload(self: &Arc<Self>, cause: Cause) -> Result<Option<Value>, ReloadError> {
         let this = self.clone();
-        tokio::spawn(async move { this.reload_now(cause).await })
+        self.controller
+            .run_tracked(async move { this.reload_now(cause).await })
             .await
-            .unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
+            .unwrap_or_else(|e| Err(ReloadError::Interrupted(e)))
     }
 
     async fn reload_now(&self, cause: Cause) -> Result<Option<Value>, ReloadError> {
