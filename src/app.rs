@@ -310,24 +310,27 @@ impl Running {
         self.admin.accepting.store(false, Ordering::Relaxed);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
-        // A reload under way finishes and no other starts; it and the follow-ups below
-        // share FINISH.
-        let deadline = tokio::time::Instant::now() + FINISH;
-        self.reloader.close(FINISH).await;
+        // Everything after the drain shares one budget, ACCESS_LOG_FLUSH + FINISH (the 10 s
+        // margin of the deploy manifests' grace period), whatever is stuck: a reload or a
+        // command blocked on a hung disk, or a control task waiting behind one.
+        let deadline = tokio::time::Instant::now() + ACCESS_LOG_FLUSH + FINISH;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        // A reload under way finishes and no other starts.
+        self.reloader.close(left()).await;
         // Every request has ended: the access log's last lines are written before the exit.
         if let Some(log) = self.reloader.take_access_log() {
-            let _ = tokio::time::timeout(ACCESS_LOG_FLUSH, log.flush()).await;
+            let _ = tokio::time::timeout(ACCESS_LOG_FLUSH.min(left()), log.flush()).await;
         }
         // The evaluator keeps deciding while the data plane drains; once it has stopped, the
-        // alerts and follow-up records of the last decisions go out before the exit, within
-        // FINISH (the 10 s margin of the deploy manifests' grace period covers it).
+        // alerts and follow-up records of the last decisions go out before the exit.
         let _ = self.stop.send(true);
-        for t in self.control_tasks {
-            let _ = t.await;
+        for mut t in self.control_tasks {
+            if tokio::time::timeout(left(), &mut t).await.is_err() {
+                tracing::error!("shutdown: a control task did not stop in time; abandoning it");
+                t.abort();
+            }
         }
-        self.controller
-            .finish(deadline.saturating_duration_since(tokio::time::Instant::now()))
-            .await;
+        self.controller.finish(left()).await;
     }
 }
 

@@ -535,7 +535,11 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("build the tokio runtime");
-            match control.block_on(rollgate::app::run(config, workers)) {
+            let result = control.block_on(rollgate::app::run(config, workers));
+            // Shutdown has waited what it will (`Running::shutdown`); a disk write still
+            // blocked in `spawn_blocking` (a hung state volume) must not hold the exit too.
+            control.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("rollgate: {e}");

@@ -146,15 +146,47 @@ impl FleetConfig {
     }
 }
 
-/// `url` with whatever comes before its host's `@` (user and password) replaced by `***`:
-/// for every message that quotes a store URL, a refused one included.
+/// `url` without its password, for every message that quotes a store URL (a refused one
+/// included): whatever comes before the last `@` ahead of the query (user and password,
+/// also one that holds a `/`) becomes `***`, and so does the value of a `pass` or
+/// `password` query parameter (where unix-socket URLs carry it).
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    match rest.rsplit_once('@') {
-        Some((_, host)) if scheme.is_empty() => format!("***@{host}"),
-        Some((_, host)) => format!("{scheme}://***@{host}"),
-        None => url.to_string(),
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let q = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (head, tail) = rest.split_at(q);
+    let mut out = String::with_capacity(url.len());
+    if let Some(s) = scheme {
+        out.push_str(s);
+        out.push_str("://");
     }
+    match head.rsplit_once('@') {
+        Some((_, host)) => {
+            out.push_str("***@");
+            out.push_str(host);
+        }
+        None => out.push_str(head),
+    }
+    for (i, part) in tail.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        // The first part keeps its `?` (or `#`) in front of the key.
+        let key = part.trim_start_matches(['?', '#']);
+        match key.split_once('=') {
+            Some((k, _))
+                if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+            {
+                out.push_str(&part[..part.len() - key.len()]);
+                out.push_str(k);
+                out.push_str("=***");
+            }
+            _ => out.push_str(part),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]

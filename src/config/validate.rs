@@ -1332,6 +1332,27 @@ mod tests {
             ("user:pw@host:6379", "***@host:6379"),
             ("redis://host:6379/0", "redis://host:6379/0"),
             ("", ""),
+            ("redis://:pa/ss@host/0", "redis://***@host/0"),
+            ("redis://u:p@[::1]:6379/0", "redis://***@[::1]:6379/0"),
+            ("redis://[::1]:6379", "redis://[::1]:6379"),
+            // An `@` in the query is not the host's.
+            (
+                "redis://cache.internal:6379/0?client=a@b",
+                "redis://cache.internal:6379/0?client=a@b",
+            ),
+            // Unix sockets carry the password in the query.
+            (
+                "redis+unix:///run/redis.sock?db=0&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=0&pass=***",
+            ),
+            (
+                "unix:///s.sock?PASSWORD=x&db=1",
+                "unix:///s.sock?PASSWORD=***&db=1",
+            ),
+            (
+                "rediss://:pw@h:1/0?protocol=resp3#f",
+                "rediss://***@h:1/0?protocol=resp3#f",
+            ),
         ] {
             assert_eq!(super::super::redact_url(url), shown, "{url}");
         }

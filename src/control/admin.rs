@@ -1035,7 +1035,7 @@ async fn post(admin: &Admin, path: &str, req: Request<Incoming>) -> ApiResult {
             Err(ReloadError::Interrupted(e)) => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                format!("the reload did not run: {e}"),
+                format!("the reload did not finish: {e}"),
             )),
         },
         _ => Err(ApiError::not_found(format!("no admin endpoint {path}"))),

@@ -491,7 +491,9 @@ pub fn spawn(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) -> JoinHa
                 // Debounce: apply once the directory has been quiet for DEBOUNCE.
                 while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
             }
-            let _ = reloader.reload(cause).await;
+            if let Err(ReloadError::Interrupted(why)) = reloader.reload(cause).await {
+                tracing::warn!(cause = cause.as_str(), %why, "config reload not applied");
+            }
         }
     })
 }
