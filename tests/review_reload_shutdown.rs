@@ -7,74 +7,15 @@
 #[macro_use]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use support::instance::Stall;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RELOAD: &[u8] = b"POST /api/v1/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n\
 Content-Type: application/json\r\nContent-Length: 0\r\n\r\n";
-
-struct Instance {
-    running: rollgate::app::Running,
-    dir: tempfile::TempDir,
-    state_dir: PathBuf,
-    config: PathBuf,
-}
-
-fn yaml(state_dir: &Path, endpoint: &str, extra: &str) -> String {
-    format!(
-        "admin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\ndrain_timeout: 2s\n\
-         evaluator: {{min_requests: 1000000}}\n{extra}versions:\n  a: {{endpoints: [\"{endpoint}\"]}}\n\
-         routes:\n  - {{name: chat, owner: t, match: {{path_prefix: /}}, baseline: a, split: {{a: 100}}}}\n",
-        state_dir.display()
-    )
-}
-
-/// Started from files in a temp dir the test keeps (so the audit log can be read after
-/// shutdown).
-async fn start(endpoint: &str) -> Instance {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    std::fs::create_dir_all(&state_dir).unwrap();
-    let config = dir.path().join("rollgate.yaml");
-    let text = yaml(&state_dir, endpoint, "");
-    std::fs::write(&config, &text).unwrap();
-    let parsed = rollgate::config::Config::from_str(&text, &config).unwrap();
-    let listeners = rollgate::app::Listeners {
-        data: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        health: None,
-    };
-    let running = rollgate::app::start(parsed, listeners).await.unwrap();
-    Instance {
-        running,
-        dir,
-        state_dir,
-        config,
-    }
-}
-
-fn mkfifo(p: &Path) {
-    let ok = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .expect("mkfifo");
-    assert!(ok.success());
-}
-
-/// Opens the FIFO's read end without blocking: the persist blocked in `File::create`
-/// goes on (and fails at fsync, which a FIFO refuses: `persist_error`). Keep the handle
-/// until the reload is done.
-fn release(fifo: &Path) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(0o4000) // O_NONBLOCK (Linux)
-        .open(fifo)
-        .expect("open the FIFO's read end")
-}
 
 fn reload_records(audit: &Path) -> Vec<serde_json::Value> {
     audit_records_in(audit)
@@ -84,11 +25,11 @@ fn reload_records(audit: &Path) -> Vec<serde_json::Value> {
 }
 
 /// POST /api/v1/reload, wait for its swap (the reload is then blocked in its persist),
-/// and hang up. Returns the generation swapped in.
-async fn api_reload_then_hang_up(inst: &Instance) -> u64 {
+/// and hang up. Returns the generation swapped in, and the stall to release.
+async fn api_reload_then_hang_up(inst: &Instance) -> (u64, Stall) {
     let store = inst.running.store.clone();
     let g0 = store.load().generation;
-    mkfifo(&inst.state_dir.join(".state.json.tmp"));
+    let stall = Stall::new(&inst.state_tmp());
     let mut s = tokio::net::TcpStream::connect(inst.running.admin_addr)
         .await
         .unwrap();
@@ -99,7 +40,7 @@ async fn api_reload_then_hang_up(inst: &Instance) -> u64 {
         "the reload swaps"
     );
     drop(s);
-    g0 + 1
+    (g0 + 1, stall)
 }
 
 // Failed on e28b345: the reload's task is not tracked by anything shutdown waits for.
@@ -112,11 +53,10 @@ async fn api_reload_then_hang_up(inst: &Instance) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_an_api_reload_whose_client_hung_up() {
     let up = TestUpstream::start("a").await;
-    let inst = start(&up.http_url()).await;
+    let inst = Instance::start(|sd| instance_yaml(sd, &up.http_url(), "", "")).await;
     let audit = inst.running.controller.audit.path().to_path_buf();
     let metrics = inst.running.store.clone();
-    let g = api_reload_then_hang_up(&inst).await;
-    let fifo = inst.state_dir.join(".state.json.tmp");
+    let (g, mut stall) = api_reload_then_hang_up(&inst).await;
     let Instance { running, dir, .. } = inst;
     let mut shutdown = tokio::spawn(running.shutdown());
     // A shutdown that waits for the reload cannot return before the FIFO is opened; give
@@ -127,7 +67,7 @@ async fn shutdown_waits_for_an_api_reload_whose_client_hung_up() {
     let recorded_at_return = reload_records(&audit)
         .iter()
         .any(|r| r["generation_after"] == g);
-    let _reader = release(&fifo);
+    let _reader = stall.release();
     if !returned_first {
         tokio::time::timeout(Duration::from_secs(10), shutdown)
             .await
@@ -164,36 +104,15 @@ async fn shutdown_waits_for_an_api_reload_whose_client_hung_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_a_command_whose_client_hung_up() {
     let up = TestUpstream::start("a").await;
-    let inst = start(&up.http_url()).await;
+    let inst = Instance::start(|sd| instance_yaml(sd, &up.http_url(), "", "")).await;
     let audit = inst.running.controller.audit.path().to_path_buf();
-    let store = inst.running.store.clone();
-    let g0 = store.load().generation;
-    let fifo = inst.state_dir.join(".state.json.tmp");
-    mkfifo(&fifo);
-    let body = br#"{"route": "chat", "paused": true}"#;
-    let mut req = format!(
-        "POST /api/v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    let mut s = tokio::net::TcpStream::connect(inst.running.admin_addr)
-        .await
-        .unwrap();
-    s.write_all(&req).await.unwrap();
-    assert_eventually!(
-        store.load().generation == g0 + 1,
-        Duration::from_secs(5),
-        "the pause swaps (and blocks in its persist)"
-    );
-    drop(s);
+    let mut stall = inst.stalled_pause_then_hang_up().await;
     let Instance { running, dir, .. } = inst;
     let mut shutdown = tokio::spawn(running.shutdown());
     let returned_first = tokio::time::timeout(Duration::from_secs(4), &mut shutdown)
         .await
         .is_ok();
-    let _reader = release(&fifo);
+    let _reader = stall.release();
     if !returned_first {
         tokio::time::timeout(Duration::from_secs(10), shutdown)
             .await
@@ -227,20 +146,20 @@ async fn shutdown_waits_for_a_command_whose_client_hung_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_under_way_at_shutdown_leaves_no_access_log_installed() {
     let up = TestUpstream::start("a").await;
-    let inst = start(&up.http_url()).await;
+    let inst = Instance::start(|sd| instance_yaml(sd, &up.http_url(), "", "")).await;
     let reloader = inst.running.reloader.clone();
     let store = inst.running.store.clone();
     let admin = inst.running.admin_addr;
     let g0 = store.load().generation;
-    let fifo = inst.state_dir.join(".state.json.tmp");
-    mkfifo(&fifo);
+    let mut stall = Stall::new(&inst.state_tmp());
     let log_path = inst.dir.path().join("access.log");
     std::fs::write(
         &inst.config,
-        yaml(
+        instance_yaml(
             &inst.state_dir,
             &up.http_url(),
             &format!("access_log: {{path: \"{}\"}}\n", log_path.display()),
+            "",
         ),
     )
     .unwrap();
@@ -258,7 +177,7 @@ async fn a_reload_under_way_at_shutdown_leaves_no_access_log_installed() {
         Duration::from_secs(10),
         "shutdown reaches the control plane"
     );
-    let _reader = release(&fifo);
+    let _reader = stall.release();
     tokio::time::timeout(Duration::from_secs(10), shutdown)
         .await
         .expect("shutdown ends")
@@ -281,14 +200,15 @@ async fn a_reload_under_way_at_shutdown_leaves_no_access_log_installed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_does_not_carry_the_store_password() {
     let up = TestUpstream::start("a").await;
-    let inst = start(&up.http_url()).await;
+    let inst = Instance::start(|sd| instance_yaml(sd, &up.http_url(), "", "")).await;
     let audit = inst.running.controller.audit.path().to_path_buf();
     std::fs::write(
         &inst.config,
-        yaml(
+        instance_yaml(
             &inst.state_dir,
             &up.http_url(),
             "fleet: {store: \"redis://:hunter2-secret@redis.internal:notaport/0\", name: f}\n",
+            "",
         ),
     )
     .unwrap();

@@ -13,71 +13,16 @@
 #[macro_use]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use support::instance::Stall;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// drain_timeout (2 s, nothing in flight here) + FINISH (8 s) + ACCESS_LOG_FLUSH (2 s) +
 /// 3 s of slack: the most `Running::shutdown` may take by its own comments.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
-
-struct Instance {
-    running: rollgate::app::Running,
-    dir: tempfile::TempDir,
-    state_dir: PathBuf,
-    config: PathBuf,
-}
-
-fn yaml(state_dir: &Path, endpoint: &str, extra: &str, version_extra: &str) -> String {
-    format!(
-        "admin: {{listen: \"127.0.0.1:0\"}}\nstate_dir: \"{}\"\ndrain_timeout: 2s\n\
-         evaluator: {{min_requests: 1000000}}\n{extra}versions:\n  a: {{endpoints: [\"{endpoint}\"]{version_extra}}}\n\
-         routes:\n  - {{name: chat, owner: t, match: {{path_prefix: /}}, baseline: a, split: {{a: 100}}}}\n",
-        state_dir.display()
-    )
-}
-
-async fn start(text_of: impl Fn(&Path) -> String) -> Instance {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    std::fs::create_dir_all(&state_dir).unwrap();
-    let config = dir.path().join("rollgate.yaml");
-    let text = text_of(&state_dir);
-    std::fs::write(&config, &text).unwrap();
-    let parsed = rollgate::config::Config::from_str(&text, &config).unwrap();
-    let listeners = rollgate::app::Listeners {
-        data: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        health: None,
-    };
-    let running = rollgate::app::start(parsed, listeners).await.unwrap();
-    Instance {
-        running,
-        dir,
-        state_dir,
-        config,
-    }
-}
-
-fn mkfifo(p: &Path) {
-    let ok = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .expect("mkfifo");
-    assert!(ok.success());
-}
-
-/// Opens the FIFO's read end without blocking: the stalled persist goes on (and fails).
-fn release(fifo: &Path) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(0o4000) // O_NONBLOCK (Linux)
-        .open(fifo)
-        .expect("open the FIFO's read end")
-}
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -93,13 +38,16 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// Runs `shutdown`, reports whether it returned within SHUTDOWN_BOUND, then releases the
 /// FIFO and lets it end (so the test's runtime can drop).
-async fn shutdown_within_bound(running: rollgate::app::Running, fifo: &Path) -> (bool, Duration) {
+async fn shutdown_within_bound(
+    running: rollgate::app::Running,
+    stall: &mut Stall,
+) -> (bool, Duration) {
     let t0 = tokio::time::Instant::now();
     let mut shutdown = tokio::spawn(running.shutdown());
     let in_time = tokio::time::timeout(SHUTDOWN_BOUND, &mut shutdown)
         .await
         .is_ok();
-    let _reader = release(fifo);
+    let _reader = stall.release();
     if !in_time {
         tokio::time::timeout(Duration::from_secs(20), shutdown)
             .await
@@ -119,15 +67,15 @@ async fn shutdown_within_bound(running: rollgate::app::Running, fifo: &Path) -> 
 async fn shutdown_is_bounded_with_a_watched_reload_stalled_in_its_persist() {
     let up = TestUpstream::start("a").await;
     let url = up.http_url();
-    let inst = start(|sd| yaml(sd, &url, "", "")).await;
+    let inst = Instance::start(|sd| instance_yaml(sd, &url, "", "")).await;
     let store = inst.running.store.clone();
     let g0 = store.load().generation;
-    let fifo = inst.state_dir.join(".state.json.tmp");
-    mkfifo(&fifo);
+    let mut stall = Stall::new(&inst.state_tmp());
     // A real change (drain_timeout), picked up by the watcher.
     std::fs::write(
         &inst.config,
-        yaml(&inst.state_dir, &url, "", "").replace("drain_timeout: 2s", "drain_timeout: 3s"),
+        instance_yaml(&inst.state_dir, &url, "", "")
+            .replace("drain_timeout: 2s", "drain_timeout: 3s"),
     )
     .unwrap();
     assert_eventually!(
@@ -136,7 +84,7 @@ async fn shutdown_is_bounded_with_a_watched_reload_stalled_in_its_persist() {
         "the watcher's reload swaps (and blocks in its persist)"
     );
     let Instance { running, dir, .. } = inst;
-    let (in_time, took) = shutdown_within_bound(running, &fifo).await;
+    let (in_time, took) = shutdown_within_bound(running, &mut stall).await;
     drop(dir);
     assert!(
         in_time,
@@ -168,8 +116,8 @@ async fn control_a_stalled_command_alone_is_bounded_by_finish() {
 async fn stalled_command_then_shutdown(flip: bool) {
     let up = TestUpstream::start("a").await;
     let url = up.http_url();
-    let inst = start(|sd| {
-        yaml(
+    let inst = Instance::start(|sd| {
+        instance_yaml(
             sd,
             &url,
             "",
@@ -177,27 +125,8 @@ async fn stalled_command_then_shutdown(flip: bool) {
         )
     })
     .await;
-    let store = inst.running.store.clone();
     let admin = inst.running.admin_addr;
-    let g0 = store.load().generation;
-    let fifo = inst.state_dir.join(".state.json.tmp");
-    mkfifo(&fifo);
-    let body = br#"{"route": "chat", "paused": true}"#;
-    let mut req = format!(
-        "POST /api/v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    s.write_all(&req).await.unwrap();
-    assert_eventually!(
-        store.load().generation == g0 + 1,
-        Duration::from_secs(5),
-        "the pause swaps (and blocks in its persist, holding `decisions`)"
-    );
-    drop(s);
+    let mut stall = inst.stalled_pause_then_hang_up().await;
     // The endpoint fails its check: the health task flips it and calls health_changed,
     // which waits for `decisions`.
     if flip {
@@ -209,7 +138,7 @@ async fn stalled_command_then_shutdown(flip: bool) {
         );
     }
     let Instance { running, dir, .. } = inst;
-    let (in_time, took) = shutdown_within_bound(running, &fifo).await;
+    let (in_time, took) = shutdown_within_bound(running, &mut stall).await;
     drop(dir);
     assert!(
         in_time,
