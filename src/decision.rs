@@ -826,21 +826,20 @@ impl Controller {
             tracing::warn!(route = %rb.route, version = %rb.version, trigger = rb.trigger.as_str(), trip_to_swap_us = trip_to_swap.as_micros() as u64, generation = swap.generation_after, "rolled back");
         }
         let record = self
-            .record_as(plan.kind, fields, via.map(|_| cmd.id.as_str()))
+            .record_or_alert(
+                plan.kind,
+                fields,
+                via.map(|_| cmd.id.as_str()),
+                Some(&cmd.id),
+            )
             .await;
         drop(serial);
         let record = match record {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(kind = plan.kind, error = %e, "writing the audit record failed");
-                self.alert_later(
-                    Severity::Critical,
-                    json!({"kind": "audit_failed", "severity": "critical", "record_kind": plan.kind,
-                           "command_id": cmd.id, "error": e.to_string()}),
-                );
+            Err(u) => {
                 return Err(Refused::Failed(format!(
-                    "applied (generation {}) but the audit record could not be written: {e}",
-                    swap.generation_after
+                    "applied (generation {}) but the audit record could not be written: {}",
+                    swap.generation_after, u.error
                 )));
             }
         };
@@ -1262,7 +1261,9 @@ impl Controller {
         }
         fields.insert("generation_before".into(), json!(swap.generation_before));
         fields.insert("generation_after".into(), json!(swap.generation_after));
-        let record = self.record_or_alert("config_reload", fields).await;
+        let record = self
+            .record_or_alert("config_reload", fields, None, None)
+            .await;
         drop(serial);
         Ok(Reloaded {
             generation: swap.generation_after,
@@ -1270,22 +1271,26 @@ impl Controller {
         })
     }
 
-    /// Appends a record no command carries (config reloads, applied or refused). One that
-    /// cannot be written is logged and alerted (`audit_failed`, critical, with the fields
-    /// it would have had), as a command's is.
+    /// Appends a decision's record ([`record_as`](Self::record_as): `fleet_id`, the
+    /// fleet-wide id if the decision came through the fleet). One that cannot be written is
+    /// logged and alerted (`audit_failed`, critical, with the fields it would have had and
+    /// the `command_id` if a command made it).
     pub async fn record_or_alert(
         self: &Arc<Self>,
         kind: &'static str,
         fields: Map<String, Value>,
+        fleet_id: Option<&str>,
+        command_id: Option<&str>,
     ) -> Result<Value, Unwritten> {
         let kept = fields.clone();
-        self.record(kind, fields).await.map_err(|error| {
+        self.record_as(kind, fields, fleet_id).await.map_err(|error| {
             tracing::error!(kind, %error, "writing the audit record failed");
-            self.alert_later(
-                Severity::Critical,
-                json!({"kind": "audit_failed", "severity": "critical", "record_kind": kind,
-                       "error": error.to_string(), "record": kept}),
-            );
+            let mut alert = json!({"kind": "audit_failed", "severity": "critical",
+                                   "record_kind": kind, "error": error.to_string(), "record": kept});
+            if let Some(id) = command_id {
+                alert["command_id"] = json!(id);
+            }
+            self.alert_later(Severity::Critical, alert);
             Unwritten {
                 error,
                 fields: kept,

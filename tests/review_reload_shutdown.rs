@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::instance::Stall;
+use support::instance::{shutdown_within, Stall};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -108,17 +108,7 @@ async fn shutdown_waits_for_a_command_whose_client_hung_up() {
     let audit = inst.running.controller.audit.path().to_path_buf();
     let mut stall = inst.stalled_pause_then_hang_up().await;
     let Instance { running, dir, .. } = inst;
-    let mut shutdown = tokio::spawn(running.shutdown());
-    let returned_first = tokio::time::timeout(Duration::from_secs(4), &mut shutdown)
-        .await
-        .is_ok();
-    let _reader = stall.release();
-    if !returned_first {
-        tokio::time::timeout(Duration::from_secs(10), shutdown)
-            .await
-            .expect("shutdown ends once the command can")
-            .unwrap();
-    }
+    let (returned_first, _) = shutdown_within(running, &mut stall, Duration::from_secs(4)).await;
     let paused: Vec<_> = audit_records_in(&audit)
         .into_iter()
         .filter(|r| r["kind"] == "pause")
@@ -148,26 +138,16 @@ async fn a_reload_under_way_at_shutdown_leaves_no_access_log_installed() {
     let up = TestUpstream::start("a").await;
     let inst = Instance::start(|sd| instance_yaml(sd, &up.http_url(), "", "")).await;
     let reloader = inst.running.reloader.clone();
-    let store = inst.running.store.clone();
     let admin = inst.running.admin_addr;
-    let g0 = store.load().generation;
     let mut stall = Stall::new(&inst.state_tmp());
     let log_path = inst.dir.path().join("access.log");
-    std::fs::write(
-        &inst.config,
-        instance_yaml(
-            &inst.state_dir,
-            &up.http_url(),
-            &format!("access_log: {{path: \"{}\"}}\n", log_path.display()),
-            "",
-        ),
-    )
-    .unwrap();
-    assert_eventually!(
-        store.load().generation > g0,
-        Duration::from_secs(5),
-        "the watcher's reload swaps (and blocks in its persist)"
-    );
+    inst.edit_config_and_wait_for_the_swap(instance_yaml(
+        &inst.state_dir,
+        &up.http_url(),
+        &format!("access_log: {{path: \"{}\"}}\n", log_path.display()),
+        "",
+    ))
+    .await;
     let Instance { running, dir, .. } = inst;
     let shutdown = tokio::spawn(running.shutdown());
     // The admin listener closes once the control plane is told to stop: the access log

@@ -16,7 +16,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::instance::Stall;
+use support::instance::{shutdown_within, Stall};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,27 +36,6 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Runs `shutdown`, reports whether it returned within SHUTDOWN_BOUND, then releases the
-/// FIFO and lets it end (so the test's runtime can drop).
-async fn shutdown_within_bound(
-    running: rollgate::app::Running,
-    stall: &mut Stall,
-) -> (bool, Duration) {
-    let t0 = tokio::time::Instant::now();
-    let mut shutdown = tokio::spawn(running.shutdown());
-    let in_time = tokio::time::timeout(SHUTDOWN_BOUND, &mut shutdown)
-        .await
-        .is_ok();
-    let _reader = stall.release();
-    if !in_time {
-        tokio::time::timeout(Duration::from_secs(20), shutdown)
-            .await
-            .expect("shutdown ends once the persist can")
-            .unwrap();
-    }
-    (in_time, t0.elapsed())
-}
-
 // DEFECT (app.rs:315-330): the FINISH budget 7caeb7c says close() shares with the
 // follow-ups bounds nothing when the reload is the watcher's. close() gives up on `turn`
 // after 8 s, but the watcher task (reload.rs:494) awaits `reloader.reload()` itself and
@@ -68,23 +47,15 @@ async fn shutdown_is_bounded_with_a_watched_reload_stalled_in_its_persist() {
     let up = TestUpstream::start("a").await;
     let url = up.http_url();
     let inst = Instance::start(|sd| instance_yaml(sd, &url, "", "")).await;
-    let store = inst.running.store.clone();
-    let g0 = store.load().generation;
     let mut stall = Stall::new(&inst.state_tmp());
     // A real change (drain_timeout), picked up by the watcher.
-    std::fs::write(
-        &inst.config,
+    inst.edit_config_and_wait_for_the_swap(
         instance_yaml(&inst.state_dir, &url, "", "")
             .replace("drain_timeout: 2s", "drain_timeout: 3s"),
     )
-    .unwrap();
-    assert_eventually!(
-        store.load().generation > g0,
-        Duration::from_secs(5),
-        "the watcher's reload swaps (and blocks in its persist)"
-    );
+    .await;
     let Instance { running, dir, .. } = inst;
-    let (in_time, took) = shutdown_within_bound(running, &mut stall).await;
+    let (in_time, took) = shutdown_within(running, &mut stall, SHUTDOWN_BOUND).await;
     drop(dir);
     assert!(
         in_time,
@@ -138,7 +109,7 @@ async fn stalled_command_then_shutdown(flip: bool) {
         );
     }
     let Instance { running, dir, .. } = inst;
-    let (in_time, took) = shutdown_within_bound(running, &mut stall).await;
+    let (in_time, took) = shutdown_within(running, &mut stall, SHUTDOWN_BOUND).await;
     drop(dir);
     assert!(
         in_time,

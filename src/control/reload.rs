@@ -413,7 +413,7 @@ impl Reloader {
         );
         let record = match self
             .controller
-            .record_or_alert("config_reload", fields)
+            .record_or_alert("config_reload", fields, None, None)
             .await
         {
             Ok(r) => r,
@@ -656,6 +656,28 @@ mod tests {
         assert_eq!(alert["kind"], "audit_failed", "{alert}");
         assert_eq!(alert["record_kind"], "config_reload", "{alert}");
         assert_eq!(alert["record"]["result"], "error", "{alert}");
+
+        // A command whose record fails: refused as applied-but-unrecorded, and alerted the
+        // same way, with its id.
+        let cmd = crate::decision::Command::new(
+            crate::decision::Action::Pause {
+                route: "chat".into(),
+                paused: true,
+            },
+            None,
+            None,
+        );
+        let id = cmd.id.clone();
+        let answer = controller.apply(cmd).await;
+        assert!(
+            matches!(&answer, Err(crate::decision::Refused::Failed(d)) if d.contains("applied")),
+            "{answer:?}"
+        );
+        let alert = next_alert(&mut alerts).await;
+        assert_eq!(alert["kind"], "audit_failed", "{alert}");
+        assert_eq!(alert["record_kind"], "pause", "{alert}");
+        assert_eq!(alert["command_id"], json!(id), "{alert}");
+        assert_eq!(alert["record"]["route"], "chat", "{alert}");
         controller.finish(Duration::from_secs(5)).await;
     }
 }

@@ -48,6 +48,22 @@ impl Instance {
         }
     }
 
+    /// Writes `text` over the config file and waits (5 s, bounded) for the watcher's
+    /// reload to swap it in: with a [`Stall`] at [`state_tmp`](Self::state_tmp), the
+    /// reload is then blocked in its persist.
+    pub async fn edit_config_and_wait_for_the_swap(&self, text: String) {
+        let g0 = self.running.store.load().generation;
+        std::fs::write(&self.config, text).unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.running.store.load().generation == g0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watcher's reload did not swap within 5 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Where persisting the runtime state writes first: a FIFO here stalls the persist.
     pub fn state_tmp(&self) -> PathBuf {
         self.state_dir.join(".state.json.tmp")
@@ -132,4 +148,25 @@ impl Drop for Stall {
     fn drop(&mut self) {
         let _ = self.release();
     }
+}
+
+/// Runs `running`'s shutdown and reports whether it returned within `bound` (and how long
+/// it took); then releases `stall` and lets the shutdown end, bounded, so the test's
+/// runtime can drop.
+pub async fn shutdown_within(
+    running: rollgate::app::Running,
+    stall: &mut Stall,
+    bound: std::time::Duration,
+) -> (bool, std::time::Duration) {
+    let t0 = tokio::time::Instant::now();
+    let mut shutdown = tokio::spawn(running.shutdown());
+    let in_time = tokio::time::timeout(bound, &mut shutdown).await.is_ok();
+    let _reader = stall.release();
+    if !in_time {
+        tokio::time::timeout(std::time::Duration::from_secs(20), shutdown)
+            .await
+            .expect("shutdown ends once the stall does")
+            .unwrap();
+    }
+    (in_time, t0.elapsed())
 }
