@@ -467,6 +467,16 @@ def check_dockerfile(res: Results, facts: dict) -> None:
     if cmd_args and facts["args"] and cmd_args not in facts["args"]:
         problems.append(f"CMD {list(cmd_args)} differs from the manifests' args {sorted(map(list, facts['args']))}")
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    # Scripts the build runs (benches/pgo.sh for the profile-guided build) must be in the
+    # context, executable, and build what Cargo.lock pins too.
+    for script in sorted(set(re.findall(r"\b(benches/[\w.-]+\.sh)\b", " ".join(lines)))):
+        path = ROOT / script
+        if not path.is_file() or not os.access(path, os.X_OK):
+            problems.append(f"the build runs {script}, which is missing or not executable")
+        elif "cargo build" in path.read_text() and "--locked" not in path.read_text():
+            problems.append(f"{script} runs cargo build without --locked")
+        if any(script == i or script.startswith(i.rstrip("/") + "/") for i in ignore):
+            problems.append(f"Dockerfile.dockerignore excludes {script}")
     for needed in ("Cargo.toml", "Cargo.lock", "src"):
         if needed in ignore:
             problems.append(f"Dockerfile.dockerignore excludes {needed}")
