@@ -17,7 +17,11 @@ harness=${HARNESS:-$root/../shared/bench/peers}
 [ -x "$harness/run.sh" ] || { echo "peers.sh: no harness at $harness (set HARNESS)" >&2; exit 2; }
 
 if [ -n "${ROLLGATE_BIN:-}" ]; then
-  : # a binary built elsewhere (a worktree, an earlier pgo.sh run), used as it is
+  # A binary built elsewhere (a worktree, an earlier pgo.sh run), used as it is.
+  [ "${PGO:-0}" = 1 ] && { echo "peers.sh: PGO=1 and ROLLGATE_BIN: choose one" >&2; exit 2; }
+  [ -x "$ROLLGATE_BIN" ] || { echo "peers.sh: ROLLGATE_BIN=$ROLLGATE_BIN is not an executable" >&2; exit 2; }
+  ROLLGATE_BIN=$(realpath "$ROLLGATE_BIN") # the harness runs it from its own directory
+  export ROLLGATE_BIN
 elif [ "${PGO:-0}" = 1 ]; then
   "$root/benches/pgo.sh"
   export ROLLGATE_BIN=$root/target/pgo/rollgate
@@ -38,4 +42,9 @@ export PROJECT_CMD='exec ./rollgate.sh' PROJECT_NAME=rollgate PROJECT_H2=1
 export OUT=${OUT:-$root/benches/results/peers-$(date +%Y%m%d-%H%M%S)}
 cd "$harness"
 ./run.sh
+# Which rollgate ran: the harness records the peers' versions, not the project's binary.
+build=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
+line="rollgate binary: $ROLLGATE_BIN (sha256 $(sha256sum "$ROLLGATE_BIN" | cut -c1-16); repository at $build)"
+echo "$line" >> "$OUT/env.txt"
+printf '\n%s\n' "$line" >> "$OUT/report.md"
 echo "report: $OUT/report.md"

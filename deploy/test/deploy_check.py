@@ -468,13 +468,26 @@ def check_dockerfile(res: Results, facts: dict) -> None:
         problems.append(f"CMD {list(cmd_args)} differs from the manifests' args {sorted(map(list, facts['args']))}")
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     # Scripts the build runs (benches/pgo.sh for the profile-guided build) must be in the
-    # context, executable, and build what Cargo.lock pins too.
+    # context, executable, build what Cargo.lock pins too, and find the tools they check for
+    # (`for tool in ...`) installed by the Dockerfile.
+    installed = set()
+    for l in lines:
+        if "apt-get install" in l:
+            installed |= {w for w in l.split("apt-get install", 1)[1].split() if not w.startswith("-")}
+    package = {"h2load": "nghttp2-client"}
     for script in sorted(set(re.findall(r"\b(benches/[\w.-]+\.sh)\b", " ".join(lines)))):
         path = ROOT / script
         if not path.is_file() or not os.access(path, os.X_OK):
             problems.append(f"the build runs {script}, which is missing or not executable")
-        elif "cargo build" in path.read_text() and "--locked" not in path.read_text():
-            problems.append(f"{script} runs cargo build without --locked")
+            continue
+        body = path.read_text()
+        for l in body.splitlines():
+            if re.search(r"\bcargo build\b", l) and "--locked" not in l:
+                problems.append(f"{script} runs cargo build without --locked: {l.strip()}")
+        for tools in re.findall(r"for tool in ([^;]+);", body):
+            for tool in tools.split():
+                if package.get(tool, tool) not in installed:
+                    problems.append(f"{script} needs {tool}; the Dockerfile does not install {package.get(tool, tool)}")
         if any(script == i or script.startswith(i.rstrip("/") + "/") for i in ignore):
             problems.append(f"Dockerfile.dockerignore excludes {script}")
     for needed in ("Cargo.toml", "Cargo.lock", "src"):
