@@ -20,8 +20,9 @@ mkdir -p "$work"
 log() { echo "pgo.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 # One run at a time: runs share $work (and the image build's cache mount).
+# The processes it starts close the descriptor (9>&-), so an orphan cannot keep the lock.
 exec 9>"$work/.lock"
-flock -n 9 || { log "waiting for another pgo.sh run to finish"; flock 9; }
+flock -n 9 || { log "waiting for another pgo.sh run to finish"; flock -w 3600 9 || die "$work/.lock still held after an hour"; }
 # The training talks to 127.0.0.1 only; a builder's HTTP proxy must not get in the way.
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 [ -z "${CARGO_ENCODED_RUSTFLAGS:-}" ] || die "unset CARGO_ENCODED_RUSTFLAGS (it would replace the profile flags)"
@@ -65,7 +66,7 @@ up_a=$(port); up_b=$(port); data=$(port); admin=$(port); edge=$(port); edge_admi
 for v in a b; do
   p=up_$v
   LLVM_PROFILE_FILE="$tmp/discard-%p.profraw" "$gen" mock-model --listen "127.0.0.1:${!p}" \
-    --name "$v" --chunks 20 --chunk-interval 1ms >"$tmp/$v.log" 2>&1 & pids+=($!)
+    --name "$v" --chunks 20 --chunk-interval 1ms >"$tmp/$v.log" 2>&1 9>&- & pids+=($!)
 done
 wait_for "http://127.0.0.1:$up_a/health/ready" "$tmp/a.log"
 wait_for "http://127.0.0.1:$up_b/health/ready" "$tmp/b.log"
@@ -121,7 +122,7 @@ YAML
 }
 config 95 >"$tmp/rg.yaml"
 proxy() { # NAME CONFIG: an instrumented proxy; its profile is kept
-  LLVM_PROFILE_FILE="$raw/rollgate-%p-%m.profraw" "$gen" run -c "$2" >"$tmp/$1.log" 2>&1 & pids+=($!)
+  LLVM_PROFILE_FILE="$raw/rollgate-%p-%m.profraw" "$gen" run -c "$2" >"$tmp/$1.log" 2>&1 9>&- & pids+=($!)
   eval "pid_$1=$!"
 }
 proxy edge "$tmp/edge.yaml"
@@ -161,21 +162,25 @@ load 5000 --h1 -c16 "https://127.0.0.1:$edge/v1/models"
 load 5000 -c16 -m4 "https://127.0.0.1:$edge/v1/models"
 # A reload from the watched file: wait until it is applied.
 config 80 >"$tmp/rg.yaml.new" && mv "$tmp/rg.yaml.new" "$tmp/rg.yaml"
-for _ in $(seq 1 200); do
-  curl -sf "127.0.0.1:$admin/metrics" | grep -q '^rollgate_config_reloads_total{result="ok"} [1-9]' && break
-  sleep 0.05
-done
-curl -sf "127.0.0.1:$admin/metrics" | grep -q '^rollgate_config_reloads_total{result="ok"} [1-9]' \
-  || die "the config reload was not applied"
+reloaded() { # a here-string, not a pipe: grep -q stopping early would fail curl (pipefail)
+  local m; m=$(curl -sf "127.0.0.1:$admin/metrics") || return 1
+  grep -q '^rollgate_config_reloads_total{result="ok"} [1-9]' <<<"$m"
+}
+for _ in $(seq 1 200); do reloaded && break; sleep 0.05; done
+reloaded || die "the config reload was not applied"
 load 10000 --h1 -c16 "$url/v1/models"
 # Stop the proxies: each writes its profile when it exits, and must exit cleanly.
 for name in main edge; do
   pid=pid_$name
   kill -TERM "${!pid}"
-  status=0; timeout 30 tail --pid="${!pid}" -f /dev/null || die "$name did not exit within 30 s"
+  # drain_timeout (25 s) plus the shutdown budget (10 s), with a margin
+  status=0; timeout 45 tail --pid="${!pid}" -f /dev/null || die "$name did not exit within 45 s"
   wait "${!pid}" || status=$?
+  keep=(); for p in "${pids[@]}"; do [ "$p" = "${!pid}" ] || keep+=("$p"); done
+  pids=("${keep[@]}") # reaped: cleanup must not signal a reused PID
   [ "$status" = 0 ] || { cat "$tmp/$name.log" >&2; die "$name exited with $status"; }
   ! grep -q "LLVM Profile Error" "$tmp/$name.log" || { cat "$tmp/$name.log" >&2; die "$name could not write its profile"; }
+  compgen -G "$raw/rollgate-${!pid}-*.profraw" >/dev/null || die "$name (pid ${!pid}) left no profile"
 done
 
 log "3/3 optimised build"
@@ -195,7 +200,9 @@ build "$work/use" "-Cprofile-use=$prof"
 # Run what was built once before it ships: the demo's canary, rollback and audit record.
 (cd "$tmp" && timeout 120 "$work/use/release/rollgate" demo --duration 6s >"$tmp/demo.log" 2>&1) \
   || { cat "$tmp/demo.log" >&2; die "the optimised binary failed its demo run"; }
-grep -q "rolled back" "$tmp/demo.log" || { cat "$tmp/demo.log" >&2; die "the demo did not roll back"; }
+grep -q "ROLLBACK:" "$tmp/demo.log" || { cat "$tmp/demo.log" >&2; die "the demo did not roll back"; }
+# Beside, then renamed: a running copy of OUT keeps its file, and nobody starts half of one.
 mkdir -p "$(dirname "$out")"
-cp "$work/use/release/rollgate" "$out"
+install -m 0755 "$work/use/release/rollgate" "$out.new.$$"
+mv -f "$out.new.$$" "$out"
 log "built $out"

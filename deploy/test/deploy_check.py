@@ -472,17 +472,18 @@ def check_dockerfile(res: Results, facts: dict) -> None:
     # (`for tool in ...`) installed by the Dockerfile.
     installed = set()
     for l in lines:
-        if "apt-get install" in l:
-            installed |= {w for w in l.split("apt-get install", 1)[1].split() if not w.startswith("-")}
+        for command in l.split("&&"):
+            if "apt-get install" in command:
+                installed |= {w for w in command.split("apt-get install", 1)[1].split() if not w.startswith("-")}
     package = {"h2load": "nghttp2-client"}
     for script in sorted(set(re.findall(r"\b(benches/[\w.-]+\.sh)\b", " ".join(lines)))):
         path = ROOT / script
         if not path.is_file() or not os.access(path, os.X_OK):
             problems.append(f"the build runs {script}, which is missing or not executable")
             continue
-        body = path.read_text()
+        body = re.sub(r"\\\n", " ", path.read_text())  # continuation lines joined
         for l in body.splitlines():
-            if re.search(r"\bcargo build\b", l) and "--locked" not in l:
+            if re.search(r"\bcargo (build|b|run|install)\b", l) and "--locked" not in l:
                 problems.append(f"{script} runs cargo build without --locked: {l.strip()}")
         for tools in re.findall(r"for tool in ([^;]+);", body):
             for tool in tools.split():
