@@ -12,6 +12,7 @@
 set -euo pipefail
 case ${PROTO:=h1} in h1|h2c) ;; *) echo "PROTO must be h1 or h2c, not '$PROTO'" >&2; exit 2;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/benches/bench_config.sh"
 bin=${1:-$root/target/release/rollgate}; shift || true
 conf=${HARNESS:-$root/../shared/bench/peers}/conf/upstream-nginx.conf
 tmp=$(mktemp -d); pids=()
@@ -21,16 +22,7 @@ mkdir -p "$tmp/up/tmp" "$tmp/state"
 taskset -c 1 nginx -p "$tmp/up/" -c "$conf" -e "$tmp/up.err" >/dev/null 2>&1 & pids+=($!)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 data=$(port); admin=$(port)
-cat > "$tmp/rg.yaml" <<YAML
-listen: 127.0.0.1:$data
-admin: {listen: 127.0.0.1:$admin}
-state_dir: $tmp/state
-versions:
-  a: {endpoints: [http://127.0.0.1:18001]}
-  b: {endpoints: [http://127.0.0.1:18002]}
-routes:
-  - {name: bench, match: {path_prefix: /}, baseline: a, split: {a: 95, b: 5}}
-YAML
+bench_config "$data" "$admin" "$tmp/state" > "$tmp/rg.yaml"
 ready() { for _ in $(seq 1 400); do curl -sf -o /dev/null "127.0.0.1:$admin/readyz" && return 0; sleep 0.05; done; return 1; }
 env "$@" taskset -c 0 "$bin" run -c "$tmp/rg.yaml" >"$tmp/rg.log" 2>&1 & p=$!; pids+=($p)
 ready

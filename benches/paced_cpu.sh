@@ -11,6 +11,7 @@
 #   RATE=5000 SECS=8 ROUNDS=4 PROTOS="h1 h2c" OUT=FILE (a copy of the lines)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/benches/bench_config.sh"
 harness=${HARNESS:-$root/../shared/bench/peers}
 rate=${RATE:-5000}; secs=${SECS:-8}; rounds=${ROUNDS:-4}; protos=${PROTOS:-h1 h2c}
 oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
@@ -60,16 +61,7 @@ run() {
     name=haproxy
   else
     local data admin; data=$(port); admin=$(port); rm -rf "$tmp/state"
-    cat > "$tmp/rg.yaml" <<YAML
-listen: 127.0.0.1:$data
-admin: {listen: 127.0.0.1:$admin}
-state_dir: $tmp/state
-versions:
-  a: {endpoints: [http://127.0.0.1:18001]}
-  b: {endpoints: [http://127.0.0.1:18002]}
-routes:
-  - {name: bench, match: {path_prefix: /}, baseline: a, split: {a: 95, b: 5}}
-YAML
+    bench_config "$data" "$admin" "$tmp/state" > "$tmp/rg.yaml"
     taskset -c 0 "$target" run -c "$tmp/rg.yaml" >"$tmp/proxy.log" 2>&1 & p=$!
     url=http://127.0.0.1:$data/; name=$target
   fi
