@@ -20,7 +20,6 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 mkdir -p "$tmp/up/tmp" "$tmp/state"
 taskset -c 1 nginx -p "$tmp/up/" -c "$conf" -e "$tmp/up.err" >/dev/null 2>&1 & pids+=($!)
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 data=$(port); admin=$(port)
 bench_config "$data" "$admin" "$tmp/state" > "$tmp/rg.yaml"
 ready() { for _ in $(seq 1 400); do curl -sf -o /dev/null "127.0.0.1:$admin/readyz" && return 0; sleep 0.05; done; return 1; }

@@ -38,7 +38,6 @@ mkdir -p "$tmp/up/tmp"
 taskset -c 1 nginx -p "$tmp/up/" -c "$harness/conf/upstream-nginx.conf" -e "$tmp/up.err" >"$tmp/up.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18001/ && break; sleep 0.05; done
 curl -sf -o /dev/null http://127.0.0.1:18001/ || { cat "$tmp/up.err" "$tmp/up.log" >&2; echo "paced_cpu.sh: the nginx upstream did not start" >&2; exit 1; }
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # utime + stime of the whole process (exited threads included), fields 14 and 15 of
 # /proc/PID/stat counted after the command name, which may hold spaces.
 ticks() { local st; st=$(</proc/"$1"/stat); awk '{print $12 + $13}' <<<"${st##*) }"; }

@@ -54,14 +54,11 @@ impl Instance {
     pub async fn edit_config_and_wait_for_the_swap(&self, text: String) {
         let g0 = self.running.store.load().generation;
         std::fs::write(&self.config, text).unwrap();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while self.running.store.load().generation == g0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the watcher's reload did not swap within 5 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        assert_eventually!(
+            self.running.store.load().generation != g0,
+            std::time::Duration::from_secs(5),
+            "the watcher's reload swaps"
+        );
     }
 
     /// Where persisting the runtime state writes first: a FIFO here stalls the persist.
@@ -90,14 +87,11 @@ impl Instance {
             .await
             .unwrap();
         s.write_all(&req).await.unwrap();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while store.load().generation != g0 + 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the pause did not swap in within 5 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        assert_eventually!(
+            store.load().generation == g0 + 1,
+            std::time::Duration::from_secs(5),
+            "the pause swaps in"
+        );
         drop(s);
         stall
     }

@@ -6,35 +6,8 @@
 //! something: waits are polls with a deadline.
 #![allow(dead_code, unused_macros, unused_imports)]
 
-pub mod body;
-pub mod certs;
-pub mod client;
-pub mod h2raw;
-pub mod instance;
-pub mod load;
-pub mod metrics;
-pub mod proxy;
-pub mod raw_upstream;
-pub mod redis;
-pub mod replica;
-pub mod sim;
-pub mod upstream;
-
-pub use body::ChannelBody;
-pub use certs::{write_tls_files, TestCa};
-pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
-pub use instance::{instance_yaml, Instance};
-pub use load::Load;
-pub use metrics::metric_sum;
-pub use proxy::{audit_records_in, save_like_an_editor, Route, TestProxy, TestProxyBuilder};
-pub use redis::{RedisServer, RespValue};
-pub use replica::{Replica, ReplicaBuilder};
-pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};
-
-/// Upper bound for any single request made by the harness; a proxy that hangs fails the test
-/// instead of hanging it.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
+// The macros first: macro_rules are in scope from their definition on, and the
+// modules below use them too.
 /// Polls `cond` (which may contain `.await`) every 50 ms for `duration`, panicking the first
 /// time it does not hold: for "nothing happens" over a span (no step, no promote), checked
 /// throughout rather than once after a sleep.
@@ -74,3 +47,32 @@ macro_rules! assert_eventually {
         }
     }};
 }
+
+pub mod body;
+pub mod certs;
+pub mod client;
+pub mod h2raw;
+pub mod instance;
+pub mod load;
+pub mod metrics;
+pub mod proxy;
+pub mod raw_upstream;
+pub mod redis;
+pub mod replica;
+pub mod sim;
+pub mod upstream;
+
+pub use body::ChannelBody;
+pub use certs::{write_tls_files, TestCa};
+pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
+pub use instance::{instance_yaml, Instance};
+pub use load::Load;
+pub use metrics::metric_sum;
+pub use proxy::{audit_records_in, save_like_an_editor, Route, TestProxy, TestProxyBuilder};
+pub use redis::{RedisServer, RespValue};
+pub use replica::{Replica, ReplicaBuilder};
+pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};
+
+/// Upper bound for any single request made by the harness; a proxy that hangs fails the test
+/// instead of hanging it.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
