@@ -385,6 +385,12 @@ async fn progressive_rollout_steps_each_clean_hold_promotes_and_stays_promoted()
     let s = proxy.status_json().await;
     assert_eq!(weights(&s), (Some(100), serde_json::json!("next")));
     assert_eq!(s["routes"][0]["weights"]["stable"], 0);
+    // The table swaps first and the record is written right after (the swap is what users
+    // feel): the status can show the promote a moment before the audit log holds it.
+    assert_eventually!(
+        !audit_records(&proxy, "promote").is_empty(),
+        Duration::from_secs(5)
+    );
     assert_eq!(audit_records(&proxy, "rollout_step").len(), 2);
     let promote = audit_records(&proxy, "promote");
     assert_eq!(promote.len(), 1);
