@@ -871,6 +871,14 @@ impl Upstream {
             .find(|e| &e.endpoint.authority != not && e.healthy.load(Ordering::Relaxed))
     }
 
+    /// Whether a retry from `ep` has another healthy endpoint to go to: [`pick_other`]
+    /// without comparing authorities when `ep` is the only endpoint (the common case).
+    ///
+    /// [`pick_other`]: Self::pick_other
+    pub fn has_other_than(&self, ep: &EndpointRt) -> bool {
+        self.endpoints.len() > 1 && self.pick_other(&ep.endpoint.authority).is_some()
+    }
+
     pub fn any_healthy(&self) -> bool {
         self.endpoints
             .iter()

@@ -670,7 +670,7 @@ impl Exchange<'_> {
                     None
                 } else if at != route.stand_in {
                     Some(route.stand_in)
-                } else if v.upstream.pick_other(&ep.endpoint.authority).is_some() {
+                } else if v.upstream.has_other_than(ep) {
                     Some(at)
                 } else {
                     None
@@ -1000,6 +1000,14 @@ fn classify(
 #[derive(Debug)]
 struct FirstByteTimeout;
 
+/// Header entries an upstream request's map has room for. hyper's HTTP/1.1 client parses
+/// the upstream's response into the map of the request it last wrote, and the response then
+/// gains rollgate's headers and, for an HTTP/2 client, hyper's `Date` check: sized here, the
+/// map never grows on the way back. (An HTTP/2 client's request map is made by h2 with room
+/// for 6, so each response grew it once: a rehash and a reallocation, about 1,100
+/// instructions. HTTP/1.1 maps are recycled and had grown already.)
+const HEADER_ROOM: usize = 12;
+
 /// The request as version `v` gets it, in origin form: the endpoint's connection supplies
 /// scheme and authority for HTTP/2, and `Host` for HTTP/1.1 (either replaces the client's).
 fn upstream_request(
@@ -1008,6 +1016,7 @@ fn upstream_request(
     v: &crate::routing::table::Version,
     body: ReqBody,
 ) -> Request<ReqBody> {
+    h.reserve(HEADER_ROOM.saturating_sub(h.len()));
     for (n, val) in v.set_headers.iter() {
         h.insert(n.clone(), val.clone());
     }
