@@ -567,3 +567,108 @@ async fn each_proxied_request_gets_one_line() {
     assert!(l["upstream_service_time_ms"].as_f64().is_some(), "{l}");
     proxy.shutdown().await;
 }
+
+/// Writes `raw` on a fresh connection and returns the status of the answer, reading until
+/// the proxy closes. A write cut short by the proxy closing first (an oversized head) is
+/// expected.
+async fn status_of_raw(addr: std::net::SocketAddr, raw: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(raw).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let head = String::from_utf8_lossy(&out);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+/// SPEC 7: one line per request, also for a head hyper refuses before rollgate's handler
+/// sees it (malformed, too many header lines, a target or head over hyper's buffer): the
+/// status hyper answered, what could not be parsed `null`, classified `refused`.
+#[tokio::test]
+async fn a_head_hyper_refuses_still_gets_its_line_with_the_status_it_was_answered() {
+    let _process_log = PROCESS_LOG.lock().await;
+    let up = TestUpstream::start("v1").await;
+    let proxy = TestProxy::new()
+        .version("v1", &up)
+        .route(Route::new("chat", "v1"))
+        .top("access_log: {path: access.log}")
+        .start()
+        .await;
+    let path = config_dir(&proxy).join("access.log");
+    let req = |target: &str, headers: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: a\r\n{headers}Connection: close\r\n\r\n")
+    };
+    let lines_of = |n: usize| -> String { (0..n).map(|i| format!("x-h{i}: v\r\n")).collect() };
+    let cases = [
+        (
+            "a header line without a colon",
+            req("/v1/x", "no colon\r\n"),
+            400,
+        ),
+        ("a space in the target", req("/v1/a b", ""), 400),
+        ("101 header lines", req("/v1/x", &lines_of(99)), 431),
+        (
+            "a 420 KB header",
+            req("/v1/x", &format!("x-big: {}\r\n", "h".repeat(420_000))),
+            431,
+        ),
+        (
+            "a 70 KB target",
+            req(&format!("/v1/{}", "t".repeat(70_000)), ""),
+            414,
+        ),
+    ];
+    let mut want = Vec::new();
+    for (what, raw, status) in &cases {
+        let got = status_of_raw(proxy.data_addr(), raw.as_bytes()).await;
+        assert_eq!(got, *status, "{what}");
+        want.push(got);
+    }
+    // And one the handler serves, so the count is exact.
+    let r = TestClient::http1().get(&proxy.url("/v1/ok")).await;
+    assert_eq!(r.status, 200);
+    let log = proxy
+        .running()
+        .reloader
+        .access_log()
+        .expect("access log on");
+    assert_eventually!(
+        {
+            log.flush().await;
+            lines(&path).len() > cases.len()
+        },
+        Duration::from_secs(5),
+        "lines: {:#?}",
+        lines(&path)
+    );
+    let got = lines(&path);
+    assert_eq!(got.len(), cases.len() + 1, "{got:#?}");
+    let mut refused: Vec<u16> = got
+        .iter()
+        .filter(|l| l["code"] != 200)
+        .map(|l| {
+            for f in FIELDS {
+                assert!(l.get(f).is_some(), "{f} missing: {l}");
+            }
+            assert_eq!(l["method"], Value::Null, "{l}");
+            assert_eq!(l["path"], Value::Null, "{l}");
+            assert_eq!(l["protocol"], "HTTP/1.1", "{l}");
+            assert_eq!(l["classification"], "refused", "{l}");
+            assert_eq!(l["route"], Value::Null, "{l}");
+            assert!(l["start_time"].is_string(), "{l}");
+            l["code"].as_u64().unwrap() as u16
+        })
+        .collect();
+    refused.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(refused, want);
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "a refused head reached the upstream"
+    );
+    proxy.shutdown().await;
+}

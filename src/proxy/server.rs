@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -44,6 +44,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::body::RespBody;
+use crate::telemetry::access_log::{self, AccessEntry};
 
 /// Time a client has to send a complete request head (slowloris defence).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -316,7 +317,39 @@ async fn serve_connection<H, F>(
         },
     };
     if let Err(e) = result {
+        if let Some(code) = refused_head_status(&*e) {
+            // One access log line per request, also for a head hyper refused itself.
+            if let Some(log) = access_log::current().filter(|l| l.sampled()) {
+                log.log(AccessEntry::unparsed(SystemTime::now(), code));
+            }
+        }
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The status hyper answered an HTTP/1.1 request head it could not parse with, as its
+/// server's `on_error` picks it: 414 for a URI over its limit, 431 for a head over
+/// `max_buf_size`, 400 for a malformed method, URI, version or header. `None` for every
+/// other way a connection ends (no answer was sent): an h2 preface on an HTTP/1.1
+/// connection, hyper's internal error, timeouts, resets, I/O errors.
+fn refused_head_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    // hyper's public API tells "too large" apart, not which of its two kinds; its message
+    // does (a unit test keeps this in step with hyper).
+    let text = e.to_string();
+    if text.starts_with("internal error") {
+        None
+    } else if e.is_parse_too_large() {
+        Some(if text.starts_with("URI too long") {
+            414
+        } else {
+            431
+        })
+    } else {
+        Some(400)
     }
 }
 

@@ -48,9 +48,10 @@ const WRITE_AT: usize = 64 * 1024;
 pub struct AccessEntry {
     /// When the request's head was received.
     pub start_time: SystemTime,
-    pub method: Method,
-    /// Path and query as the client sent them.
-    pub path: PathAndQuery,
+    /// `None` (`null`) only for a head that could not be parsed ([`AccessEntry::unparsed`]).
+    pub method: Option<Method>,
+    /// Path and query as the client sent them; `None` as `method`.
+    pub path: Option<PathAndQuery>,
     /// The client's protocol: serialized `HTTP/1.0`, `HTTP/1.1`, `HTTP/2`.
     pub protocol: Version,
     /// Status code sent to the client (0: none was, e.g. the client went away first).
@@ -101,11 +102,12 @@ impl AccessEntry {
         });
         AccessEntry {
             start_time,
-            method: method.clone(),
-            path: uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            method: Some(method.clone()),
+            path: Some(
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            ),
             protocol: version,
             code: 0,
             bytes_received: 0,
@@ -121,6 +123,35 @@ impl AccessEntry {
             ttfb_ms: None,
             grpc_status: None,
             classification: "",
+        }
+    }
+}
+
+impl AccessEntry {
+    /// An HTTP/1.1 request head hyper refused before rollgate saw it (malformed, or over
+    /// the size limits), answered by hyper with `code`. What the head would have said is
+    /// unknown: method, path, authority and request id are `null`, as Envoy logs `-` for a
+    /// downstream protocol error. Classified `refused`, like rollgate's own refusals.
+    pub fn unparsed(start_time: SystemTime, code: u16) -> AccessEntry {
+        AccessEntry {
+            start_time,
+            method: None,
+            path: None,
+            protocol: Version::HTTP_11,
+            code,
+            bytes_received: 0,
+            bytes_sent: 0,
+            duration_ms: 0.0,
+            upstream_service_time_ms: None,
+            request_id: None,
+            authority: None,
+            upstream_host: None,
+            route: None,
+            version: None,
+            reason: None,
+            ttfb_ms: None,
+            grpc_status: None,
+            classification: crate::telemetry::recorder::Class::Refused.as_str(),
         }
     }
 }
@@ -159,8 +190,8 @@ impl Serialize for AccessEntry {
             "start_time",
             &crate::control::audit::timestamp(self.start_time),
         )?;
-        m.serialize_field("method", self.method.as_str())?;
-        m.serialize_field("path", self.path.as_str())?;
+        m.serialize_field("method", &self.method.as_ref().map(Method::as_str))?;
+        m.serialize_field("path", &self.path.as_ref().map(PathAndQuery::as_str))?;
         m.serialize_field("protocol", protocol_str(self.protocol))?;
         m.serialize_field("code", &self.code)?;
         m.serialize_field("bytes_received", &self.bytes_received)?;
