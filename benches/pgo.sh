@@ -169,6 +169,16 @@ reloaded() { # a here-string, not a pipe: grep -q stopping early would fail curl
 for _ in $(seq 1 200); do reloaded && break; sleep 0.05; done
 reloaded || die "the config reload was not applied"
 load 10000 --h1 -c16 "$url/v1/models"
+# A 2xx status says nothing of the body: a stream cut short, or shadow copies that failed,
+# would profile error paths. The proxy's own count must show every answer a success, the
+# h2c shadow's copies included.
+for a in "$edge_admin" "$admin"; do
+  m=$(curl -sf "127.0.0.1:$a/metrics") || die "no metrics from the proxy with admin port $a"
+  failed=$(awk '/^rollgate_requests_total\{/ && !/classification="success"/ && $NF > 0' <<<"$m")
+  [ -z "$failed" ] || die "training requests that did not succeed: $failed"
+done
+grep -q '^rollgate_requests_total{route="chat",version="g",[^}]*classification="success"} [1-9]' <<<"$m" \
+  || die "no shadow copy to the h2c:// version succeeded"
 # Stop the proxies: each writes its profile when it exits, and must exit cleanly.
 for name in main edge; do
   pid=pid_$name

@@ -221,6 +221,7 @@ pub async fn start_on(
             write_stall,
             stop_data_rx,
             drain,
+            server::Plane::Data,
         )),
         DataPlane::Workers(n) => spawn_workers(
             n,
@@ -246,6 +247,7 @@ pub async fn start_on(
         Arc::new(|| CONTROL_WRITE_STALL),
         stop_rx.clone(),
         drain,
+        server::Plane::Control,
     )));
     if let Some(health) = listeners.health {
         let a = admin.clone();
@@ -259,6 +261,7 @@ pub async fn start_on(
             Arc::new(|| CONTROL_WRITE_STALL),
             stop_rx.clone(),
             drain,
+            server::Plane::Control,
         )));
     }
 
@@ -370,7 +373,10 @@ where
                 crate::proxy::client::enter_worker(index);
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(l) => server::serve(l, tls, handler, write_stall, stop, drain).await,
+                        Ok(l) => {
+                            let data = server::Plane::Data;
+                            server::serve(l, tls, handler, write_stall, stop, drain, data).await
+                        }
                         Err(e) => tracing::error!(error = %e, "data worker cannot listen"),
                     }
                 });

@@ -160,6 +160,14 @@ fn read_certified_key(cert: &Path, key: &Path) -> io::Result<CertifiedKey> {
     CertifiedKey::from_der(certs, key_der, &provider).map_err(|e| invalid(key, &e))
 }
 
+/// Which listener a [`serve`] loop serves: the data plane's requests are the access log's;
+/// the admin and health ports' are not (a malformed probe there is no proxied request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    Data,
+    Control,
+}
+
 /// Serves `listener` with `handler` until `shutdown` turns true, then drains for at most
 /// `drain` and returns. `handler` is called once per request with the peer address.
 pub async fn serve<H, F>(
@@ -169,6 +177,7 @@ pub async fn serve<H, F>(
     write_stall: WriteStall,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    plane: Plane,
 ) where
     H: Fn(SocketAddr, bool, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<RespBody>> + Send + 'static,
@@ -176,6 +185,7 @@ pub async fn serve<H, F>(
     let builders = Arc::new(Builders {
         h1: http1_builder(),
         h2: http2_builder(),
+        plane,
     });
     // Every connection task holds a clone of `live` until it ends, and the drain waits for
     // the last one to go: the counting hyper-util's `GracefulShutdown` does, done here
@@ -226,6 +236,7 @@ pub async fn serve<H, F>(
 struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    plane: Plane,
 }
 
 /// A connection task's tie to its listener: the stop signal, and a token the drain counts
@@ -317,7 +328,10 @@ async fn serve_connection<H, F>(
         },
     };
     if let Err(e) = result {
-        if let Some(code) = refused_head_status(&*e) {
+        let refused = (builders.plane == Plane::Data)
+            .then(|| refused_head_status(&*e))
+            .flatten();
+        if let Some(code) = refused {
             // One access log line per request, also for a head hyper refused itself.
             if let Some(log) = access_log::current().filter(|l| l.sampled()) {
                 log.log(AccessEntry::unparsed(SystemTime::now(), code));
@@ -338,7 +352,8 @@ fn refused_head_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
         return None;
     }
     // hyper's public API tells "too large" apart, not which of its two kinds; its message
-    // does (a unit test keeps this in step with hyper).
+    // does (`access_log::a_head_hyper_refuses_still_gets_its_line_with_the_status_it_was_answered`
+    // sends both and checks the logged status against the one received).
     let text = e.to_string();
     if text.starts_with("internal error") {
         None

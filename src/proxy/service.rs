@@ -1002,10 +1002,12 @@ struct FirstByteTimeout;
 
 /// Header entries an upstream request's map has room for. hyper's HTTP/1.1 client parses
 /// the upstream's response into the map of the request it last wrote, and the response then
-/// gains rollgate's headers and, for an HTTP/2 client, hyper's `Date` check: sized here, the
-/// map never grows on the way back. (An HTTP/2 client's request map is made by h2 with room
-/// for 6, so each response grew it once: a rehash and a reallocation, about 1,100
-/// instructions. HTTP/1.1 maps are recycled and had grown already.)
+/// gains rollgate's headers and, for an HTTP/2 client, hyper's `Date` check: sized here, its
+/// hash table never grows on the way back. (An HTTP/2 client's request map is made by h2
+/// with room for 6, so each response grew it once: a rehash and a reallocation, about 1,100
+/// instructions. HTTP/1.1 maps are recycled and had grown already. A copy made for an
+/// attempt that may be retried keeps the table's size but not the spare entries, so its
+/// entry list may still reallocate once, without a rehash.)
 const HEADER_ROOM: usize = 12;
 
 /// The request as version `v` gets it, in origin form: the endpoint's connection supplies

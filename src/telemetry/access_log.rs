@@ -132,6 +132,9 @@ impl AccessEntry {
     /// the size limits), answered by hyper with `code`. What the head would have said is
     /// unknown: method, path, authority and request id are `null`, as Envoy logs `-` for a
     /// downstream protocol error. Classified `refused`, like rollgate's own refusals.
+    /// `start_time` is when hyper refused the head (where it began is not known: recording
+    /// every head's first byte would cost a clock read per request) and `duration_ms` 0;
+    /// `protocol` is that of the answer, HTTP/1.1, whatever version the head named.
     pub fn unparsed(start_time: SystemTime, code: u16) -> AccessEntry {
         AccessEntry {
             start_time,
