@@ -81,14 +81,6 @@ fn entry(i: u64) -> AccessEntry {
     e
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
-
 #[tokio::test]
 async fn lines_are_json_objects_with_every_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,7 +100,7 @@ async fn lines_are_json_objects_with_every_field() {
         &HeaderMap::new(),
     ));
     log.flush().await;
-    let got = lines(&path);
+    let got = json_lines(&path);
     assert_eq!(got.len(), 4, "{got:#?}");
     for l in &got {
         let obj = l.as_object().unwrap();
@@ -185,11 +177,11 @@ async fn a_full_channel_drops_and_counts_without_blocking() {
     );
     assert_eq!(dropped.get(), 10_000 - 16);
     log.flush().await;
-    assert_eq!(lines(&path).len(), 16);
+    assert_eq!(json_lines(&path).len(), 16);
     // Once the writer caught up, entries go through again.
     log.log(e);
     log.flush().await;
-    assert_eq!(lines(&path).len(), 17);
+    assert_eq!(json_lines(&path).len(), 17);
     assert_eq!(dropped.get(), 10_000 - 16);
 }
 
@@ -252,14 +244,14 @@ async fn sigusr1_reopens_a_renamed_file() {
             log.log(entry(sent));
             sent += 1;
             log.flush().await;
-            path.exists() && !lines(&path).is_empty()
+            path.exists() && !json_lines(&path).is_empty()
         },
         Duration::from_secs(5),
         "no new file at {} after SIGUSR1",
         path.display()
     );
-    let old = lines(&rotated);
-    let new = lines(&path);
+    let old = json_lines(&rotated);
+    let new = json_lines(&path);
     assert_eq!(old[0]["request_id"], "req-0");
     assert_eq!(old[1]["request_id"], "req-1");
     assert_eq!(
@@ -529,21 +521,7 @@ async fn each_proxied_request_gets_one_line() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let log = proxy
-        .running()
-        .reloader
-        .access_log()
-        .expect("access log on");
-    assert_eventually!(
-        {
-            log.flush().await;
-            !lines(&path).is_empty()
-        },
-        Duration::from_secs(5),
-        "no access log line in {}",
-        path.display()
-    );
-    let got = lines(&path);
+    let got = proxy.access_lines(&path, 1).await;
     assert_eq!(got.len(), 1, "{got:#?}");
     let l = &got[0];
     for f in FIELDS {
@@ -630,21 +608,7 @@ async fn a_head_hyper_refuses_still_gets_its_line_with_the_status_it_was_answere
     // And one the handler serves, so the count is exact.
     let r = TestClient::http1().get(&proxy.url("/v1/ok")).await;
     assert_eq!(r.status, 200);
-    let log = proxy
-        .running()
-        .reloader
-        .access_log()
-        .expect("access log on");
-    assert_eventually!(
-        {
-            log.flush().await;
-            lines(&path).len() > cases.len()
-        },
-        Duration::from_secs(5),
-        "lines: {:#?}",
-        lines(&path)
-    );
-    let got = lines(&path);
+    let got = proxy.access_lines(&path, cases.len() + 1).await;
     assert_eq!(got.len(), cases.len() + 1, "{got:#?}");
     let mut refused: Vec<u16> = got
         .iter()

@@ -5,8 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
@@ -18,14 +17,6 @@ use tokio::net::TcpStream;
 
 /// The access log is the process's: one proxy with a log at a time.
 static PROCESS_LOG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
 
 fn log_path(proxy: &TestProxy) -> PathBuf {
     proxy
@@ -52,30 +43,22 @@ async fn proxy_with_log(up: &TestUpstream, extra: Option<&str>) -> TestProxy {
 /// no more arrive.
 async fn settled_lines(proxy: &TestProxy, n: usize) -> Vec<Value> {
     let path = log_path(proxy);
+    proxy.access_lines(&path, n).await;
     let log = proxy
         .running()
         .reloader
         .access_log()
         .expect("access log on");
-    assert_eventually!(
-        {
-            log.flush().await;
-            lines(&path).len() >= n
-        },
-        Duration::from_secs(5),
-        "lines: {:#?}",
-        lines(&path)
-    );
     assert_always!(
         {
             log.flush().await;
-            lines(&path).len() == n
+            json_lines(&path).len() == n
         },
         Duration::from_millis(400),
         "lines: {:#?}",
-        lines(&path)
+        json_lines(&path)
     );
-    lines(&path)
+    json_lines(&path)
 }
 
 async fn read_all<S: AsyncRead + Unpin>(s: &mut S) -> String {
@@ -232,29 +215,6 @@ async fn an_h2_connection_error_writes_no_line() {
     proxy.shutdown().await;
 }
 
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &TestCa,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake")
-}
-
 /// Over TLS (ALPN http/1.1, and no ALPN) a refused head gets its line too.
 #[tokio::test]
 async fn a_refused_head_over_tls_gets_its_line() {
@@ -300,7 +260,7 @@ async fn a_malformed_head_from_a_client_that_closes_at_once_still_gets_its_line(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = proxy.running().reloader.access_log().unwrap();
     log.flush().await;
-    let got = lines(&log_path(&proxy));
+    let got = json_lines(&log_path(&proxy));
     let refused = got.iter().filter(|l| l["code"] == 400).count();
     assert_eq!(refused, 20, "{refused} of 20 logged");
     proxy.shutdown().await;

@@ -7,7 +7,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -263,32 +262,6 @@ async fn drain_finishes_in_flight_h1_with_close_and_closes_idle_h1() {
         "drain took {:?}",
         t.elapsed()
     );
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &TestCa,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
-    )
-    .await
-    .expect("TLS handshake timed out")
-    .expect("TLS handshake")
 }
 
 /// How long the proxy's shutdown takes with one connection from `open` left silent.

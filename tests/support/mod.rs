@@ -63,12 +63,14 @@ pub mod sim;
 pub mod upstream;
 
 pub use body::ChannelBody;
-pub use certs::{write_tls_files, TestCa};
+pub use certs::{tls_connect, write_tls_files, TestCa};
 pub use client::{empty, full, raw_http1, request, ReqBody, TestClient, TestResponse};
 pub use instance::{instance_yaml, Instance};
 pub use load::Load;
 pub use metrics::metric_sum;
-pub use proxy::{audit_records_in, save_like_an_editor, Route, TestProxy, TestProxyBuilder};
+pub use proxy::{
+    audit_records_in, json_lines, save_like_an_editor, Route, TestProxy, TestProxyBuilder,
+};
 pub use redis::{RedisServer, RespValue};
 pub use replica::{Replica, ReplicaBuilder};
 pub use upstream::{closed_port, grpc_frame, sse_body, RecordedRequest, Reply, TestUpstream};

@@ -289,6 +289,27 @@ impl TestProxy {
         .await
     }
 
+    /// The lines of the access log written to `path`, once the writer has flushed at least
+    /// `at_least` of them (within 5 s).
+    pub async fn access_lines(
+        &self,
+        path: &std::path::Path,
+        at_least: usize,
+    ) -> Vec<serde_json::Value> {
+        let log = self.running().reloader.access_log().expect("access log on");
+        assert_eventually!(
+            {
+                log.flush().await;
+                json_lines(path).len() >= at_least
+            },
+            Duration::from_secs(5),
+            "fewer than {at_least} lines in {}: {:#?}",
+            path.display(),
+            json_lines(path)
+        );
+        json_lines(path)
+    }
+
     /// Every record of the audit log, oldest first.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         audit_records_in(self.running().controller.audit.path())
@@ -330,9 +351,15 @@ pub fn save_like_an_editor(path: &std::path::Path, text: &str) {
 
 /// The records of the audit log at `path` (none when it does not exist).
 pub fn audit_records_in(path: &std::path::Path) -> Vec<serde_json::Value> {
+    json_lines(path)
+}
+
+/// The JSON objects of a JSON-lines file (the audit log, the access log): none when it
+/// does not exist; a line that is not JSON fails the test, naming it.
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
 }
