@@ -109,25 +109,13 @@ impl AccessEntry {
                     .unwrap_or_else(|| PathAndQuery::from_static("/")),
             ),
             protocol: version,
-            code: 0,
-            bytes_received: 0,
-            bytes_sent: 0,
-            duration_ms: 0.0,
-            upstream_service_time_ms: None,
             request_id: headers.get(&crate::proxy::headers::X_REQUEST_ID).cloned(),
             authority,
-            upstream_host: None,
-            route: None,
-            version: None,
-            reason: None,
-            ttfb_ms: None,
-            grpc_status: None,
             classification: "",
+            ..AccessEntry::unparsed(start_time, 0)
         }
     }
-}
 
-impl AccessEntry {
     /// An HTTP/1.1 request head hyper refused before rollgate saw it (malformed, or over
     /// the size limits), answered by hyper with `code`. What the head would have said is
     /// unknown: method, path, authority and request id are `null`, as Envoy logs `-` for a
