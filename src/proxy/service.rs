@@ -1000,14 +1000,16 @@ fn classify(
 #[derive(Debug)]
 struct FirstByteTimeout;
 
-/// Header entries an upstream request's map has room for. hyper's HTTP/1.1 client parses
-/// the upstream's response into the map of the request it last wrote, and the response then
-/// gains rollgate's headers and, for an HTTP/2 client, hyper's `Date` check: sized here, its
-/// hash table never grows on the way back. (An HTTP/2 client's request map is made by h2
-/// with room for 6, so each response grew it once: a rehash and a reallocation, about 1,100
-/// instructions. HTTP/1.1 maps are recycled and had grown already. A copy made for an
-/// attempt that may be retried keeps the table's size but not the spare entries, so its
-/// entry list may still reallocate once, without a rehash.)
+/// Header entries an HTTP/2 client's request map is given room for before it goes
+/// upstream. hyper's HTTP/1.1 client parses the upstream's response into the map of the
+/// request it last wrote, and the response then gains rollgate's headers and hyper's h2
+/// `Date` check: sized here, its hash table never grows on the way back. (h2 makes each
+/// request's map with room for 6, so each response grew it once: a rehash and a
+/// reallocation, about 1,100 instructions. A copy made for an attempt that may be retried
+/// keeps the table's size but not the spare entries, so its entry list may still
+/// reallocate once, without a rehash.) Not for HTTP/1.1 clients: hyper recycles their maps
+/// from message to message, so they have grown already, and one kept per connection with
+/// room to spare cost 0.5-0.9 KiB per open stream (`benches/memory.py`).
 const HEADER_ROOM: usize = 12;
 
 /// The request as version `v` gets it, in origin form: the endpoint's connection supplies
@@ -1018,7 +1020,9 @@ fn upstream_request(
     v: &crate::routing::table::Version,
     body: ReqBody,
 ) -> Request<ReqBody> {
-    h.reserve(HEADER_ROOM.saturating_sub(h.len()));
+    if parts.version == HttpVersion::HTTP_2 {
+        h.reserve(HEADER_ROOM.saturating_sub(h.len()));
+    }
     for (n, val) in v.set_headers.iter() {
         h.insert(n.clone(), val.clone());
     }
