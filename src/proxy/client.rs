@@ -757,10 +757,9 @@ impl EndpointRt {
                 .handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
+            tokio::spawn(Driven {
+                conn,
+                what: "upstream HTTP/2 connection ended",
             });
             let stream = pool.set_h2(tx.clone());
             Ok(Fresh::H2(tx, stream))
@@ -768,10 +767,9 @@ impl EndpointRt {
             let (tx, conn) = http1::handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-                }
+            tokio::spawn(Driven {
+                conn,
+                what: "upstream HTTP/1.1 connection ended",
             });
             Ok(Fresh::H1(tx))
         }
@@ -809,6 +807,30 @@ impl EndpointRt {
                 *req.uri_mut() = uri;
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream connection's task: hyper's connection future, its error logged at the
+    /// end. Spawned as this rather than as `async move { conn.await }`, which keeps the
+    /// connection twice (captured, then moved into the await): 1,352 bytes per HTTP/1.1
+    /// upstream connection for its whole life instead of 672.
+    struct Driven<F> {
+        #[pin]
+        conn: F,
+        what: &'static str,
+    }
+}
+
+impl<F: Future<Output = hyper::Result<()>>> Future for Driven<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if let Err(e) = std::task::ready!(this.conn.poll(cx)) {
+            tracing::debug!(error = %e, "{}", this.what);
+        }
+        Poll::Ready(())
     }
 }
 
