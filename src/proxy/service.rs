@@ -1008,8 +1008,8 @@ struct FirstByteTimeout;
 /// reallocation, about 1,100 instructions. A copy made for an attempt that may be retried
 /// keeps the table's size but not the spare entries, so its entry list may still
 /// reallocate once, without a rehash.) Not for HTTP/1.1 clients: hyper recycles their maps
-/// from message to message, so they have grown already, and one kept per connection with
-/// room to spare cost 0.5-0.9 KiB per open stream (`benches/memory.py`).
+/// from message to message (a fresh connection's first map is sized to its head), and
+/// sizing them too measured about 0.5 KiB more per open stream (`benches/memory.py`).
 const HEADER_ROOM: usize = 12;
 
 /// The request as version `v` gets it, in origin form: the endpoint's connection supplies
