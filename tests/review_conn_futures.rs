@@ -105,9 +105,9 @@ async fn the_drain_ends_only_after_what_a_cut_connection_held_is_dropped() {
     // The drain starts; the request in flight keeps the connection (h1: it will be answered
     // with `Connection: close`).
     stop_tx.send(true).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
+    assert_always!(
         !serving.is_finished(),
+        Duration::from_millis(200),
         "the drain ended with a request in flight"
     );
 
@@ -189,9 +189,9 @@ async fn an_upstream_connection_logs_its_error_and_nothing_when_it_ends_cleanly(
         REQUEST_TIMEOUT,
         "the upstream connection stays open"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
+    assert_always!(
         lines_with(H1_END).is_empty(),
+        Duration::from_millis(200),
         "a clean end was logged: {:?}",
         lines_with(H1_END)
     );
