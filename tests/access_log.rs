@@ -5,7 +5,7 @@
 #[macro_use]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -424,17 +424,6 @@ fn check_says_where_the_access_log_goes() {
 
 // --- with a proxy ---------------------------------------------------------------------
 
-/// The config file's directory: relative `access_log.path`s resolve there.
-fn config_dir(proxy: &TestProxy) -> PathBuf {
-    proxy
-        .running()
-        .reloader
-        .path()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 #[tokio::test]
 async fn a_reload_replaces_the_access_log() {
     let _process_log = PROCESS_LOG.lock().await;
@@ -445,7 +434,7 @@ async fn a_reload_replaces_the_access_log() {
         .top("access_log: {path: first.log}")
         .start()
         .await;
-    let dir = config_dir(&proxy);
+    let dir = proxy.config_dir();
     let reloader = &proxy.running().reloader;
     let first = reloader.access_log().expect("access log on");
     assert_eq!(
@@ -506,13 +495,8 @@ async fn a_reload_replaces_the_access_log() {
 async fn each_proxied_request_gets_one_line() {
     let _process_log = PROCESS_LOG.lock().await;
     let up = TestUpstream::start("v1").await;
-    let proxy = TestProxy::new()
-        .version("v1", &up)
-        .route(Route::new("chat", "v1"))
-        .top("access_log: {path: access.log}")
-        .start()
-        .await;
-    let path = config_dir(&proxy).join("access.log");
+    let proxy = proxy_with_access_log(&up, None).await;
+    let path = proxy.config_dir().join("access.log");
     let client = TestClient::http1();
     let r = client
         .get_with(
@@ -569,13 +553,8 @@ async fn status_of_raw(addr: std::net::SocketAddr, raw: &[u8]) -> u16 {
 async fn a_head_hyper_refuses_still_gets_its_line_with_the_status_it_was_answered() {
     let _process_log = PROCESS_LOG.lock().await;
     let up = TestUpstream::start("v1").await;
-    let proxy = TestProxy::new()
-        .version("v1", &up)
-        .route(Route::new("chat", "v1"))
-        .top("access_log: {path: access.log}")
-        .start()
-        .await;
-    let path = config_dir(&proxy).join("access.log");
+    let proxy = proxy_with_access_log(&up, None).await;
+    let path = proxy.config_dir().join("access.log");
     let req = |target: &str, headers: &str| {
         format!("GET {target} HTTP/1.1\r\nHost: a\r\n{headers}Connection: close\r\n\r\n")
     };

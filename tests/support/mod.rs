@@ -69,7 +69,8 @@ pub use instance::{instance_yaml, Instance};
 pub use load::Load;
 pub use metrics::metric_sum;
 pub use proxy::{
-    audit_records_in, json_lines, save_like_an_editor, Route, TestProxy, TestProxyBuilder,
+    audit_records_in, json_lines, proxy_with_access_log, save_like_an_editor, Route, TestProxy,
+    TestProxyBuilder,
 };
 pub use redis::{RedisServer, RespValue};
 pub use replica::{Replica, ReplicaBuilder};

@@ -257,6 +257,17 @@ impl TestProxy {
         self.running.as_ref().expect("running")
     }
 
+    /// The config file's directory: relative paths in the config (`access_log.path`)
+    /// resolve there.
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.running()
+            .reloader
+            .path()
+            .parent()
+            .expect("a config file has a directory")
+            .to_path_buf()
+    }
+
     /// The config text the proxy was started with.
     pub fn yaml(&self) -> &str {
         &self.yaml
@@ -347,6 +358,19 @@ pub fn save_like_an_editor(path: &std::path::Path, text: &str) {
     ));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A proxy with one version `v1` (`up`) behind route `chat`, its access log in
+/// `access.log` beside the config, and `extra` top-level config if any.
+pub async fn proxy_with_access_log(up: &TestUpstream, extra: Option<&str>) -> TestProxy {
+    let mut b = TestProxy::new()
+        .version("v1", up)
+        .route(Route::new("chat", "v1"))
+        .top("access_log: {path: access.log}");
+    if let Some(t) = extra {
+        b = b.top(t);
+    }
+    b.start().await
 }
 
 /// The records of the audit log at `path` (none when it does not exist).
