@@ -8,12 +8,13 @@
 //! The upstream here is a plain hyper h2c server that numbers its connections, notes when
 //! each one ends (the proxy letting go of it), answers each request on its own stream
 //! schedule, and can gracefully shut a connection down (GOAWAY) while a stream on it
-//! continues, as an upstream does on a rolling restart.
+//! continues, as an upstream does on a rolling restart. `h2_stream_count_is_given_back_
+//! once_on_every_path` came from a later review (of a change to `send_h2` that was
+//! dropped): it fails with a lease leaked on cancel or a stream counted down twice.
 
 #[macro_use]
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,10 +31,16 @@ use tokio::net::TcpListener;
 
 /// The pool's idle timeout (`POOL_IDLE_TIMEOUT`).
 const POOL_IDLE: Duration = Duration::from_secs(4);
+/// Bound on a wait for something that follows at once.
+const WAIT: Duration = Duration::from_secs(5);
 
 struct H2Up {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// `/hang` requests seen, and those whose handler was dropped before it answered (the
+    /// proxy reset the stream).
+    hangs: Arc<AtomicUsize>,
+    cancelled: Arc<AtomicUsize>,
     /// Per connection (in accept order): when the server saw it end.
     closed: Arc<Mutex<Vec<Option<Instant>>>>,
     accept: tokio::task::JoinHandle<()>,
@@ -48,14 +55,17 @@ impl Drop for H2Up {
 /// `/long/MS`: 200, a chunk every 100 ms for MS ms, then the end.
 /// `/drain/MS`: the same, and the connection is gracefully shut down (GOAWAY) at once;
 /// the stream still runs to its end.
-/// `/hang`: no answer for a minute.
+/// `/hang`: no answer for a minute (counted in `hangs`, and in `cancelled` when dropped
+/// before it answers).
+/// `/reset`: the handler fails, so hyper resets the stream before any head.
 /// anything else: 200 `ok`.
 /// Every response carries `x-conn: N` (0-based accept order).
 async fn handle(
     req: Request<Incoming>,
     conn: usize,
     kick: Arc<tokio::sync::Notify>,
-) -> Response<ChannelBody> {
+    hang: (Arc<AtomicUsize>, Arc<AtomicUsize>),
+) -> Result<Response<ChannelBody>, std::io::Error> {
     let path = req.uri().path().to_string();
     let _ = req.into_body().collect().await;
     let stream_for = |ms: u64| {
@@ -83,15 +93,32 @@ async fn handle(
         kick.notify_one();
         stream_for(ms.parse().unwrap())
     } else if path == "/hang" {
+        let (hangs, cancelled) = hang;
+        let mut hanging = Hanging(Some(cancelled));
+        hangs.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(60)).await;
+        hanging.0 = None;
         ChannelBody::from_chunks(["late"])
+    } else if path == "/reset" {
+        return Err(std::io::Error::other("reset this stream"));
     } else {
         ChannelBody::from_chunks(["ok"])
     };
-    Response::builder()
+    Ok(Response::builder()
         .header("x-conn", conn.to_string())
         .body(body)
-        .unwrap()
+        .unwrap())
+}
+
+/// Counts a `/hang` handler dropped before it answered.
+struct Hanging(Option<Arc<AtomicUsize>>);
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        if let Some(cancelled) = &self.0 {
+            cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl H2Up {
@@ -100,7 +127,9 @@ impl H2Up {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let closed: Arc<Mutex<Vec<Option<Instant>>>> = Arc::default();
+        let (hangs, cancelled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (accepted2, closed2) = (accepted.clone(), closed.clone());
+        let hang = (hangs.clone(), cancelled.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -110,13 +139,13 @@ impl H2Up {
                 let n = accepted2.fetch_add(1, Ordering::SeqCst);
                 closed2.lock().unwrap().push(None);
                 let closed = closed2.clone();
+                let hang = hang.clone();
                 tokio::spawn(async move {
                     let kick = Arc::new(tokio::sync::Notify::new());
                     let svc = {
                         let kick = kick.clone();
                         hyper::service::service_fn(move |req: Request<Incoming>| {
-                            let kick = kick.clone();
-                            async move { Ok::<_, Infallible>(handle(req, n, kick).await) }
+                            handle(req, n, kick.clone(), hang.clone())
                         })
                     };
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -136,6 +165,8 @@ impl H2Up {
         H2Up {
             addr,
             accepted,
+            hangs,
+            cancelled,
             closed,
             accept,
         }
@@ -366,5 +397,78 @@ async fn overlapping_h2_streams_keep_one_connection_then_it_is_reaped() {
         )
         .await;
     assert!(after >= POOL_IDLE - Duration::from_millis(500), "{after:?}");
+    proxy.shutdown().await;
+}
+
+/// While one long stream runs on the shared h2 connection, other requests on it end every
+/// way a stream can before and after its head: cut by their client before the head (three
+/// times), reset by the upstream before the head (twice), answered and read to the end
+/// (three times). Each must give its place in the count back once: the connection stays
+/// in use (not reaped, not replaced) until the long stream ends, and is closed about the
+/// idle timeout after that, neither earlier nor never.
+#[tokio::test]
+async fn h2_stream_count_is_given_back_once_on_every_path() {
+    let up = H2Up::start().await;
+    let proxy = TestProxy::to(&up.url()).await;
+    let client = TestClient::http1();
+
+    let long = client.get_streaming(&proxy.url("/long/6000")).await;
+    assert_eq!(long.status(), 200);
+    let long = tokio::spawn(read_to_end(long));
+
+    // Cut by the client before the head: hyper's answer future is dropped (the upstream
+    // sees its stream reset), and the stream's lease with it.
+    for i in 0..3 {
+        let c = open_get(proxy.data_addr(), "/hang").await;
+        assert_eventually!(
+            up.hangs.load(Ordering::SeqCst) == i + 1,
+            WAIT,
+            "hang {i} never reached the upstream"
+        );
+        drop(c);
+        assert_eventually!(
+            up.cancelled.load(Ordering::SeqCst) == i + 1,
+            WAIT,
+            "hang {i}: the client went away and the upstream stream was not reset"
+        );
+    }
+    // Reset by the upstream before the head: an error answer, its lease dropped in settle.
+    for _ in 0..2 {
+        let r = client.get(&proxy.url("/reset")).await;
+        assert!(r.status.is_server_error(), "{} {}", r.status, r.text());
+    }
+    // Answered and read to the end.
+    for _ in 0..3 {
+        let r = client.get(&proxy.url("/short")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "ok");
+    }
+    assert!(
+        !long.is_finished(),
+        "the long stream ended too early for the test"
+    );
+    long.await
+        .unwrap()
+        .expect("the long stream runs to its end");
+    let ended = Instant::now();
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "a second connection: the shared one was dropped or replaced while in use"
+    );
+    assert!(up.closed_at(0).is_none(), "closed under its long stream");
+    assert_eventually!(
+        up.closed_at(0).is_some(),
+        POOL_IDLE * 2 + Duration::from_secs(2),
+        "the h2 connection is still open {:?} after its last stream ended: a stream still \
+         counted in flight, or one given back twice (the count wrapped)",
+        ended.elapsed()
+    );
+    let after = up.closed_at(0).unwrap().saturating_duration_since(ended);
+    assert!(
+        after >= POOL_IDLE - Duration::from_millis(500),
+        "closed {after:?} after its last stream ended, before the idle timeout: the count \
+         reached zero early"
+    );
     proxy.shutdown().await;
 }

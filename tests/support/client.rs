@@ -184,3 +184,15 @@ pub async fn raw_http1(addr: SocketAddr, raw: &[u8]) -> String {
         .await
         .unwrap_or_else(|_| panic!("raw request: connection not closed within {REQUEST_TIMEOUT:?}"))
 }
+
+/// A raw HTTP/1.1 connection that has sent `GET path` and nothing more: the caller reads
+/// from it, or drops it to play a client that goes away before its answer.
+pub async fn open_get(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to proxy");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .expect("write request");
+    s
+}
