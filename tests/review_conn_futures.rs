@@ -171,18 +171,8 @@ async fn an_upstream_connection_logs_its_error_and_nothing_when_it_ends_cleanly(
 
     // Ends cleanly: the upstream answers in full and closes; hyper's connection is Ok.
     let clean = RawUpstream::start(Fault::RespondAndClose(ok_response("bye"))).await;
-    let proxy = TestProxy::new()
-        .version_with("v1", &clean.url(), "")
-        .route(Route::new("chat", "v1"))
-        .start()
-        .await;
-    let r = TestClient::http1()
-        .send(
-            request(http::Method::GET, &proxy.url("/a"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let proxy = TestProxy::to(&clean.url()).await;
+    let r = TestClient::http1().get(&proxy.url("/a")).await;
     assert_eq!(r.status, 200);
     assert_eventually!(
         clean.open_connections() == 0,
@@ -203,11 +193,7 @@ async fn an_upstream_connection_logs_its_error_and_nothing_when_it_ends_cleanly(
     let mut answer = ok_response("ok").to_vec();
     answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
     let broken = RawUpstream::start(Fault::Respond(Bytes::from(answer))).await;
-    let proxy = TestProxy::new()
-        .version_with("v1", &broken.url(), "")
-        .route(Route::new("chat", "v1"))
-        .start()
-        .await;
+    let proxy = TestProxy::to(&broken.url()).await;
     let _ = TestClient::http1()
         .try_send(
             request(http::Method::GET, &proxy.url("/b"))

@@ -45,30 +45,6 @@ fn ttfb_sum(text: &str, version: &str) -> f64 {
     )
 }
 
-/// Reads from `s` until `needle` has been seen (or panics after 5 s).
-async fn read_until(s: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !got.windows(needle.len()).any(|w| w == needle) {
-        let mut buf = [0u8; 4096];
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => panic!(
-                "connection closed before {:?}: {}",
-                String::from_utf8_lossy(needle),
-                String::from_utf8_lossy(&got)
-            ),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => panic!(
-                "no {:?} within 5 s: {}",
-                String::from_utf8_lossy(needle),
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
-    got
-}
-
 // ---------------------------------------------------------------------------------------
 // Blame: a version's latency inflated by another version's failure.
 // ---------------------------------------------------------------------------------------

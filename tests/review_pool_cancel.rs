@@ -17,38 +17,9 @@ use bytes::Bytes;
 
 use support::raw_upstream::{ok_response, Fault, RawUpstream};
 use support::*;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
+/// Bound on a wait for something that follows at once.
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Reads from `s` until `needle` has arrived; at most [`WAIT`].
-async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
-    let mut got = Vec::new();
-    let found = tokio::time::timeout(WAIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            if got.windows(needle.len()).any(|w| w == needle) {
-                return;
-            }
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(
-                n > 0,
-                "the proxy closed: {:?}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    assert!(
-        found.is_ok(),
-        "{:?} not received within {WAIT:?}: {:?}",
-        String::from_utf8_lossy(needle),
-        String::from_utf8_lossy(&got)
-    );
-    got
-}
 
 // ---------------------------------------------------------------------------------------
 // HTTP/1.1

@@ -4,7 +4,6 @@
 #[macro_use]
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
@@ -16,6 +15,18 @@ use tokio::net::TcpStream;
 
 /// The access log is the process's: one proxy with a log at a time.
 static PROCESS_LOG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A proxy with an access log in front of one upstream, and the process's log to itself.
+async fn logged_proxy() -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    TestUpstream,
+    TestProxy,
+) {
+    let guard = PROCESS_LOG.lock().await;
+    let up = TestUpstream::start("v1").await;
+    let proxy = proxy_with_access_log(&up, None).await;
+    (guard, up, proxy)
+}
 
 /// Flushes and returns the lines once there are at least `n`; then checks for 400 ms that
 /// no more arrive.
@@ -45,12 +56,6 @@ async fn read_all<S: AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    read_all(&mut s).await
-}
-
 const BAD_TARGET: &[u8] = b"GET /v1/a b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
 
 /// SPEC 7's access log is the data plane's ("one JSON object per request" proxied); the
@@ -60,13 +65,11 @@ const BAD_TARGET: &[u8] = b"GET /v1/a b HTTP/1.1\r\nHost: a\r\nConnection: close
 /// tell apart from a data-plane one.
 #[tokio::test]
 async fn a_malformed_head_on_the_admin_port_writes_no_data_plane_access_line() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     // A well-formed admin request: no line (as before the change).
     let ok = TestClient::http1().get(&proxy.admin_url("/healthz")).await;
-    eprintln!("admin /healthz: {}", ok.status);
-    let answer = raw(proxy.admin_addr(), BAD_TARGET).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let answer = raw_http1(proxy.admin_addr(), BAD_TARGET).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // One data-plane request so the count is exact.
     let r = TestClient::http1().get(&proxy.url("/v1/ok")).await;
@@ -87,9 +90,7 @@ async fn a_malformed_head_on_the_admin_port_writes_no_data_plane_access_line() {
 /// not at its first byte, and not at some other time.
 #[tokio::test]
 async fn a_refused_heads_start_time_is_when_it_was_refused() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
     s.write_all(b"GET /v1/x HTTP/1.1\r\nHost: a\r\n")
         .await
@@ -120,9 +121,7 @@ async fn a_refused_heads_start_time_is_when_it_was_refused() {
 /// served request's line and one `400` line, nothing more.
 #[tokio::test]
 async fn a_bad_head_after_a_served_request_on_one_connection_adds_one_line() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
     s.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -146,9 +145,7 @@ async fn a_bad_head_after_a_served_request_on_one_connection_adds_one_line() {
 /// A client that closes half-way through a head was answered nothing: no line.
 #[tokio::test]
 async fn a_client_closing_mid_head_gets_no_line() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
     s.write_all(b"GET /v1/x HTTP/1.1\r\nHost: a\r\nx-half: ")
         .await
@@ -167,9 +164,7 @@ async fn a_client_closing_mid_head_gets_no_line() {
 /// writes no line.
 #[tokio::test]
 async fn an_h2_connection_error_writes_no_line() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     let mut c = H2Conn::connect(proxy.data_addr()).await;
     let block = h2raw::block(&[
         (b":method", b"GET"),
@@ -223,9 +218,7 @@ async fn a_refused_head_over_tls_gets_its_line() {
 /// shutdown error instead; on Linux loopback it does not).
 #[tokio::test]
 async fn a_malformed_head_from_a_client_that_closes_at_once_still_gets_its_line() {
-    let _g = PROCESS_LOG.lock().await;
-    let up = TestUpstream::start("v1").await;
-    let proxy = proxy_with_access_log(&up, None).await;
+    let (_g, _up, proxy) = logged_proxy().await;
     for _ in 0..20 {
         let mut s = TcpStream::connect(proxy.data_addr()).await.unwrap();
         s.write_all(BAD_TARGET).await.unwrap();

@@ -64,7 +64,9 @@ pub mod upstream;
 
 pub use body::ChannelBody;
 pub use certs::{tls_connect, write_tls_files, TestCa};
-pub use client::{empty, full, open_get, raw_http1, request, ReqBody, TestClient, TestResponse};
+pub use client::{
+    empty, full, open_get, raw_http1, read_until, request, ReqBody, TestClient, TestResponse,
+};
 pub use instance::{instance_yaml, Instance};
 pub use load::Load;
 pub use metrics::metric_sum;
